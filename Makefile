@@ -1,0 +1,23 @@
+# make run   set up .venv if needed, then embed the bundled sample into ./out/
+# make test  set up .venv if needed, then run the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test clean
+
+$(STAMP): requirements.txt setup.py
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/docembed run --input jobs/sample/docs.parquet --output out/ \
+		--passthrough-columns source --checkpoint-every 100
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q tests
+
+clean:
+	rm -rf out

@@ -1,0 +1,64 @@
+"""CLI: ``docembed run|status``, the front door; maps docembed's errors to one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from transforms.errors import DocembedError
+
+USAGE = """usage: docembed run --input URL --output URL [options] [Beam flags]
+       docembed status --output URL [--json]
+
+run     embed Parquet documents into a Parquet dataset; rerun the same command to resume
+status  units and documents done so far, read from the output's checkpoints
+
+'docembed run --help' lists every option."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if command == "run":
+            return _run(rest)
+        if command == "status":
+            return _status(rest)
+    except DocembedError as exc:
+        print(f"docembed: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"docembed: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+def _run(argv: list[str]) -> int:
+    from pipeline.options import EmbedOptions
+    from pipeline.progress import format_summary
+    from pipeline.run import run
+
+    if "-h" in argv or "--help" in argv:
+        parser = argparse.ArgumentParser(prog="docembed run")
+        EmbedOptions._add_argparse_args(parser)
+        parser.print_help()
+        return 0
+    summary = run(argv)
+    print(format_summary(summary))
+    return 0
+
+
+def _status(argv: list[str]) -> int:
+    from pipeline.status import format_status, status
+
+    parser = argparse.ArgumentParser(prog="docembed status")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    result = status(args.output)
+    print(json.dumps(result, indent=1) if args.json else format_status(result))
+    return 0

@@ -1,0 +1,46 @@
+"""Guard: refuse to resume into an output folder whose vectors came from other settings."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+
+from transforms.checkpoint import OutputFolder
+from transforms.commit import FINGERPRINT_KEY
+from transforms.errors import FingerprintMismatch
+from transforms.records import EmbedSettings
+
+
+def diff_fingerprints(stored: dict, current: dict) -> list[str]:
+    """``field: stored -> current`` for every field that differs, in a stable order."""
+    names = sorted(set(stored) | set(current))
+    return [
+        f"{name}: {stored.get(name)!r} -> {current.get(name)!r}"
+        for name in names if stored.get(name) != current.get(name)
+    ]
+
+
+def stored_fingerprint(output: OutputFolder) -> dict | None:
+    """From ``_manifest.json``, or from a part's Parquet metadata if the manifest is gone."""
+    manifest = output.read_manifest()
+    if manifest and "fingerprint" in manifest:
+        return manifest["fingerprint"]
+    for name in output.part_files()[:1]:
+        with output.fs.open(output.path(name), "rb") as handle:
+            metadata = pq.ParquetFile(handle).schema_arrow.metadata or {}
+        if FINGERPRINT_KEY in metadata:
+            return json.loads(metadata[FINGERPRINT_KEY])
+    return None
+
+
+def check_fingerprint(output: OutputFolder, settings: EmbedSettings) -> None:
+    stored = stored_fingerprint(output)
+    if stored is None:
+        return
+    differences = diff_fingerprints(stored, settings.fingerprint())
+    if differences:
+        raise FingerprintMismatch(
+            f"{output.url} holds vectors made with other settings ({'; '.join(differences)}); "
+            "rerun with the original settings, use --overwrite to start afresh, or choose a new --output"
+        )

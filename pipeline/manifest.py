@@ -1,0 +1,64 @@
+"""Manifest: what ``_manifest.json`` records about a run (written at the start, completed at the end)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import time
+
+from pipeline.plan import Plan
+from transforms.records import EmbedSettings
+
+_LIBRARIES = ("apache-beam", "torch", "transformers", "sentence-transformers", "pyarrow")
+
+
+def started(settings: EmbedSettings, plan: Plan, checkpoint_every: int) -> dict:
+    return {
+        "status": "running",
+        "run_id": settings.run_id,
+        "started_at": time.time(),
+        "fingerprint": settings.fingerprint(),
+        "model": {"name": settings.model, "revision": settings.model_revision, "dim": settings.dim},
+        "settings": {
+            "id_column": settings.id_column,
+            "text_column": settings.text_column,
+            "passthrough_columns": list(settings.passthrough_columns),
+            "min_batch_size": settings.min_batch_size,
+            "max_batch_size": settings.max_batch_size,
+            "max_batch_tokens": settings.max_batch_tokens,
+            "checkpoint_every": checkpoint_every,
+            "device": settings.device,
+        },
+        "libraries": {name: _version(name) for name in _LIBRARIES},
+        "inputs": [f.to_json() for f in plan.files],
+        "plan": {"files": len(plan.files), "units": len(plan.units), "rows": plan.rows},
+    }
+
+
+def completed(manifest: dict, markers: dict[str, dict], plan: Plan) -> dict:
+    planned = {u.unit_id for u in plan.units}
+    mine = [m for uid, m in sorted(markers.items()) if uid in planned]
+    counts = {
+        "input_rows": plan.rows,
+        "embedded": sum(m["embedded"] for m in mine),
+        "rejected": sum(m["rejected"] for m in mine),
+        "truncated": sum(m["truncated"] for m in mine),
+        "tokens": sum(m["tokens"] for m in mine),
+    }
+    earlier = [m for uid, m in sorted(markers.items()) if uid not in planned]
+    return {
+        **manifest,
+        "status": "complete",
+        "finished_at": time.time(),
+        "counts": counts,
+        "parts": [m["part"] for m in mine],
+        "rejects": [m["rejects"] for m in mine if m.get("rejects")],
+        "units_from_other_inputs": [{"unit_id": m["unit_id"], "source": m["source"], "part": m["part"]}
+                                    for m in earlier],
+    }
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None

@@ -1,0 +1,165 @@
+"""Plan: expand the input into Parquet files, check their schemas, and cut row-group-aligned work units.
+
+Runs on the driver, before any work: an input that matches nothing, a missing column or an unreadable
+footer is an error here, naming the file, not a failure halfway through a job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from transforms import storage
+from transforms.errors import InputError, OutputError
+from transforms.records import WorkUnit
+
+_GLOB_CHARS = "*?["
+# A row group up to this many times --checkpoint-every stays whole; a larger one is split by rows.
+_SPLIT_FACTOR = 1.5
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFile:
+    url: str
+    size: int
+    fingerprint: str
+    rows: int
+    row_groups: tuple[int, ...]  # rows per row group
+
+    def to_json(self) -> dict:
+        return {"url": self.url, "size": self.size, "fingerprint": self.fingerprint, "rows": self.rows}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    files: tuple[InputFile, ...]
+    units: tuple[WorkUnit, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+
+def plan_input(url: str, columns: dict[str, str], rows_per_unit: int) -> Plan:
+    """The files behind ``url`` and their work units. ``columns`` maps role -> column name."""
+    urls = expand_input(url)
+    # Footers are small reads with high latency on object stores: fetch them concurrently.
+    with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
+        files = list(pool.map(lambda u: _inspect(u, columns), urls))
+    units = [u for f in files for u in units_for_file(f, rows_per_unit)]
+    return Plan(tuple(files), tuple(units))
+
+
+def expand_input(url: str) -> list[str]:
+    """File URLs for a file, a folder (recursively) or a glob. Names starting with ``_`` or ``.``
+    (Spark's ``_SUCCESS``, checksum and temporary files) are skipped, as Parquet readers do."""
+    fs, path = storage.filesystem(url)
+    if any(c in path for c in _GLOB_CHARS):
+        paths = [p for p in fs.glob(path) if fs.isfile(p) and not _hidden(posixpath.basename(p))]
+    elif fs.isdir(path):
+        paths = [p for p in fs.find(path) if not _hidden(posixpath.relpath(p, path))]
+    elif fs.exists(path):
+        paths = [path]
+    else:
+        raise InputError(f"--input {url}: no such file or folder")
+    if not paths:
+        raise InputError(f"--input {url} matched no files")
+    return [storage.full_url(fs, p) for p in sorted(paths)]
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(("_", ".")) for part in relative.split("/"))
+
+
+def _inspect(url: str, columns: dict[str, str]) -> InputFile:
+    fs, path = storage.filesystem(url)
+    info = fs.info(path)
+    try:
+        with fs.open(path, "rb") as handle:
+            metadata = pq.ParquetFile(handle).metadata
+            schema = metadata.schema.to_arrow_schema()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{url} is not a readable Parquet file: {exc}") from exc
+    check_schema(url, schema, columns)
+    groups = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
+    return InputFile(url, int(info.get("size") or 0), storage.file_fingerprint(info), metadata.num_rows, groups)
+
+
+def check_schema(url: str, schema: pa.Schema, columns: dict[str, str]) -> None:
+    missing = [f"{role} column {name!r}" for role, name in columns.items() if name not in schema.names]
+    if missing:
+        raise InputError(f"{url}: no {', '.join(missing)}; columns found: {', '.join(schema.names)}")
+    text = schema.field(columns["text"])
+    if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)
+            or pa.types.is_binary(text.type) or pa.types.is_large_binary(text.type)
+            or pa.types.is_null(text.type)):  # all-null: every row is rejected as empty_text
+        raise InputError(f"{url}: text column {text.name!r} has type {text.type}; it must be string or binary")
+
+
+def plan_ranges(row_groups: tuple[int, ...], rows_per_unit: int) -> list[tuple[int, int, tuple[int, ...]]]:
+    """Cut a file into (row_start, row_end, row_groups) ranges of about ``rows_per_unit`` rows.
+
+    Whole row groups are gathered until a unit reaches ``rows_per_unit``, so a unit reads only its
+    own row groups. A row group larger than 1.5x the target is split into equal row ranges.
+    """
+    ranges, start, groups = [], 0, []
+    offset = 0
+    for index, rows in enumerate(row_groups):
+        if rows > _SPLIT_FACTOR * rows_per_unit:
+            if groups:
+                ranges.append((start, offset, tuple(groups)))
+            pieces = math.ceil(rows / rows_per_unit)
+            bounds = [offset + rows * k // pieces for k in range(pieces + 1)]
+            ranges += [(a, b, (index,)) for a, b in zip(bounds, bounds[1:])]
+            offset += rows
+            start, groups = offset, []
+            continue
+        groups.append(index)
+        offset += rows
+        if offset - start >= rows_per_unit:
+            ranges.append((start, offset, tuple(groups)))
+            start, groups = offset, []
+    if offset > start:
+        ranges.append((start, offset, tuple(groups)))
+    return ranges
+
+
+def units_for_file(file: InputFile, rows_per_unit: int) -> list[WorkUnit]:
+    return [
+        WorkUnit(file.url, file.fingerprint, a, b, groups)
+        for a, b, groups in plan_ranges(file.row_groups, rows_per_unit)
+    ]
+
+
+def split_done(plan: Plan, markers: dict[str, dict]) -> tuple[list[WorkUnit], list[WorkUnit]]:
+    """(units to do, units already done). Refuses a resume that would embed a row twice: a planned
+    file that changed since it was embedded, or unit boundaries that moved (--checkpoint-every)."""
+    fingerprints = {f.url: f.fingerprint for f in plan.files}
+    done_ranges: dict[str, list[tuple[int, int]]] = {}
+    for marker in markers.values():
+        known = fingerprints.get(marker["source"])
+        if known is not None and known != marker["file_fingerprint"]:
+            raise InputError(
+                f"{marker['source']} changed since it was embedded ({marker['file_fingerprint']} -> {known}); "
+                "rerun with --overwrite, or write to a new --output"
+            )
+        done_ranges.setdefault(marker["source"], []).append((marker["row_start"], marker["row_end"]))
+    todo, done = [], []
+    for unit in plan.units:
+        if unit.unit_id in markers:
+            done.append(unit)
+            continue
+        for a, b in done_ranges.get(unit.source, []):
+            if a < unit.row_end and unit.row_start < b:
+                raise OutputError(
+                    f"{unit.source}: rows {a}-{b} were committed as one unit, but this run plans rows "
+                    f"{unit.row_start}-{unit.row_end}; resume with the --checkpoint-every of the first run, "
+                    "or use --overwrite"
+                )
+        todo.append(unit)
+    return todo, done

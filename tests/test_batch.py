@@ -1,0 +1,35 @@
+"""Batch planning: 64-256 documents of similar length, never over the token budget."""
+
+import numpy as np
+import pytest
+
+from transforms.batch import padded_tokens, plan_batches
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_batches_respect_sizes_budget_and_cover_every_document_once(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, 257, size=int(rng.integers(1, 3000)))
+    batches = plan_batches(lengths, 64, 256, 64 * 256)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))
+    for b in batches[:-1]:
+        assert 64 <= len(b) <= 256
+    assert len(batches[-1]) <= 256
+    for b in batches:
+        assert len(b) * lengths[b].max() <= 64 * 256
+
+
+def test_batches_are_sorted_longest_first_so_padding_is_small():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 257, size=2000)
+    batches = plan_batches(lengths, 64, 256, 64 * 256)
+    maxima = [lengths[b].max() for b in batches]
+    assert maxima == sorted(maxima, reverse=True)
+    # Sorted batches pad little: under 10% here, against ~50% for the same batches unsorted.
+    assert padded_tokens(lengths, batches) < 1.10 * lengths.sum()
+
+
+def test_short_documents_fill_large_batches_and_long_ones_small_batches():
+    assert [len(b) for b in plan_batches(np.full(600, 10), 64, 256, 16384)] == [256, 256, 88]
+    assert [len(b) for b in plan_batches(np.full(200, 256), 64, 256, 16384)] == [64, 64, 64, 8]

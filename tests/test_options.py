@@ -1,0 +1,42 @@
+"""Options: Beam flags pass through, ours are validated, typos and impossible requests are errors."""
+
+import pytest
+
+from pipeline import options
+from pipeline.cli import main
+from transforms.errors import UsageError
+
+
+def test_beam_flags_pass_through_and_ours_parse():
+    parsed = options.parse(["--input", "a", "--output", "b", "--runner", "DirectRunner",
+                            "--direct_num_workers", "2", "--no-normalize", "--max-batch-size", "128",
+                            "--passthrough-columns", "title, url"])
+    mine = parsed.view_as(options.EmbedOptions)
+    assert (mine.normalize, mine.max_batch_size) == (False, 128)
+    assert options.passthrough(mine) == ("title", "url")
+    assert parsed.get_all_options()["direct_num_workers"] == 2
+
+
+def test_unknown_flags_and_missing_values_are_all_named():
+    with pytest.raises(UsageError) as err:
+        options.parse(["--input", "a", "--max-bach-size", "3", "--min-batch-size", "0"])
+    message = str(err.value)
+    assert "unknown flag --max_bach_size" in message or "unknown flag --max-bach-size" in message
+    assert "--output is required" in message and "--min-batch-size 0" in message
+
+
+def test_cuda_without_cuda_is_an_error_not_a_fallback(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code = main(["run", "--input", "jobs/sample/docs.parquet", "--output", str(tmp_path / "o"),
+                 "--device", "cuda"])
+    assert code == 2
+    assert "--device cuda was asked for, but torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_half_precision_on_cpu_is_refused(tmp_path, capsys):
+    code = main(["run", "--input", "jobs/sample/docs.parquet", "--output", str(tmp_path / "o"),
+                 "--device", "cpu", "--precision", "fp16"])
+    assert code == 2
+    assert "--precision fp16 is offered on CUDA only" in capsys.readouterr().err

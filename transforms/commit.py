@@ -1,0 +1,86 @@
+"""Commit: publish a unit's Parquet part (and its rejections), then its done-marker.
+
+Consumes ``UnitEmbeddings``; produces the unit's done-marker record. The part is published under a
+name derived from the unit id, atomically (see ``storage.publish``), so a retried bundle or a rerun
+overwrites it with identical rows instead of adding a copy. The marker is written last: a unit
+killed before it is redone in full and nothing of it is counted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from transforms import metrics
+from transforms.checkpoint import REJECTS, OutputFolder
+from transforms.records import EmbedSettings, UnitEmbeddings
+
+FINGERPRINT_KEY = b"docembed.fingerprint"
+UNIT_KEY = b"docembed.unit"
+
+
+def output_table(done: UnitEmbeddings, settings: EmbedSettings) -> pa.Table:
+    """``id``, ``embedding`` (fixed-size list of float32) and the pass-through columns, in row order,
+    with the fingerprint and the unit in the Parquet metadata."""
+    flat = pa.array(done.embeddings.reshape(-1), pa.float32())
+    columns = {
+        "id": done.table.column("id"),
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, settings.dim),
+    }
+    for name in settings.passthrough_columns:
+        columns[name] = done.table.column(name)
+    table = pa.table(columns)
+    return table.replace_schema_metadata(
+        {FINGERPRINT_KEY: json.dumps(settings.fingerprint(), sort_keys=True),
+         UNIT_KEY: json.dumps(done.unit.to_json(), sort_keys=True)}
+    )
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: OutputFolder) -> dict:
+    unit_id = done.unit.unit_id
+    part = output.write_part(unit_id, parquet_bytes(output_table(done, settings)))
+    rejects = None
+    if done.rejects.num_rows:
+        rejects = f"{REJECTS}/{unit_id}.parquet"
+        output.publish(rejects, parquet_bytes(done.rejects))
+    record = {
+        **done.unit.to_json(),
+        "part": part,
+        "rejects": rejects,
+        "embedded": done.table.num_rows,
+        "rejected": done.rejects.num_rows,
+        "truncated": done.truncated,
+        "tokens": done.tokens,
+        "padded_tokens": done.padded_tokens,
+        "batches": done.batches,
+        "run_id": settings.run_id,
+        "committed_at": time.time(),
+    }
+    output.mark_done(unit_id, record)
+    return record
+
+
+class CommitUnit(beam.DoFn):
+    """UnitEmbeddings -> done-marker record."""
+
+    def __init__(self, settings: EmbedSettings):
+        self._settings = settings
+        self._output = OutputFolder(settings.output)
+
+    def process(self, done: UnitEmbeddings):
+        record = commit_unit(done, self._settings, self._output)
+        metrics.DOCS_EMBEDDED.inc(record["embedded"])
+        metrics.DOCS_REJECTED.inc(record["rejected"])
+        metrics.UNITS_COMMITTED.inc()
+        yield record

