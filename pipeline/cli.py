@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_gcp_client_notice)
     try:
         if command == "run":
             return _run(rest)
@@ -35,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"docembed: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def _drop_gcp_client_notice(record: logging.LogRecord) -> bool:
+    """Beam warns at import that Google's API clients are absent; docembed does not use them."""
+    return not str(record.msg).startswith("apitools not found")
 
 
 def _run(argv: list[str]) -> int:
