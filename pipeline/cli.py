@@ -11,9 +11,11 @@ from transforms.errors import DocembedError
 
 USAGE = """usage: docembed run --input URL --output URL [options] [Beam flags]
        docembed status --output URL [--json]
+       docembed verify --output URL [--input URL]
 
 run     embed Parquet documents into a Parquet dataset; rerun the same command to resume
 status  units and documents done so far, read from the output's checkpoints
+verify  check an output against its manifest (and its input): exit 0 only when all holds
 
 'docembed run --help' lists every option."""
 
@@ -27,14 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_drop_gcp_client_notice)
+        handler.addFilter(_drop_traceback_of_known_errors)
     try:
         if command == "run":
             return _run(rest)
         if command == "status":
             return _status(rest)
+        if command == "verify":
+            return _verify(rest)
     except DocembedError as exc:
         print(f"docembed: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     print(f"docembed: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
@@ -42,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
 def _drop_gcp_client_notice(record: logging.LogRecord) -> bool:
     """Beam warns at import that Google's API clients are absent; docembed does not use them."""
     return not str(record.msg).startswith("apitools not found")
+
+
+def _drop_traceback_of_known_errors(record: logging.LogRecord) -> bool:
+    """Beam logs a failing DoFn's exception with its traceback; for docembed's own errors the message
+    says all, and the CLI repeats it as its last line, so the traceback is left out."""
+    if record.exc_info and isinstance(record.exc_info[1], DocembedError):
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def _run(argv: list[str]) -> int:
@@ -69,3 +82,15 @@ def _status(argv: list[str]) -> int:
     result = status(args.output)
     print(json.dumps(result, indent=1) if args.json else format_status(result))
     return 0
+
+
+def _verify(argv: list[str]) -> int:
+    from pipeline.verify import format_report, verify
+
+    parser = argparse.ArgumentParser(prog="docembed verify")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--input", default=None, help="also check every input row is embedded or rejected")
+    args = parser.parse_args(argv)
+    report = verify(args.output, args.input)
+    print(format_report(args.output, report))
+    return 0 if not report.problems else 1

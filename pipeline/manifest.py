@@ -30,6 +30,7 @@ def started(settings: EmbedSettings, plan: Plan, checkpoint_every: int) -> dict:
         },
         "libraries": {name: _version(name) for name in _LIBRARIES},
         "inputs": [f.to_json() for f in plan.files],
+        "skipped_files": list(plan.skipped),
         "plan": {"files": len(plan.files), "units": len(plan.units), "rows": plan.rows},
     }
 
@@ -50,7 +51,7 @@ def completed(manifest: dict, markers: dict[str, dict], plan: Plan) -> dict:
         "status": "complete",
         "finished_at": time.time(),
         "counts": counts,
-        "parts": [m["part"] for m in mine],
+        "parts": [m["part"] for m in mine if m.get("part")],
         "rejects": [m["rejects"] for m in mine if m.get("rejects")],
         "units_from_other_inputs": [{"unit_id": m["unit_id"], "source": m["source"], "part": m["part"]}
                                     for m in earlier],

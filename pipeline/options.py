@@ -39,6 +39,12 @@ class EmbedOptions(PipelineOptions):
             help="rows per work unit; a unit is committed and checkpointed as a whole (default 10000)")
         add("--device", default="auto", choices=["auto", "cpu", "cuda"])
         add("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+        add("--on-duplicate-id", default="error", choices=["error", "keep-first"],
+            help="a repeated id: fail at planning with examples (error), or embed the first occurrence "
+                 "and reject the others as duplicate_id (keep-first)")
+        add("--skip-bad-files", action="store_true",
+            help="leave out files that are not readable Parquet (recorded in the manifest and summary) "
+                 "instead of failing")
         add("--overwrite", action="store_true", help="delete the output folder and start afresh")
         add("--progress", action=argparse.BooleanOptionalAction, default=True,
             help="show a progress bar (local runners)")

@@ -30,6 +30,7 @@ class InputFile:
     fingerprint: str
     rows: int
     row_groups: tuple[int, ...]  # rows per row group
+    schema: pa.Schema | None = None
 
     def to_json(self) -> dict:
         return {"url": self.url, "size": self.size, "fingerprint": self.fingerprint, "rows": self.rows}
@@ -39,20 +40,40 @@ class InputFile:
 class Plan:
     files: tuple[InputFile, ...]
     units: tuple[WorkUnit, ...]
+    skipped: tuple[dict, ...] = ()  # {"url", "error"} of unreadable files left out (--skip-bad-files)
+    passthrough_schema: pa.Schema | None = None
 
     @property
     def rows(self) -> int:
         return sum(f.rows for f in self.files)
 
 
-def plan_input(url: str, columns: dict[str, str], rows_per_unit: int) -> Plan:
-    """The files behind ``url`` and their work units. ``columns`` maps role -> column name."""
+class BadFile(InputError):
+    """A file that is not Parquet, or whose footer is truncated or corrupt."""
+
+
+def plan_input(url: str, columns: dict[str, str], rows_per_unit: int, skip_bad_files: bool = False) -> Plan:
+    """The files behind ``url`` and their work units. ``columns`` maps role -> column name (the
+    roles ``id`` and ``text``; any other role is a pass-through column)."""
     urls = expand_input(url)
     # Footers are small reads with high latency on object stores: fetch them concurrently.
     with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
-        files = list(pool.map(lambda u: _inspect(u, columns), urls))
+        inspected = list(pool.map(lambda u: _inspect_or_skip(u, columns, skip_bad_files), urls))
+    files = [f for f, _ in inspected if f is not None]
+    skipped = tuple({"url": u, "error": str(e)} for u, (f, e) in zip(urls, inspected) if f is None)
+    passthrough = [name for role, name in columns.items() if role not in ("id", "text")]
+    schema = unify_passthrough([(f.url, f.schema) for f in files], passthrough)
     units = [u for f in files for u in units_for_file(f, rows_per_unit)]
-    return Plan(tuple(files), tuple(units))
+    return Plan(tuple(files), tuple(units), skipped, schema)
+
+
+def _inspect_or_skip(url: str, columns: dict[str, str], skip_bad_files: bool):
+    try:
+        return _inspect(url, columns), None
+    except BadFile as exc:
+        if not skip_bad_files:
+            raise
+        return None, exc
 
 
 def expand_input(url: str) -> list[str]:
@@ -83,22 +104,47 @@ def _inspect(url: str, columns: dict[str, str]) -> InputFile:
         with fs.open(path, "rb") as handle:
             metadata = pq.ParquetFile(handle).metadata
             schema = metadata.schema.to_arrow_schema()
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{url} is not a readable Parquet file: {exc}") from exc
+    except (pa.ArrowException, OSError) as exc:
+        raise BadFile(
+            f"{url} is not a readable Parquet file ({exc}); fix or remove it, or pass --skip-bad-files"
+        ) from exc
     check_schema(url, schema, columns)
     groups = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
-    return InputFile(url, int(info.get("size") or 0), storage.file_fingerprint(info), metadata.num_rows, groups)
+    return InputFile(url, int(info.get("size") or 0), storage.file_fingerprint(info), metadata.num_rows,
+                     groups, schema)
 
 
 def check_schema(url: str, schema: pa.Schema, columns: dict[str, str]) -> None:
     missing = [f"{role} column {name!r}" for role, name in columns.items() if name not in schema.names]
     if missing:
         raise InputError(f"{url}: no {', '.join(missing)}; columns found: {', '.join(schema.names)}")
-    text = schema.field(columns["text"])
-    if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)
-            or pa.types.is_binary(text.type) or pa.types.is_large_binary(text.type)
-            or pa.types.is_null(text.type)):  # all-null: every row is rejected as empty_text
+    text, ident = schema.field(columns["text"]), schema.field(columns["id"])
+    if not (_is_text(text.type) or pa.types.is_binary(text.type) or pa.types.is_large_binary(text.type)):
         raise InputError(f"{url}: text column {text.name!r} has type {text.type}; it must be string or binary")
+    if not (_is_text(ident.type) or pa.types.is_integer(ident.type)):
+        raise InputError(f"{url}: id column {ident.name!r} has type {ident.type}; it must be string or integer")
+
+
+def _is_text(t: pa.DataType) -> bool:
+    # An all-null column (type null) is accepted: each of its rows is rejected on its own.
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
+def unify_passthrough(schemas: list[tuple[str, pa.Schema]], names: list[str]) -> pa.Schema | None:
+    """One type per pass-through column across all files (int32 and int64 give int64, a null
+    column takes the others' type); a column whose types cannot be unified is an error naming a file."""
+    if not names or not schemas:
+        return None
+    unified = pa.schema([schemas[0][1].field(n) for n in names])
+    for url, schema in schemas[1:]:
+        fields = pa.schema([schema.field(n) for n in names])
+        try:
+            unified = pa.unify_schemas([unified, fields], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise InputError(
+                f"{url}: pass-through columns {fields} do not match the other files' ({unified}): {exc}"
+            ) from exc
+    return unified
 
 
 def plan_ranges(row_groups: tuple[int, ...], rows_per_unit: int) -> list[tuple[int, int, tuple[int, ...]]]:

@@ -60,10 +60,16 @@ def format_summary(summary: dict) -> str:
         f"{s['skipped']} skipped (already done), {s['rejected']} rejected",
         f"  truncated  {s['truncated']} ({truncated_share:.1f}% of embedded) cut to the "
         f"{s['max_seq_length']}-token window",
+        f"  accounted  {s['input_rows']} input rows = {s['total_embedded']} embedded + "
+        f"{s['total_rejected']} rejected, over all runs into this output"
+        + ("" if s["input_rows"] == s["total_embedded"] + s["total_rejected"] else " (units still to do)"),
         f"  units      {s['units_committed']} committed this run, {s['units_skipped']} already done, "
         f"{s['units_total']} in all",
         f"  time       {s['seconds']:.1f} s, {rate:.1f} docs/s",
     ]
     if s["rejected"]:
-        lines.append(f"  rejects    reasons in {s['output'].rstrip('/')}/_rejects/")
+        reasons = ", ".join(f"{n} {r}" for r, n in s["rejected_by_reason"].items())
+        lines.append(f"  rejected   {reasons}; rows and messages in {s['output'].rstrip('/')}/_rejects/")
+    for skipped in s["skipped_files"]:
+        lines.append(f"  skipped    {skipped['url']} (--skip-bad-files): {skipped['error']}")
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -13,12 +14,13 @@ import apache_beam as beam
 from pipeline import manifest, options as opts_mod
 from pipeline.graph import build_graph
 from pipeline.guard import check_fingerprint
+from pipeline.ids import mark_duplicates
 from pipeline.options import EmbedOptions
 from pipeline.plan import plan_input, split_done
 from pipeline.progress import ProgressBar
 from transforms.checkpoint import OutputFolder
 from transforms.embed import acquire_embedder, load_embedder
-from transforms.errors import OutputError, UsageError
+from transforms.errors import DocembedError, JobFailed, OutputError, UsageError
 from transforms.model import resolve_device, resolve_model, resolve_precision
 from transforms.records import EmbedSettings
 
@@ -31,17 +33,18 @@ def run(argv: list[str], test_pipeline: beam.Pipeline | None = None) -> dict:
     options = opts_mod.parse(argv)
     opts = options.view_as(EmbedOptions)
     output = OutputFolder(opts.output)
+    columns = {"id": opts.id_column, "text": opts.text_column}
+    columns.update({f"pass-through {c}": c for c in opts_mod.passthrough(opts)})
+    plan = plan_input(opts.input, columns, opts.checkpoint_every, opts.skip_bad_files)
     if opts.overwrite:
         output.remove_all()
     check_writable(output)
-    settings, embedder = resolve_settings(opts)
-    columns = {"id": opts.id_column, "text": opts.text_column}
-    columns.update({f"pass-through {c}": c for c in settings.passthrough_columns})
-    plan = plan_input(opts.input, columns, opts.checkpoint_every)
+    settings, embedder = resolve_settings(opts, plan.passthrough_schema)
     check_fingerprint(output, settings)
     markers = output.done_markers()
     todo, done = split_done(plan, markers)
-    output.clean_leftovers(markers)
+    output.clean_leftovers(markers)  # before the id scan: unmarked parts must not count as "in the output"
+    todo = mark_duplicates(plan, todo, output, opts.id_column, opts.on_duplicate_id, opts.skip_bad_files)
     record = manifest.started(settings, plan, opts.checkpoint_every)
     output.write_manifest(record)
     if todo:
@@ -49,13 +52,33 @@ def run(argv: list[str], test_pipeline: beam.Pipeline | None = None) -> dict:
         bar = (ProgressBar(output, unit_rows, plan.rows, sum(u.rows for u in done))
                if opts.progress and opts_mod.is_local_runner(options) else contextlib.nullcontext())
         with bar:
-            pipeline = test_pipeline or beam.Pipeline(options=options)
-            build_graph(pipeline, todo, settings)
-            pipeline.run().wait_until_finish()
+            run_graph(test_pipeline or beam.Pipeline(options=options), todo, settings)
     del embedder  # held until here so in-process workers reuse the driver's model
     markers = output.done_markers()
     output.write_manifest(manifest.completed(record, markers, plan))
     return summarize(settings, plan, markers, todo, done, time.monotonic() - started)
+
+
+def run_graph(pipeline: beam.Pipeline, todo, settings: EmbedSettings) -> None:
+    build_graph(pipeline, todo, settings)
+    try:
+        pipeline.run().wait_until_finish()
+    except Exception as exc:  # Beam re-raises worker errors, sometimes wrapped: report the cause
+        raise JobFailed(
+            f"the job failed: {_cause(exc)}. Units committed so far are kept: fix the cause and "
+            "rerun the same command to resume"
+        ) from exc
+
+
+def _cause(exc: BaseException) -> str:
+    """Our own error's message where one is in the chain, else the innermost exception's."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    ours = [e for e in chain if isinstance(e, DocembedError)]
+    cause = ours[0] if ours else chain[-1]
+    text = " ".join(str(cause).split())
+    return (text if ours else f"{type(cause).__name__}: {text}")[:1000]
 
 
 def check_writable(output: OutputFolder) -> None:
@@ -67,7 +90,7 @@ def check_writable(output: OutputFolder) -> None:
         raise OutputError(f"cannot write to --output {output.url}: {exc}") from exc
 
 
-def resolve_settings(opts: EmbedOptions):
+def resolve_settings(opts: EmbedOptions, passthrough_schema=None):
     """EmbedSettings for this run, and the driver's loaded model (for its dimension, window, pooling)."""
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision, device)
@@ -79,6 +102,7 @@ def resolve_settings(opts: EmbedOptions):
         text_column=opts.text_column, passthrough_columns=opts_mod.passthrough(opts),
         min_batch_size=opts.min_batch_size, max_batch_size=opts.max_batch_size, max_batch_tokens=0,
         run_id=f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}",
+        skip_bad_files=opts.skip_bad_files, passthrough_schema=passthrough_schema,
     )
     embedder = load_embedder(draft)
     budget = opts.max_batch_tokens or opts.min_batch_size * embedder.max_seq_length
@@ -96,14 +120,22 @@ def resolve_settings(opts: EmbedOptions):
 
 def summarize(settings, plan, markers, todo, done, seconds) -> dict:
     ran = [markers[u.unit_id] for u in todo if u.unit_id in markers]
+    planned = [markers[u.unit_id] for u in plan.units if u.unit_id in markers]
+    reasons = collections.Counter()
+    for marker in ran:
+        reasons.update(marker.get("rejected_by_reason", {}))
     return {
         "output": settings.output,
         "input_rows": plan.rows,
         "embedded": sum(m["embedded"] for m in ran),
         "rejected": sum(m["rejected"] for m in ran),
+        "rejected_by_reason": dict(sorted(reasons.items())),
         "truncated": sum(m["truncated"] for m in ran),
         "processed": sum(m["row_end"] - m["row_start"] for m in ran),
         "skipped": sum(u.rows for u in done),
+        "skipped_files": list(plan.skipped),
+        "total_embedded": sum(m["embedded"] for m in planned),
+        "total_rejected": sum(m["rejected"] for m in planned),
         "units_committed": len(ran),
         "units_skipped": len(done),
         "units_total": len(plan.units),

@@ -16,7 +16,7 @@ from tests.conftest import by_id, cosine, read_output, vectors, write_docs
 from transforms.checkpoint import OutputFolder
 from transforms.commit import commit_unit
 from transforms.errors import FingerprintMismatch
-from transforms.read import REJECT_SCHEMA
+from transforms import rejects
 from transforms.records import UnitEmbeddings, WorkUnit
 
 
@@ -156,7 +156,7 @@ def test_a_retried_commit_replaces_its_part_instead_of_adding_rows(finished, tmp
     settings, _ = resolve_settings(parse(argv).view_as(EmbedOptions))
     settings = dataclasses.replace(settings, output=str(copy))
     retry = UnitEmbeddings(WorkUnit.from_json(marker), part.select(["id", "title"]),
-                           REJECT_SCHEMA.empty_table(), vectors(part), 0, 0, 0, 0)
+                           rejects.empty(), vectors(part), 0, 0, 0, 0)
     before = read_output(copy).num_rows
     commit_unit(retry, settings, output)
     assert read_output(copy).num_rows == before

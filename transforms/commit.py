@@ -1,6 +1,7 @@
 """Commit: publish a unit's Parquet part (and its rejections), then its done-marker.
 
-Consumes ``UnitEmbeddings``; produces the unit's done-marker record. The part is published under a
+Consumes ``UnitEmbeddings``; produces the unit's done-marker record, which holds the unit's counts:
+``embedded + rejected`` is always the unit's row count. The part is published under a
 name derived from the unit id, atomically (see ``storage.publish``), so a retried bundle or a rerun
 overwrites it with identical rows instead of adding a copy. The marker is written last: a unit
 killed before it is redone in full and nothing of it is counted.
@@ -8,6 +9,7 @@ killed before it is redone in full and nothing of it is counted.
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import time
@@ -18,6 +20,7 @@ import pyarrow.parquet as pq
 
 from transforms import metrics
 from transforms.checkpoint import REJECTS, OutputFolder
+from transforms.errors import CommitError
 from transforms.records import EmbedSettings, UnitEmbeddings
 
 FINGERPRINT_KEY = b"docembed.fingerprint"
@@ -49,7 +52,9 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: OutputFolder) -> dict:
     unit_id = done.unit.unit_id
-    part = output.write_part(unit_id, parquet_bytes(output_table(done, settings)))
+    part = None  # a unit whose every row was rejected has no part
+    if done.table.num_rows:
+        part = output.write_part(unit_id, parquet_bytes(output_table(done, settings)))
     rejects = None
     if done.rejects.num_rows:
         rejects = f"{REJECTS}/{unit_id}.parquet"
@@ -60,6 +65,7 @@ def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: OutputFol
         "rejects": rejects,
         "embedded": done.table.num_rows,
         "rejected": done.rejects.num_rows,
+        "rejected_by_reason": dict(collections.Counter(done.rejects.column("reason").to_pylist())),
         "truncated": done.truncated,
         "tokens": done.tokens,
         "padded_tokens": done.padded_tokens,
@@ -71,6 +77,13 @@ def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: OutputFol
     return record
 
 
+def commit_or_fail(done: UnitEmbeddings, settings: EmbedSettings, output: OutputFolder) -> dict:
+    try:
+        return commit_unit(done, settings, output)
+    except OSError as exc:  # nothing partial is visible: publish is whole-or-nothing, the marker last
+        raise CommitError(f"unit {done.unit.unit_id}: writing to {output.url} failed: {exc}") from exc
+
+
 class CommitUnit(beam.DoFn):
     """UnitEmbeddings -> done-marker record."""
 
@@ -79,7 +92,7 @@ class CommitUnit(beam.DoFn):
         self._output = OutputFolder(settings.output)
 
     def process(self, done: UnitEmbeddings):
-        record = commit_unit(done, self._settings, self._output)
+        record = commit_or_fail(done, self._settings, self._output)
         metrics.DOCS_EMBEDDED.inc(record["embedded"])
         metrics.DOCS_REJECTED.inc(record["rejected"])
         metrics.UNITS_COMMITTED.inc()

@@ -2,19 +2,24 @@
 
 Consumes ``UnitRows``; produces ``UnitEmbeddings`` (vectors in the unit's row order). The model is
 loaded once per process in ``setup`` through Beam's ``shared.Shared``, so DoFn instances, bundles
-and retries in one process reuse it.
+and retries in one process reuse it. A batch the model fails on (an out-of-memory error, say) is
+split in halves and retried down to single documents; a document that still fails is rejected
+(``model_error``) with the error, and the unit goes on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import time
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 from apache_beam.utils import shared
 
-from transforms import metrics
+from transforms import metrics, rejects
 from transforms.batch import padded_tokens, plan_batches
 from transforms.checkpoint import OutputFolder
 from transforms.model import Embedder
@@ -22,7 +27,7 @@ from transforms.records import EmbedSettings, UnitEmbeddings, UnitRows
 from transforms.tokens import count_tokens
 
 PROGRESS_EVERY_S = 5.0
-
+log = logging.getLogger(__name__)
 
 # One model per process: DoFn instances, bundles, retries and (in-process runners) the driver all
 # acquire the same loaded model through this handle, which lives as long as someone holds it.
@@ -44,20 +49,31 @@ def load_embedder(settings: EmbedSettings) -> Embedder:
     )
 
 
-def embed_rows(embedder: Embedder, texts: list[str], settings: EmbedSettings, on_batch=None):
-    """Vectors for ``texts`` in order, plus (truncated, tokens, padded tokens, batches) counts.
+@dataclasses.dataclass
+class Embedded:
+    """What ``embed_rows`` returns: vectors (rows of failed documents are left unset), the failed
+    documents as {index: message}, and counts."""
 
-    ``on_batch(docs_done)`` is called after each batch (progress reporting).
-    """
+    vectors: np.ndarray
+    failed: dict[int, str]
+    truncated: int
+    tokens: int
+    padded_tokens: int
+    batches: int
+
+
+def embed_rows(embedder: Embedder, texts: list[str], settings: EmbedSettings, on_batch=None) -> Embedded:
+    """Vectors for ``texts`` in order. ``on_batch(docs_done)`` is called after each batch."""
     counted = count_tokens(texts, embedder.max_seq_length, embedder.token_lengths)
     batches = plan_batches(
         counted.lengths, settings.min_batch_size, settings.max_batch_size, settings.max_batch_tokens
     )
-    vectors = np.empty((len(texts), embedder.dim), dtype=np.float32)
+    vectors = np.zeros((len(texts), embedder.dim), dtype=np.float32)
+    failed: dict[int, str] = {}
     done = 0
     for batch in batches:
         start = time.perf_counter()
-        vectors[batch] = embedder.embed([counted.texts[i] for i in batch])
+        _embed_or_split(embedder, counted.texts, batch, vectors, failed)
         metrics.BATCH_LATENCY_MS.update(int((time.perf_counter() - start) * 1000))
         metrics.BATCH_DOCS.update(len(batch))
         metrics.BATCH_TOKENS.update(int(counted.lengths[batch].sum()))
@@ -65,9 +81,41 @@ def embed_rows(embedder: Embedder, texts: list[str], settings: EmbedSettings, on
         done += len(batch)
         if on_batch:
             on_batch(done)
-    counts = (int(counted.truncated.sum()), int(counted.lengths.sum()),
-              padded_tokens(counted.lengths, batches), len(batches))
-    return vectors, counts
+    truncated = int(counted.truncated[[i for i in range(len(texts)) if i not in failed]].sum())
+    return Embedded(vectors, failed, truncated, int(counted.lengths.sum()),
+                    padded_tokens(counted.lengths, batches), len(batches))
+
+
+def _embed_or_split(embedder: Embedder, texts: list[str], batch: np.ndarray, vectors, failed) -> None:
+    try:
+        vectors[batch] = embedder.embed([texts[i] for i in batch])
+        return
+    except Exception as exc:  # any model failure: torch raises OutOfMemoryError, RuntimeError, IndexError...
+        embedder.release_memory()
+        if len(batch) == 1:
+            failed[int(batch[0])] = f"{type(exc).__name__}: {exc}"[:2000]
+            log.warning("model failed on one document, rejected as model_error: %s", failed[int(batch[0])])
+            return
+        metrics.BATCH_SPLITS.inc()
+    half = len(batch) // 2
+    _embed_or_split(embedder, texts, batch[:half], vectors, failed)
+    _embed_or_split(embedder, texts, batch[half:], vectors, failed)
+
+
+def with_model_errors(rows: UnitRows, embedded: Embedded) -> tuple[pa.Table, np.ndarray, pa.Table]:
+    """(rows, vectors, rejections) with the documents the model failed on moved to the rejections."""
+    if not embedded.failed:
+        return rows.table, embedded.vectors, rows.rejects
+    bad = sorted(embedded.failed)
+    keep = np.ones(rows.table.num_rows, dtype=bool)
+    keep[bad] = False
+    failed_rows = rows.table.take(pa.array(bad))
+    model_rejects = rejects.rejections(
+        failed_rows.column("id"), failed_rows.column("_row"), rows.unit.source,
+        ["model_error"] * len(bad), [embedded.failed[i] for i in bad],
+    )
+    return (rows.table.filter(pa.array(keep)), embedded.vectors[keep],
+            pa.concat_tables([rows.rejects, model_rejects]).sort_by("row_index"))
 
 
 class EmbedUnit(beam.DoFn):
@@ -90,9 +138,9 @@ class EmbedUnit(beam.DoFn):
                 self._output.write_progress(unit.unit_id, done + rows.rejects.num_rows, unit.rows)
                 last[0] = time.monotonic()
 
-        vectors, (truncated, tokens, padded, batches) = embed_rows(
-            self._embedder, texts, self._settings, report
-        )
-        metrics.DOCS_TRUNCATED.inc(truncated)
-        metrics.TOKENS.inc(tokens)
-        yield UnitEmbeddings(unit, rows.table, rows.rejects, vectors, truncated, tokens, padded, batches)
+        embedded = embed_rows(self._embedder, texts, self._settings, report)
+        table, vectors, rejected = with_model_errors(rows, embedded)
+        metrics.DOCS_TRUNCATED.inc(embedded.truncated)
+        metrics.TOKENS.inc(embedded.tokens)
+        yield UnitEmbeddings(unit, table, rejected, vectors, embedded.truncated, embedded.tokens,
+                             embedded.padded_tokens, embedded.batches)

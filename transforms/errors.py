@@ -2,7 +2,9 @@
 
 
 class DocembedError(Exception):
-    """Base class: the CLI prints the message and exits with code 2."""
+    """Base class: the CLI prints the message and exits with ``exit_code``."""
+
+    exit_code = 2
 
 
 class UsageError(DocembedError):
@@ -17,6 +19,10 @@ class OutputError(DocembedError):
     """The output folder cannot be used: not writable, or holding an incompatible plan."""
 
 
+class CommitError(OutputError):
+    """Publishing a unit's part, rejections or marker failed (disk full, permission, object store)."""
+
+
 class FingerprintMismatch(OutputError):
     """The output folder was made with settings that give different vectors."""
 
@@ -27,3 +33,10 @@ class DeviceUnavailable(DocembedError):
 
 class ModelError(DocembedError):
     """The model cannot be found or loaded."""
+
+
+class JobFailed(DocembedError):
+    """The Beam job itself failed (a write error, a worker crash): exit code 1. What was committed
+    stays committed, and rerunning the same command resumes from it."""
+
+    exit_code = 1

@@ -151,6 +151,11 @@ class Embedder:
         )
         return np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))
 
+    def release_memory(self) -> None:
+        """After a failed batch: give cached CUDA memory back before the halves are retried."""
+        if self.device == "cuda":
+            self._torch.cuda.empty_cache()
+
     def embed(self, texts: list[str]) -> np.ndarray:
         """float32 (len(texts), dim), one row per text in order."""
         with self._torch.inference_mode():

@@ -1,9 +1,9 @@
 """Read: a WorkUnit's rows from its Parquet file, split into rows to embed and recorded rejections.
 
 Consumes ``WorkUnit``; produces ``UnitRows`` whose table has ``id`` (string), the text column
-(string) and the pass-through columns, in file order, plus a ``_row`` column with each row's index
-in its file. Rows that cannot be embedded (null id, empty text, undecodable bytes) go to the
-rejections table with a reason instead of being dropped.
+(string) and the pass-through columns (cast to the types unified across files at planning), in file
+order, plus a ``_row`` column with each row's index in its file. Rows that cannot be embedded go to
+the rejections table with a reason (see ``transforms.rejects``) instead of being dropped.
 """
 
 from __future__ import annotations
@@ -14,53 +14,75 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from transforms import metrics, storage
+from transforms import metrics, rejects, storage
 from transforms.checkpoint import OutputFolder
 from transforms.errors import InputError
 from transforms.records import EmbedSettings, UnitRows, WorkUnit
 
 ROW = "_row"
-REJECT_SCHEMA = pa.schema(
-    [("id", pa.string()), ("source", pa.string()), ("row_index", pa.int64()),
-     ("reason", pa.string()), ("message", pa.string())]
-)
+# Errors pyarrow raises for undecodable data pages (the footer was fine at planning).
+DECODE_ERRORS = (pa.ArrowException, OSError, UnicodeDecodeError)
 
 
 def read_unit(unit: WorkUnit, settings: EmbedSettings) -> tuple[pa.Table, pa.Table]:
     """(rows to embed, rejections) for ``unit``; columns as in the module docstring."""
-    columns = [settings.id_column, settings.text_column, *settings.passthrough_columns]
     fs, path = storage.filesystem(unit.source)
-    info = fs.info(path)
-    if storage.file_fingerprint(info) != unit.file_fingerprint:
+    if storage.file_fingerprint(fs.info(path)) != unit.file_fingerprint:
         raise InputError(f"{unit.source} changed after it was planned; rerun to plan it again")
+    try:
+        table = _read_rows(fs, path, unit, settings)
+    except DECODE_ERRORS as exc:
+        if not settings.skip_bad_files:
+            raise InputError(f"{unit.source}: rows {unit.row_start}-{unit.row_end} cannot be read: {exc}") from exc
+        rows = pa.array(range(unit.row_start, unit.row_end), pa.int64())
+        reasons = ["unreadable_file"] * unit.rows
+        return None, rejects.rejections(pa.nulls(unit.rows, pa.string()), rows, unit.source, reasons,
+                                        [f"cannot read these rows: {exc}"] * unit.rows)
+    return split_rejections(table, unit, settings)
+
+
+def _read_rows(fs, path: str, unit: WorkUnit, settings: EmbedSettings) -> pa.Table:
+    columns = list(dict.fromkeys([settings.id_column, settings.text_column, *settings.passthrough_columns]))
     with fs.open(path, "rb") as handle:
         parquet = pq.ParquetFile(handle)
         first_row = sum(parquet.metadata.row_group(i).num_rows for i in range(unit.row_groups[0]))
-        table = parquet.read_row_groups(list(unit.row_groups), columns=list(dict.fromkeys(columns)))
-    table = table.slice(unit.row_start - first_row, unit.rows)
-    table = table.append_column(ROW, pa.array(range(unit.row_start, unit.row_end), pa.int64()))
-    return _split_rejections(table, unit.source, settings)
+        table = parquet.read_row_groups(list(unit.row_groups), columns=columns)
+    table = table.slice(unit.row_start - first_row, unit.rows).combine_chunks()
+    return table.append_column(ROW, pa.array(range(unit.row_start, unit.row_end), pa.int64()))
 
 
-def _split_rejections(table: pa.Table, source: str, settings: EmbedSettings) -> tuple[pa.Table, pa.Table]:
-    table = table.combine_chunks()
+def split_rejections(table: pa.Table, unit: WorkUnit, settings: EmbedSettings) -> tuple[pa.Table, pa.Table]:
     ids = pc.cast(table.column(settings.id_column).combine_chunks(), pa.string())
     texts, bad_utf8 = _as_text(table.column(settings.text_column).combine_chunks())
-    null_id = pc.is_null(ids)
-    empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(texts), ""), True)
+    duplicate = pc.is_in(table.column(ROW), pa.array([r for r, _ in unit.duplicate_rows], pa.int64()))
     reasons = pc.case_when(
-        pa.StructArray.from_arrays([null_id, bad_utf8, empty], ["a", "b", "c"]),
-        "null_id", "invalid_utf8", "empty_text",
+        pa.StructArray.from_arrays(
+            [pc.is_null(ids), bad_utf8, pc.fill_null(pc.equal(pc.utf8_trim_whitespace(texts), ""), True),
+             duplicate.combine_chunks()],
+            ["null_id", "invalid_utf8", "empty_text", "duplicate_id"],
+        ),
+        "null_id", "invalid_utf8", "empty_text", "duplicate_id",
     )
     rejected = pc.is_valid(reasons)
+    rows = pa.table(_columns(table, ids, texts, settings))
+    dropped = rows.filter(rejected)
+    reason_list = reasons.filter(rejected).to_pylist()
+    duplicates = dict(unit.duplicate_rows)
+    messages = [duplicates[row] if reason == "duplicate_id" else rejects.MESSAGES[reason]
+                for reason, row in zip(reason_list, dropped.column(ROW).to_pylist())]
+    return (rows.filter(pc.invert(rejected)),
+            rejects.rejections(dropped.column("id"), dropped.column(ROW), unit.source, reason_list, messages))
+
+
+def _columns(table: pa.Table, ids, texts, settings: EmbedSettings) -> dict:
     columns = {"id": ids, settings.text_column: texts}
+    schema = settings.passthrough_schema
     for name in settings.passthrough_columns:
-        columns.setdefault(name, table.column(name))
+        if name not in columns:
+            column = table.column(name)
+            columns[name] = column.cast(schema.field(name).type) if schema is not None else column
     columns[ROW] = table.column(ROW)
-    rows = pa.table(columns)
-    keep = rows.filter(pc.invert(rejected))
-    rejects = _rejections(rows.filter(rejected), reasons.filter(rejected), source)
-    return keep, rejects
+    return columns
 
 
 def _as_text(column: pa.Array) -> tuple[pa.Array, pa.Array]:
@@ -68,7 +90,7 @@ def _as_text(column: pa.Array) -> tuple[pa.Array, pa.Array]:
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         return pc.cast(column, pa.string()), pa.array(np.zeros(len(column), dtype=bool))
     values, bad = [], []
-    for raw in column.to_pylist():
+    for raw in column.to_pylist():  # binary columns only: each value decoded on its own
         try:
             values.append(None if raw is None else raw.decode("utf-8"))
             bad.append(False)
@@ -76,27 +98,6 @@ def _as_text(column: pa.Array) -> tuple[pa.Array, pa.Array]:
             values.append(None)
             bad.append(True)
     return pa.array(values, pa.string()), pa.array(bad, pa.bool_())
-
-
-_MESSAGES = {
-    "null_id": "the id is null",
-    "invalid_utf8": "the text is bytes that are not valid UTF-8",
-    "empty_text": "the text is null, empty or only whitespace",
-}
-
-
-def _rejections(rows: pa.Table, reasons: pa.Array, source: str) -> pa.Table:
-    reason_list = reasons.to_pylist()
-    return pa.table(
-        {
-            "id": rows.column("id"),
-            "source": pa.array([source] * rows.num_rows, pa.string()),
-            "row_index": rows.column(ROW),
-            "reason": pa.array(reason_list, pa.string()),
-            "message": pa.array([_MESSAGES[r] for r in reason_list], pa.string()),
-        },
-        schema=REJECT_SCHEMA,
-    )
 
 
 class ReadUnit(beam.DoFn):
@@ -111,6 +112,9 @@ class ReadUnit(beam.DoFn):
         if self._output.is_done(unit.unit_id):
             metrics.UNITS_SKIPPED.inc()
             return
-        rows, rejects = read_unit(unit, self._settings)
+        rows, rejected = read_unit(unit, self._settings)
         metrics.DOCS_READ.inc(unit.rows)
-        yield UnitRows(unit, rows, rejects)
+        if rows is None:  # the whole unit was unreadable and --skip-bad-files is on
+            rows = pa.table({"id": pa.array([], pa.string()), self._settings.text_column: pa.array([], pa.string()),
+                             ROW: pa.array([], pa.int64())})
+        yield UnitRows(unit, rows, rejected)

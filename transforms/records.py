@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from typing import Optional
 import numpy as np
 import pyarrow as pa
 
@@ -35,6 +36,9 @@ class EmbedSettings:
     max_batch_size: int
     max_batch_tokens: int
     run_id: str
+    skip_bad_files: bool = False
+    # Pass-through column types unified across input files at planning; parts are cast to them.
+    passthrough_schema: Optional[pa.Schema] = None
 
     VECTOR_FIELDS = (
         "model",
@@ -59,7 +63,8 @@ class WorkUnit:
 
     ``unit_id`` is derived from the file's identity (URL and fingerprint) and the row range, never
     from a position in a list, so adding files or changing worker counts cannot renumber done work.
-    ``row_groups`` are the Parquet row groups that cover the range.
+    ``row_groups`` are the Parquet row groups that cover the range. ``duplicate_rows`` are rows the
+    planner found to repeat an earlier id, as (row index, message); they are not part of the identity.
     """
 
     source: str
@@ -67,6 +72,7 @@ class WorkUnit:
     row_start: int
     row_end: int
     row_groups: tuple[int, ...]
+    duplicate_rows: tuple[tuple[int, str], ...] = ()
 
     @property
     def rows(self) -> int:
@@ -78,6 +84,7 @@ class WorkUnit:
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
+        del data["duplicate_rows"]
         data["row_groups"] = list(self.row_groups)
         data["unit_id"] = self.unit_id
         return data

@@ -1,0 +1,147 @@
+"""Verify: check an output dataset against its manifest, and against the input when given.
+
+Checks row counts, missing and duplicated ids, the embedding dimension, NaN/inf values, unit norms
+(when normalisation is on), that every part file is listed and present, and that fingerprints agree.
+Returns every problem found; the CLI exits 0 only when there are none.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.ids import read_ids
+from pipeline.plan import expand_input
+from transforms.checkpoint import REJECTS, OutputFolder
+from transforms.commit import FINGERPRINT_KEY
+from transforms.errors import OutputError
+
+NORM_TOLERANCE = 1e-3
+EXAMPLES = 5
+
+
+@dataclasses.dataclass
+class Report:
+    rows: int = 0
+    parts: int = 0
+    rejected: int = 0
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+
+def verify(output_url: str, input_url: str | None = None) -> Report:
+    output = OutputFolder(output_url)
+    manifest = output.read_manifest()
+    if manifest is None:
+        raise OutputError(f"{output_url} has no _manifest.json: it is not a docembed output")
+    report = Report()
+    if manifest.get("status") != "complete":
+        report.problems.append("the last run into this output did not complete (_manifest.json status "
+                               f"{manifest.get('status')!r}); rerun it to finish")
+    ids = _check_parts(output, manifest, report)
+    rejects = _read_rejects(output)
+    report.rejected = rejects.num_rows
+    _check_counts(manifest, report)
+    _check_duplicates(ids, report)
+    if input_url:
+        _check_against_input(input_url, manifest, ids, rejects, report)
+    return report
+
+
+def _check_parts(output: OutputFolder, manifest: dict, report: Report) -> list[str]:
+    listed, present = set(manifest.get("parts", [])), set(output.part_files())
+    for name in sorted(listed - present):
+        report.problems.append(f"part {name} is listed in the manifest but missing")
+    for name in sorted(present - listed):
+        report.problems.append(f"part {name} is present but not listed in the manifest")
+    ids: list[str] = []
+    for name in sorted(present):
+        ids += _check_part(output, name, manifest, report)
+    return ids
+
+
+def _check_part(output: OutputFolder, name: str, manifest: dict, report: Report) -> list[str]:
+    fingerprint = manifest["fingerprint"]
+    with output.fs.open(output.path(name), "rb") as handle:
+        table = pq.read_table(handle)
+    report.parts += 1
+    report.rows += table.num_rows if name in manifest.get("parts", []) else 0
+    stored = (table.schema.metadata or {}).get(FINGERPRINT_KEY)
+    if stored is None or json.loads(stored) != fingerprint:
+        report.problems.append(f"part {name}: its fingerprint differs from the manifest's")
+    kind = table.schema.field("embedding").type if "embedding" in table.schema.names else None
+    if not (pa.types.is_fixed_size_list(kind) and kind.list_size == fingerprint["dim"]
+            and kind.value_type == pa.float32()):
+        report.problems.append(f"part {name}: embedding type {kind}, expected fixed_size_list<float>"
+                               f"[{fingerprint['dim']}]")
+        return table.column("id").to_pylist()
+    vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, kind.list_size)
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        report.problems.append(f"part {name}: {int(bad.sum())} embeddings hold NaN or inf")
+    if fingerprint.get("normalize"):
+        off = np.abs(np.linalg.norm(vectors, axis=1) - 1.0) > NORM_TOLERANCE
+        if (off & ~bad).any():
+            report.problems.append(f"part {name}: {int((off & ~bad).sum())} embeddings are not unit length")
+    return table.column("id").to_pylist()
+
+
+def _read_rejects(output: OutputFolder) -> pa.Table:
+    try:
+        paths = [p for p in output.fs.ls(output.path(REJECTS), detail=False) if p.endswith(".parquet")]
+    except FileNotFoundError:
+        paths = []
+    tables = []
+    for path in paths:
+        with output.fs.open(path, "rb") as handle:
+            tables.append(pq.read_table(handle))
+    return pa.concat_tables(tables) if tables else pa.table({"id": [], "source": [], "row_index": []})
+
+
+def _check_counts(manifest: dict, report: Report) -> None:
+    counts = manifest.get("counts")
+    if not counts:
+        return
+    if report.rows != counts["embedded"]:
+        report.problems.append(f"{report.rows} rows in the listed parts, the manifest counts {counts['embedded']}")
+    if report.rejected != counts["rejected"]:
+        report.problems.append(f"{report.rejected} rejected rows in _rejects/, the manifest counts {counts['rejected']}")
+    if counts["embedded"] + counts["rejected"] != counts["input_rows"]:
+        report.problems.append(f"the manifest's embedded {counts['embedded']} + rejected {counts['rejected']} "
+                               f"!= its input rows {counts['input_rows']}")
+
+
+def _check_duplicates(ids: list[str], report: Report) -> None:
+    repeated = [i for i, n in collections.Counter(ids).items() if n > 1]
+    if repeated:
+        report.problems.append(f"{len(repeated)} ids appear more than once, e.g. {repeated[:EXAMPLES]}")
+
+
+def _check_against_input(input_url: str, manifest: dict, ids: list[str], rejects: pa.Table,
+                         report: Report) -> None:
+    id_column = manifest["settings"]["id_column"]
+    rejected_rows = set(zip(rejects.column("source").to_pylist(), rejects.column("row_index").to_pylist()))
+    expected: collections.Counter = collections.Counter()
+    for url in expand_input(input_url):
+        file_ids = read_ids(url, id_column, skip_bad_files=True).to_pylist()
+        expected.update(i for row, i in enumerate(file_ids) if (url, row) not in rejected_rows)
+    got = collections.Counter(ids)
+    missing, unexpected = expected - got, got - expected
+    if missing:
+        report.problems.append(f"{sum(missing.values())} input ids are neither embedded nor rejected, "
+                               f"e.g. {sorted(missing)[:EXAMPLES]}")
+    if unexpected:
+        report.problems.append(f"{sum(unexpected.values())} embedded ids are not in the input (or not "
+                               f"once), e.g. {sorted(unexpected)[:EXAMPLES]}")
+
+
+def format_report(output_url: str, report: Report) -> str:
+    head = (f"verify {output_url}: {report.rows} rows in {report.parts} parts, "
+            f"{report.rejected} rejected rows")
+    if not report.problems:
+        return f"{head}: OK"
+    return "\n".join([f"{head}: {len(report.problems)} problems"] + [f"  - {p}" for p in report.problems])
