@@ -11,7 +11,6 @@ import pytest
 from pipeline.cli import main
 from pipeline.run import run
 from tests.conftest import by_id, cosine, read_output, write_docs
-from transforms.errors import InputError, OutputError
 
 FLAGS = ["--no-progress"]
 

@@ -51,6 +51,7 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 
 def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: OutputFolder) -> dict:
+    started = time.perf_counter()
     unit_id = done.unit.unit_id
     part = None  # a unit whose every row was rejected has no part
     if done.table.num_rows:
@@ -72,6 +73,8 @@ def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: OutputFol
         "batches": done.batches,
         "run_id": settings.run_id,
         "committed_at": time.time(),
+        # The marker's own write is the only part of the commit not counted here.
+        "seconds": {**done.seconds, "write": time.perf_counter() - started},
     }
     output.mark_done(unit_id, record)
     return record

@@ -8,6 +8,8 @@ the rejections table with a reason (see ``transforms.rejects``) instead of being
 
 from __future__ import annotations
 
+import time
+
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
@@ -112,9 +114,11 @@ class ReadUnit(beam.DoFn):
         if self._output.is_done(unit.unit_id):
             metrics.UNITS_SKIPPED.inc()
             return
+        start = time.perf_counter()
         rows, rejected = read_unit(unit, self._settings)
+        seconds = {"read": time.perf_counter() - start}
         metrics.DOCS_READ.inc(unit.rows)
         if rows is None:  # the whole unit was unreadable and --skip-bad-files is on
             rows = pa.table({"id": pa.array([], pa.string()), self._settings.text_column: pa.array([], pa.string()),
                              ROW: pa.array([], pa.int64())})
-        yield UnitRows(unit, rows, rejected)
+        yield UnitRows(unit, rows, rejected, seconds)

@@ -110,6 +110,7 @@ class UnitRows:
     unit: WorkUnit
     table: pa.Table
     rejects: pa.Table
+    seconds: dict = dataclasses.field(default_factory=dict)  # time per stage so far: {"read": s}
 
 
 @dataclasses.dataclass
@@ -124,3 +125,4 @@ class UnitEmbeddings:
     tokens: int
     padded_tokens: int
     batches: int
+    seconds: dict = dataclasses.field(default_factory=dict)  # read, tokenize, forward (and write, at commit)
