@@ -1,31 +1,66 @@
 """Batch: cut a unit's documents into length-sorted batches within a document count and a token budget.
 
 Sorting a whole unit (thousands of documents) by token length before cutting makes each batch's
-documents similar in length, so little compute goes to padding (sentence-transformers sorts only
-within one ``encode`` call; Beam's ``BatchElements`` not at all without a stateful path).
+documents similar in length, so little compute goes to padding (sentence-transformers sorts one
+``encode`` call by characters and cuts fixed batches; Beam's ``BatchElements`` does not sort at all
+without a stateful path). Where to cut is then chosen by dynamic programming to minimise the padded
+tokens, plus a small per-batch overhead, within the bounds.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+# Cost of one more batch, in tokens: favours fewer, fuller batches when padding is equal
+# (per-batch Python and kernel-launch overhead).
+BATCH_OVERHEAD_TOKENS = 256
+
 
 def plan_batches(lengths: np.ndarray, min_size: int, max_size: int, max_tokens: int) -> list[np.ndarray]:
     """Indices of each batch, longest documents first.
 
-    Each batch holds ``min_size`` to ``max_size`` documents (only the last may hold fewer), and its
-    padded size, documents x longest length, stays within ``max_tokens``. The caller guarantees
-    ``min_size * window <= max_tokens``, so both bounds always hold together.
+    Each batch holds ``min_size`` to ``max_size`` documents (only the last, of the shortest
+    documents, may hold fewer), and its padded size, documents x longest length, stays within
+    ``max_tokens``. The caller guarantees ``min_size * window <= max_tokens``, so both bounds can
+    always hold together. Among the cuts that respect them, the one with the fewest padded tokens
+    (plus ``BATCH_OVERHEAD_TOKENS`` per batch) is taken.
     """
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    batches = []
-    start = 0
-    while start < len(order):
-        longest = max(int(lengths[order[start]]), 1)
-        size = max(min_size, min(max_size, max_tokens // longest))
-        batches.append(order[start : start + size])
-        start += size
-    return batches
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    sizes = _best_sizes(np.maximum(lengths[order], 1), min_size, max_size, max_tokens)
+    bounds = np.cumsum([0] + sizes)
+    return [order[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _best_sizes(sorted_lengths: np.ndarray, min_size: int, max_size: int, max_tokens: int) -> list[int]:
+    """Batch sizes, in order, minimising padded tokens over documents sorted longest first.
+
+    ``cost[j]``: the least cost of batching the first j documents; a batch of documents i..j-1 costs
+    (j - i) x length[i] (its first document is its longest) plus the overhead.
+    """
+    n = len(sorted_lengths)
+    cost = np.full(n + 1, np.inf)
+    cost[0] = 0.0
+    start = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        smallest = 1 if j == n else min_size  # only the last batch may be short
+        lo, hi = max(0, j - max_size), j - smallest
+        if hi < lo:
+            continue
+        i = np.arange(lo, hi + 1)
+        size = j - i
+        padded = size * sorted_lengths[i]
+        total = cost[i] + padded + BATCH_OVERHEAD_TOKENS
+        total[padded > max_tokens] = np.inf
+        best = int(np.argmin(total))
+        cost[j], start[j] = total[best], i[best]
+    if not np.isfinite(cost[n]):  # no cut meets every bound (fewer than min_size documents in all)
+        return [n] if n else []
+    sizes, j = [], n
+    while j > 0:
+        sizes.append(j - int(start[j]))
+        j = int(start[j])
+    return sizes[::-1]
 
 
 def padded_tokens(lengths: np.ndarray, batches: list[np.ndarray]) -> int:
