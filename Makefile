@@ -13,8 +13,7 @@ $(STAMP): requirements.txt setup.py
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/docembed run --input jobs/sample/docs.parquet --output out/ \
-		--passthrough-columns source --checkpoint-every 100
+	$(VENV)/bin/docembed run --job jobs/local.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests

@@ -10,6 +10,7 @@ import sys
 from transforms.errors import DocembedError
 
 USAGE = """usage: docembed run --input URL --output URL [options] [Beam flags]
+       docembed run --job jobs/FILE.yaml [flags that override the file's]
        docembed status --output URL [--json]
        docembed verify --output URL [--input URL]
 
@@ -67,7 +68,9 @@ def _run(argv: list[str]) -> int:
         EmbedOptions._add_argparse_args(parser)
         parser.print_help()
         return 0
-    summary = run(argv)
+    from pipeline.jobs import expand_job
+
+    summary = run(expand_job(argv))
     print(format_summary(summary))
     return 0
 

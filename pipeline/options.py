@@ -37,6 +37,9 @@ class EmbedOptions(PipelineOptions):
             help="padded tokens per batch, at most; default: min-batch-size x window")
         add("--checkpoint-every", type=int, default=10000,
             help="rows per work unit; a unit is committed and checkpointed as a whole (default 10000)")
+        add("--threads", type=int, default=0,
+            help="CPU threads per worker process for the model; 0 (default): cores / local worker "
+                 "processes on the DirectRunner, the library default elsewhere")
         add("--device", default="auto", choices=["auto", "cpu", "cuda"])
         add("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
         add("--on-duplicate-id", default="error", choices=["error", "keep-first"],
@@ -73,6 +76,8 @@ def validate(opts: EmbedOptions) -> list[str]:
         )
     if opts.checkpoint_every < 1:
         problems.append(f"--checkpoint-every must be >= 1, got {opts.checkpoint_every}")
+    if opts.threads < 0:
+        problems.append(f"--threads must be >= 0, got {opts.threads}")
     if opts.max_seq_length is not None and opts.max_seq_length < 2:
         problems.append(f"--max-seq-length must be >= 2, got {opts.max_seq_length}")
     return problems
@@ -85,3 +90,18 @@ def passthrough(opts: EmbedOptions) -> tuple[str, ...]:
 def is_local_runner(options: PipelineOptions) -> bool:
     runner = options.get_all_options().get("runner") or "DirectRunner"
     return runner.split(".")[-1] in ("DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
+
+
+def threads_per_worker(options: PipelineOptions) -> int:
+    """``--threads``, or on the DirectRunner the machine's cores shared among its worker processes
+    (each would otherwise start one thread per core, and they would fight over the cores)."""
+    import os
+
+    chosen = options.view_as(EmbedOptions).threads
+    if chosen or not is_local_runner(options):
+        return chosen
+    all_options = options.get_all_options()
+    workers = all_options.get("direct_num_workers") or 1
+    if all_options.get("direct_running_mode") not in ("multi_processing", "multi_threading"):
+        workers = 1
+    return max(1, (os.cpu_count() or 1) // max(1, workers))

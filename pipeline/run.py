@@ -39,7 +39,7 @@ def run(argv: list[str], test_pipeline: beam.Pipeline | None = None) -> dict:
     if opts.overwrite:
         output.remove_all()
     check_writable(output)
-    settings, embedder = resolve_settings(opts, plan.passthrough_schema)
+    settings, embedder = resolve_settings(opts, plan.passthrough_schema, opts_mod.threads_per_worker(options))
     check_fingerprint(output, settings)
     markers = output.done_markers()
     todo, done = split_done(plan, markers)
@@ -90,7 +90,7 @@ def check_writable(output: OutputFolder) -> None:
         raise OutputError(f"cannot write to --output {output.url}: {exc}") from exc
 
 
-def resolve_settings(opts: EmbedOptions, passthrough_schema=None):
+def resolve_settings(opts: EmbedOptions, passthrough_schema=None, threads: int = 0):
     """EmbedSettings for this run, and the driver's loaded model (for its dimension, window, pooling)."""
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision, device)
@@ -102,7 +102,7 @@ def resolve_settings(opts: EmbedOptions, passthrough_schema=None):
         text_column=opts.text_column, passthrough_columns=opts_mod.passthrough(opts),
         min_batch_size=opts.min_batch_size, max_batch_size=opts.max_batch_size, max_batch_tokens=0,
         run_id=f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}",
-        skip_bad_files=opts.skip_bad_files, passthrough_schema=passthrough_schema,
+        skip_bad_files=opts.skip_bad_files, passthrough_schema=passthrough_schema, threads=threads,
     )
     embedder = load_embedder(draft)
     budget = opts.max_batch_tokens or opts.min_batch_size * embedder.max_seq_length

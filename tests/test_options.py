@@ -40,3 +40,15 @@ def test_half_precision_on_cpu_is_refused(tmp_path, capsys):
                  "--device", "cpu", "--precision", "fp16"])
     assert code == 2
     assert "--precision fp16 is offered on CUDA only" in capsys.readouterr().err
+
+
+def test_threads_are_the_cores_shared_among_local_worker_processes():
+    import os
+
+    base = ["--input", "a", "--output", "b"]
+    cores = os.cpu_count()
+    assert options.threads_per_worker(options.parse(base)) == cores
+    two = options.parse(base + ["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    assert options.threads_per_worker(two) == max(1, cores // 2)
+    assert options.threads_per_worker(options.parse(base + ["--threads", "3"])) == 3
+    assert options.threads_per_worker(options.parse(base + ["--runner", "DataflowRunner"])) == 0

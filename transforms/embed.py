@@ -40,7 +40,7 @@ def acquire_embedder(settings: EmbedSettings, loaded: Embedder | None = None) ->
 def load_embedder(settings: EmbedSettings) -> Embedder:
     return Embedder(
         settings.model_path, settings.device, settings.precision, settings.normalize,
-        settings.max_seq_length, settings.prefix,
+        settings.max_seq_length, settings.prefix, settings.threads,
     )
 
 

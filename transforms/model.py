@@ -121,7 +121,7 @@ class Embedder:
     """A sentence-transformers model behind the narrow contract above."""
 
     def __init__(self, model_path: str, device: str, precision: str, normalize: bool | None,
-                 max_seq_length: int | None = None, prefix: str = ""):
+                 max_seq_length: int | None = None, prefix: str = "", threads: int = 0):
         import torch
         import transformers
         from sentence_transformers import SentenceTransformer
@@ -129,6 +129,8 @@ class Embedder:
         transformers.logging.disable_progress_bar()  # it would garble docembed's own progress bar
 
         device = resolve_device(device)
+        if threads and device == "cpu":
+            torch.set_num_threads(threads)
         try:
             self.model = SentenceTransformer(model_path, device=device)
         except Exception as exc:

@@ -37,6 +37,7 @@ class EmbedSettings:
     max_batch_tokens: int
     run_id: str
     skip_bad_files: bool = False
+    threads: int = 0  # CPU threads for the model per worker process; 0 leaves torch's default
     # Pass-through column types unified across input files at planning; parts are cast to them.
     passthrough_schema: Optional[pa.Schema] = None
 

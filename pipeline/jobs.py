@@ -1,0 +1,65 @@
+"""Jobs: YAML job files, so a run's options live in version control (``jobs/*.yaml``).
+
+A job file maps flag names (as on the command line, without ``--``) to values, in two sections that
+read the same way: ``docembed`` for docembed's options and ``beam`` for Beam's. ``true`` gives a bare
+flag, ``false`` its ``--no-`` form, a list repeats the flag. Flags given on the command line after
+``--job FILE`` override the file's.
+
+    python -m pipeline run --job jobs/local.yaml --output out2/
+"""
+
+from __future__ import annotations
+
+import yaml
+
+from transforms.errors import UsageError
+
+SECTIONS = ("docembed", "beam")
+
+
+def expand_job(argv: list[str]) -> list[str]:
+    """``argv`` with ``--job FILE`` replaced by the file's flags (placed first, so later flags win)."""
+    if "--job" not in argv and not any(a.startswith("--job=") for a in argv):
+        return argv
+    rest, path = [], None
+    items = iter(argv)
+    for arg in items:
+        if arg == "--job":
+            path = next(items, None)
+        elif arg.startswith("--job="):
+            path = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if not path:
+        raise UsageError("--job needs a YAML file")
+    return job_flags(path) + rest
+
+
+def job_flags(path: str) -> list[str]:
+    try:
+        with open(path) as handle:
+            job = yaml.safe_load(handle) or {}
+    except OSError as exc:
+        raise UsageError(f"--job {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--job {path} is not valid YAML: {exc}") from exc
+    unknown = set(job) - set(SECTIONS) - {"description"}
+    if unknown:
+        raise UsageError(f"--job {path}: unknown sections {sorted(unknown)}; use {list(SECTIONS)}")
+    flags = []
+    for section in SECTIONS:
+        for name, value in (job.get(section) or {}).items():
+            flags += _flag(name, value)
+    return flags
+
+
+def _flag(name: str, value) -> list[str]:
+    if value is True:
+        return [f"--{name}"]
+    if value is False:
+        return [f"--no-{name}"]
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [f"--{name}={item}" for item in value]
+    return [f"--{name}={value}"]

@@ -1,0 +1,60 @@
+"""Job files: every file in jobs/ parses and builds the Beam graph with its options (without
+submitting it), and flags after --job override the file's."""
+
+from pathlib import Path
+
+import apache_beam as beam
+import pytest
+from apache_beam.runners.direct.direct_runner import DirectRunner
+
+from pipeline.cli import main
+from pipeline.graph import build_graph
+from pipeline.jobs import expand_job, job_flags
+from pipeline.options import EmbedOptions, parse
+from pipeline.plan import plan_input
+from pipeline.run import resolve_settings
+from tests.conftest import REPO, SAMPLE, read_output, write_docs
+from transforms.errors import UsageError
+from transforms.model import resolve_device
+
+JOBS = sorted((REPO / "jobs").glob("*.yaml"))
+
+
+def test_there_are_job_files_for_each_runner():
+    assert {p.stem for p in JOBS} >= {"local", "dataflow-gpu", "dataflow-cpu-spot", "flink", "spark"}
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.stem)
+def test_each_job_file_builds_its_pipeline_graph(job, tmp_path):
+    argv = job_flags(str(job)) + ["--input", str(SAMPLE), "--output", str(tmp_path / "out")]
+    if "--device=cuda" in argv and resolve_device("auto") == "cpu":
+        argv += ["--device=auto", "--precision=auto"]  # the same graph; no GPU here to load onto
+    options = parse(argv)  # rejects any flag Beam or docembed does not know
+    opts = options.view_as(EmbedOptions)
+    plan = plan_input(opts.input, {"id": "id", "text": "text"}, opts.checkpoint_every)
+    settings, _ = resolve_settings(opts, plan.passthrough_schema)
+    pipeline = beam.Pipeline(runner=DirectRunner(), options=options)
+    build_graph(pipeline, list(plan.units), settings)
+    proto = pipeline.to_runner_api()  # serialises every step, as submitting would
+    labels = {t.unique_name for t in proto.components.transforms.values()}
+    assert {"ReadUnit", "EmbedUnit", "CommitUnit"} <= labels
+
+
+def test_flags_after_the_job_file_override_it(tmp_path):
+    write_docs(tmp_path / "in.parquet", ["a", "b"], ["first document", "second document"])
+    argv = ["run", "--job", str(REPO / "jobs" / "local.yaml"), "--input", str(tmp_path / "in.parquet"),
+            "--output", str(tmp_path / "out"), "--passthrough-columns", "", "--no-progress"]
+    assert main(argv) == 0
+    assert sorted(read_output(tmp_path / "out").column("id").to_pylist()) == ["a", "b"]
+
+
+def test_a_bad_job_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("docembed:\n  input: [unclosed\n")
+    with pytest.raises(UsageError, match="is not valid YAML"):
+        expand_job(["--job", str(bad)])
+    bad.write_text("options:\n  input: x\n")
+    with pytest.raises(UsageError, match="unknown sections"):
+        expand_job(["--job", str(bad)])
+    assert expand_job(["--input", "x"]) == ["--input", "x"]
+    assert Path(JOBS[0]).exists()
