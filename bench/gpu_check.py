@@ -11,7 +11,6 @@ pyarrow). Assets come from bench/prepare_gpu_assets.py.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile

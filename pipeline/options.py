@@ -41,7 +41,8 @@ class EmbedOptions(PipelineOptions):
             help="CPU threads per worker process for the model; 0 (default): cores / local worker "
                  "processes on the DirectRunner, the library default elsewhere")
         add("--device", default="auto", choices=["auto", "cpu", "cuda"])
-        add("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+        add("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "int8"],
+            help="auto: fp16 on CUDA, fp32 on the CPU; bf16 on CPUs with native bf16; int8 on CPUs with VNNI")
         add("--on-duplicate-id", default="error", choices=["error", "keep-first"],
             help="a repeated id: fail at planning with examples (error), or embed the first occurrence "
                  "and reject the others as duplicate_id (keep-first)")
@@ -49,6 +50,13 @@ class EmbedOptions(PipelineOptions):
             help="leave out files that are not readable Parquet (recorded in the manifest and summary) "
                  "instead of failing")
         add("--overwrite", action="store_true", help="delete the output folder and start afresh")
+        add("--wait-for-lock", type=float, default=0.0,
+            help="seconds to wait for another run's lock on the output folder (default: fail at once)")
+        add("--lock-ttl", type=float, default=60.0,
+            help="seconds after which a lock whose heartbeat stopped (a run killed on another machine) is "
+                 "taken over; a lock of a dead process on this machine is taken over at once")
+        add("--grace-period", type=float, default=60.0,
+            help="on SIGTERM, seconds to let the unit in hand finish before abandoning it")
         add("--progress", action=argparse.BooleanOptionalAction, default=True,
             help="show a progress bar (local runners)")
 

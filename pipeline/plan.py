@@ -182,19 +182,21 @@ def units_for_file(file: InputFile, rows_per_unit: int) -> list[WorkUnit]:
     ]
 
 
-def split_done(plan: Plan, markers: dict[str, dict]) -> tuple[list[WorkUnit], list[WorkUnit]]:
-    """(units to do, units already done). Refuses a resume that would embed a row twice: a planned
-    file that changed since it was embedded, or unit boundaries that moved (--checkpoint-every)."""
+def split_done(plan: Plan, markers: dict[str, dict]) -> tuple[list[WorkUnit], list[WorkUnit], list[dict]]:
+    """(units to do, units already done, markers superseded).
+
+    A committed unit whose file is still in the input but has changed since (another etag, size or
+    modification time) is superseded: its rows are to be replaced by the file's new units. A resume
+    that would embed a row twice is refused: unit boundaries that moved (--checkpoint-every changed).
+    """
     fingerprints = {f.url: f.fingerprint for f in plan.files}
+    superseded = [m for m in markers.values()
+                  if fingerprints.get(m["source"], m["file_fingerprint"]) != m["file_fingerprint"]]
+    gone = {m["unit_id"] for m in superseded}
     done_ranges: dict[str, list[tuple[int, int]]] = {}
     for marker in markers.values():
-        known = fingerprints.get(marker["source"])
-        if known is not None and known != marker["file_fingerprint"]:
-            raise InputError(
-                f"{marker['source']} changed since it was embedded ({marker['file_fingerprint']} -> {known}); "
-                "rerun with --overwrite, or write to a new --output"
-            )
-        done_ranges.setdefault(marker["source"], []).append((marker["row_start"], marker["row_end"]))
+        if marker["unit_id"] not in gone:
+            done_ranges.setdefault(marker["source"], []).append((marker["row_start"], marker["row_end"]))
     todo, done = [], []
     for unit in plan.units:
         if unit.unit_id in markers:
@@ -208,4 +210,4 @@ def split_done(plan: Plan, markers: dict[str, dict]) -> tuple[list[WorkUnit], li
                     "or use --overwrite"
                 )
         todo.append(unit)
-    return todo, done
+    return todo, done, superseded

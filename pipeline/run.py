@@ -15,6 +15,8 @@ from pipeline import manifest, options as opts_mod
 from pipeline.graph import build_graph
 from pipeline.guard import check_fingerprint
 from pipeline.ids import mark_duplicates
+from pipeline.interrupt import StopOnSignal
+from pipeline.lock import OutputLock
 from pipeline.options import EmbedOptions
 from pipeline.plan import plan_input, split_done
 from pipeline.progress import ProgressBar
@@ -36,13 +38,27 @@ def run(argv: list[str], test_pipeline: beam.Pipeline | None = None) -> dict:
     columns = {"id": opts.id_column, "text": opts.text_column}
     columns.update({f"pass-through {c}": c for c in opts_mod.passthrough(opts)})
     plan = plan_input(opts.input, columns, opts.checkpoint_every, opts.skip_bad_files)
-    if opts.overwrite:
-        output.remove_all()
     check_writable(output)
+    with OutputLock(output, opts.lock_ttl, opts.wait_for_lock) as lock, \
+            StopOnSignal(output, opts.grace_period) as stop:
+        if opts.overwrite:
+            output.remove_all()
+        summary = _run_locked(options, opts, output, plan, test_pipeline, stop)
+    if lock.lost.is_set():
+        raise OutputError(f"another run took over {output.url}'s lock during this run; check the output with "
+                          "`python -m pipeline verify`")
+    summary["seconds"] = time.monotonic() - started
+    return summary
+
+
+def _run_locked(options, opts, output: OutputFolder, plan, test_pipeline, stop: StopOnSignal) -> dict:
     settings, embedder = resolve_settings(opts, plan.passthrough_schema, opts_mod.threads_per_worker(options))
     check_fingerprint(output, settings)
     markers = output.done_markers()
-    todo, done = split_done(plan, markers)
+    todo, done, superseded = split_done(plan, markers)
+    for marker in superseded:  # a changed input file: its old rows go, its new units are to do
+        output.remove_unit(marker)
+        del markers[marker["unit_id"]]
     output.clean_leftovers(markers)  # before the id scan: unmarked parts must not count as "in the output"
     todo = mark_duplicates(plan, todo, output, opts.id_column, opts.on_duplicate_id, opts.skip_bad_files)
     record = manifest.started(settings, plan, opts.checkpoint_every)
@@ -54,9 +70,12 @@ def run(argv: list[str], test_pipeline: beam.Pipeline | None = None) -> dict:
         with bar:
             run_graph(test_pipeline or beam.Pipeline(options=options), todo, settings)
     del embedder  # held until here so in-process workers reuse the driver's model
+    stop.check()
     markers = output.done_markers()
     output.write_manifest(manifest.completed(record, markers, plan))
-    return summarize(settings, plan, markers, todo, done, time.monotonic() - started)
+    summary = summarize(settings, plan, markers, todo, done, 0.0)
+    summary["superseded_units"] = len(superseded)
+    return summary
 
 
 def run_graph(pipeline: beam.Pipeline, todo, settings: EmbedSettings) -> None:

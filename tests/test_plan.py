@@ -76,16 +76,16 @@ def test_split_done_skips_committed_units_and_refuses_moved_boundaries():
     file = InputFile("f.parquet", 10, "mtime:1", 200, (100, 100))
     units = (WorkUnit("f.parquet", "mtime:1", 0, 100, (0,)), WorkUnit("f.parquet", "mtime:1", 100, 200, (1,)))
     plan = Plan((file,), units)
-    todo, done = split_done(plan, {units[0].unit_id: _marker(units[0])})
+    todo, done, _ = split_done(plan, {units[0].unit_id: _marker(units[0])})
     assert (todo, done) == ([units[1]], [units[0]])
     moved = WorkUnit("f.parquet", "mtime:1", 0, 150, (0, 1))
     with pytest.raises(OutputError, match="--checkpoint-every"):
         split_done(plan, {moved.unit_id: _marker(moved)})
 
 
-def test_split_done_refuses_a_file_that_changed_since_it_was_embedded():
+def test_split_done_supersedes_the_units_of_a_file_that_changed():
     file = InputFile("f.parquet", 10, "mtime:2", 100, (100,))
-    old = WorkUnit("f.parquet", "mtime:1", 0, 100, (0,))
-    plan = Plan((file,), (WorkUnit("f.parquet", "mtime:2", 0, 100, (0,)),))
-    with pytest.raises(InputError, match="f.parquet changed since it was embedded"):
-        split_done(plan, {old.unit_id: _marker(old)})
+    old = WorkUnit("f.parquet", "mtime:1", 0, 50, (0,))
+    new = WorkUnit("f.parquet", "mtime:2", 0, 100, (0,))
+    todo, done, superseded = split_done(Plan((file,), (new,)), {old.unit_id: _marker(old)})
+    assert (todo, done, [m["unit_id"] for m in superseded]) == ([new], [], [old.unit_id])

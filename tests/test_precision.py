@@ -38,3 +38,41 @@ def test_bf16_keeps_mean_cosine_above_0_9999_against_fp32(model_path):
     cos = cosine(fp32, bf16)
     assert cos.mean() >= 0.9999 and cos.min() >= 0.999
     assert bf16.dtype == np.float32
+
+
+def test_int8_meets_its_floors_against_fp32(model_path):
+    """Mean cosine >= 0.99, minimum >= 0.97 and top-10 neighbour overlap >= 0.9, on real documents."""
+    from transforms.quantize import cpu_has_vnni
+
+    if not cpu_has_vnni():
+        pytest.skip("int8 is offered only on CPUs with VNNI; this one has none")
+    _, texts = sample_docs(max_chars=400, long_docs=10)
+    texts = texts[:150]
+    fp32 = Embedder(model_path, "cpu", "fp32", None).embed(texts)
+    int8_model = Embedder(model_path, "cpu", "int8", None)
+    int8 = int8_model.embed(texts)
+    cos = cosine(fp32, int8)
+    assert cos.mean() >= 0.99 and cos.min() >= 0.97
+
+    def top10(v):
+        sims = v @ v.T
+        np.fill_diagonal(sims, -np.inf)
+        return np.argsort(-sims, axis=1)[:, :10]
+
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top10(fp32), top10(int8))])
+    assert overlap >= 0.9
+    import torch
+
+    layers = [m for m in int8_model.model[0].auto_model.modules()
+              if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert len(layers) == 36  # really quantized: all Linear layers but one
+
+
+def test_int8_is_refused_where_it_would_lose_quality():
+    from transforms.quantize import cpu_has_vnni
+
+    with pytest.raises(UsageError, match="int8 is a CPU mode"):
+        resolve_precision("int8", "cuda")
+    if not cpu_has_vnni():
+        with pytest.raises(UsageError, match="needs a CPU with VNNI"):
+            resolve_precision("int8", "cpu")

@@ -8,6 +8,8 @@ Layout of an output folder::
     _progress/<unit_id>.json      documents embedded so far in a unit that is running
     _rejects/<unit_id>.parquet    rows that could not be embedded, with their reasons
     _manifest.json                the run's fingerprint, plan and, when complete, counts and parts
+    _lock.json                    the running run's lock (pipeline/lock.py)
+    _stop                         asks workers to take no new unit (the run got SIGTERM)
 
 Readers (pyarrow, DuckDB, pandas) skip names starting with ``_`` or ``.``, so they only see parts.
 """
@@ -28,6 +30,8 @@ ATTEMPTS = "_attempts"
 PROGRESS = "_progress"
 REJECTS = "_rejects"
 MANIFEST = "_manifest.json"
+LOCK = "_lock.json"
+STOP = "_stop"
 
 
 def part_name(unit_id: str) -> str:
@@ -147,10 +151,29 @@ class OutputFolder:
             self._remove_quietly(path)
         return removed + orphans
 
+    def remove_unit(self, marker: dict) -> None:
+        """Take a committed unit back (its file changed): the marker first, so that a kill midway
+        leaves at worst an unmarked part, which the next run's cleanup removes."""
+        unit_id = marker["unit_id"]
+        self._remove_quietly(self.path(CHECKPOINTS, f"{unit_id}.json"))
+        for relative in (marker.get("part"), marker.get("rejects")):
+            if relative:
+                self._remove_quietly(self.path(relative))
+
     def remove_all(self) -> None:
-        """``--overwrite``: delete the whole output folder."""
-        if self.exists():
-            self.fs.rm(self.root, recursive=True)
+        """``--overwrite``: delete everything in the output folder but the lock of the run doing it."""
+        for path in self._ls(self.root):
+            if posixpath.basename(path) != LOCK:
+                self.fs.rm(path, recursive=True)
+
+    def request_stop(self) -> None:
+        self.publish(STOP, b"")
+
+    def stop_requested(self) -> bool:
+        return self.fs.exists(self.path(STOP))
+
+    def clear_stop(self) -> None:
+        self._remove_quietly(self.path(STOP))
 
     # --- helpers -------------------------------------------------------------------------
     def _ls(self, path: str) -> list[str]:

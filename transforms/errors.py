@@ -40,3 +40,9 @@ class JobFailed(DocembedError):
     stays committed, and rerunning the same command resumes from it."""
 
     exit_code = 1
+
+
+class Interrupted(DocembedError):
+    """The run got SIGTERM or SIGINT and stopped after the unit in hand (or abandoned it)."""
+
+    exit_code = 143

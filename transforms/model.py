@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from transforms.errors import DeviceUnavailable, ModelError, UsageError
+from transforms.quantize import cpu_has_vnni, quantize_int8
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Files whose bytes decide the vectors; READMEs and model cards do not.
@@ -60,6 +61,11 @@ def resolve_precision(requested: str, device: str) -> str:
     if device == "cpu" and requested == "bf16" and not cpu_has_native_bf16():
         raise UsageError("--precision bf16 needs a CPU with native bf16 (avx512_bf16 or amx_bf16); this one "
                          "would emulate it, slower than fp32: use fp32")
+    if requested == "int8" and device != "cpu":
+        raise UsageError("--precision int8 is a CPU mode; on CUDA use fp16 or bf16")
+    if requested == "int8" and not cpu_has_vnni():
+        raise UsageError("--precision int8 needs a CPU with VNNI (avx512_vnni, avx_vnni or amx_int8) to keep "
+                         "its quality floor; this one has none: use fp32")
     return requested
 
 
@@ -140,7 +146,9 @@ class Embedder:
         self.model.eval()
         if precision == "auto":
             precision = resolve_precision(precision, device)
-        if precision != "fp32":
+        if precision == "int8":
+            quantize_int8(self.model)
+        elif precision != "fp32":
             self.model.to(getattr(torch, _PRECISIONS[precision]))
         self.device = device
         self.precision = precision

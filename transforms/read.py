@@ -114,6 +114,9 @@ class ReadUnit(beam.DoFn):
         if self._output.is_done(unit.unit_id):
             metrics.UNITS_SKIPPED.inc()
             return
+        if self._output.stop_requested():  # the run was told to stop: leave this unit for the rerun
+            metrics.UNITS_LEFT.inc()
+            return
         start = time.perf_counter()
         rows, rejected = read_unit(unit, self._settings)
         seconds = {"read": time.perf_counter() - start}

@@ -1,0 +1,119 @@
+"""Lock: one run at a time per output folder, through ``_lock.json``, with a heartbeat and a TTL.
+
+A run takes the lock before it changes anything and a heartbeat thread refreshes it every TTL / 4.
+A second run finds a fresh lock and stops at once, naming the holder and since when (or waits, with
+``--wait-for-lock``). A lock whose heartbeat is older than the TTL, or whose holder ran on this host
+and no longer exists, was left by a killed run and is taken over. Taking it is an exclusive create on local disks (``O_EXCL``); on object stores it is a
+put followed by a read-back after a short settle time, which two runs starting within that window can
+both pass: there, schedule runs so they do not start together. The heartbeat also re-reads the lock,
+and a run that finds it was taken over stops committing (``lost`` is set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+from transforms import storage
+from transforms.checkpoint import OutputFolder
+from transforms.errors import OutputError
+
+LOCK = "_lock.json"
+SETTLE_S = 1.0
+
+
+class LockHeld(OutputError):
+    """Another run holds the output folder."""
+
+
+class OutputLock:
+    def __init__(self, output: OutputFolder, ttl_s: float = 120.0, wait_s: float = 0.0):
+        self.output, self.ttl_s, self.wait_s = output, ttl_s, wait_s
+        self.token = uuid.uuid4().hex
+        self.record = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                       "since": time.time()}
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def __enter__(self):
+        deadline = time.monotonic() + self.wait_s
+        while not self._try_take():
+            if time.monotonic() >= deadline:
+                raise LockHeld(self._held_message())
+            time.sleep(min(2.0, self.ttl_s / 4))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        if (self._read() or {}).get("token") == self.token:
+            self.output.fs.rm(self.output.path(LOCK))
+
+    # --- internals -----------------------------------------------------------------------
+    def _try_take(self) -> bool:
+        current = self._read()
+        if current and not self._is_stale(current):
+            return False
+        if current:  # stale: its run was killed; remove it and race for a fresh one
+            self.output.fs.rm(self.output.path(LOCK))
+        self.record["heartbeat"] = time.time()
+        if storage.is_local(self.output.fs):
+            return self._create_exclusive()
+        self.output.publish(LOCK, json.dumps(self.record).encode())
+        time.sleep(SETTLE_S)
+        return (self._read() or {}).get("token") == self.token
+
+    def _is_stale(self, lock: dict) -> bool:
+        """Its heartbeat is older than the TTL, or its holder ran on this host and is gone (a run
+        killed here is restarted at once, with no TTL to wait out)."""
+        if time.time() - lock.get("heartbeat", 0) >= self.ttl_s:
+            return True
+        if lock.get("host") == socket.gethostname() and isinstance(lock.get("pid"), int):
+            try:
+                os.kill(lock["pid"], 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+        return False
+
+    def _create_exclusive(self) -> bool:
+        path = self.output.path(LOCK)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as handle:
+            json.dump(self.record, handle)
+        return True
+
+    def _beat(self):
+        while not self._stop.wait(self.ttl_s / 4):
+            current = self._read()
+            if not current or current.get("token") != self.token:
+                self.lost.set()
+                return
+            self.record["heartbeat"] = time.time()
+            self.output.publish(LOCK, json.dumps(self.record).encode())
+
+    def _read(self) -> dict | None:
+        try:
+            with self.output.fs.open(self.output.path(LOCK), "rb") as handle:
+                return json.load(handle)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def _held_message(self) -> str:
+        held = self._read() or {}
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(held.get("since", 0)))
+        age = time.time() - held.get("heartbeat", 0)
+        return (f"{self.output.url} is locked by another run: {held.get('host')} pid {held.get('pid')}, "
+                f"since {since}, last heartbeat {age:.0f}s ago (stale after {self.ttl_s:.0f}s); "
+                "wait for it, or pass --wait-for-lock SECONDS")

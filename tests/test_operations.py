@@ -1,0 +1,110 @@
+"""Operations: incremental runs as files arrive or change, the output lock, and SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+
+from pipeline.cli import main
+from pipeline.run import run
+from tests.conftest import REPO, by_id, cosine, read_output, write_docs
+
+FLAGS = ["--no-progress", "--checkpoint-every", "10"]
+
+
+def _run(inp, out, *extra):
+    return run(["--input", str(inp), "--output", str(out), *FLAGS, *extra])
+
+
+def test_incremental_runs_embed_only_new_files_and_replace_changed_ones(tmp_path, docs, reference_model):
+    ids, texts = docs
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_docs(inp / "day1.parquet", ids[:30], texts[:30])
+    first = _run(inp, out)
+    assert (first["embedded"], first["units_committed"]) == (30, 3)
+
+    write_docs(inp / "day2.parquet", ids[30:50], texts[30:50])
+    second = _run(inp, out)
+    assert (second["embedded"], second["skipped"], second["units_committed"]) == (20, 30, 2)
+
+    write_docs(inp / "day3.parquet", ids[50:60], texts[50:60])
+    changed = [f"rewritten: {t}" for t in texts[:25]]  # day1 changes: 25 rows, new text
+    write_docs(inp / "day1.parquet", ids[:25], changed)
+    third = _run(inp, out)
+    assert third["superseded_units"] == 3 and third["skipped"] == 20
+    assert third["embedded"] == 25 + 10
+    table = read_output(out)
+    got = table.column("id").to_pylist()
+    assert sorted(got) == sorted(ids[:25] + ids[30:60]) and len(got) == len(set(got))
+    vectors = by_id(table)
+    assert cosine(vectors[ids[0]], reference_model.encode([changed[0]])[0]) >= 0.9999
+
+
+def _start(inp, out, *extra):
+    cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(inp), "--output", str(out), *FLAGS, *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, proc, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def _done(out):
+    return len(list((out / "_checkpoints").glob("*.json"))) if (out / "_checkpoints").exists() else 0
+
+
+def test_a_second_run_is_refused_while_one_holds_the_lock_and_a_stale_lock_is_taken_over(tmp_path, docs, capsys):
+    ids, texts = docs
+    write_docs(tmp_path / "in.parquet", ids[:200], texts[:200], row_group_size=10)
+    out = tmp_path / "out"
+    first = _start(tmp_path / "in.parquet", out)
+    _wait_for(lambda: _done(out) >= 1, first)
+    code = main(["run", "--input", str(tmp_path / "in.parquet"), "--output", str(out), *FLAGS])
+    err = capsys.readouterr().err
+    assert code == 2 and "is locked by another run" in err and f"pid {first.pid}" in err and "since" in err
+    os.killpg(first.pid, signal.SIGKILL)  # its lock stays behind, and its heartbeat stops
+    first.wait()
+    lock = json.loads((out / "_lock.json").read_text())
+    assert lock["pid"] == first.pid
+    lock["host"] = "another-machine"  # as if the killed run had been on another VM: only the TTL tells
+    (out / "_lock.json").write_text(json.dumps(lock))
+    assert main(["run", "--input", str(tmp_path / "in.parquet"), "--output", str(out), *FLAGS]) == 2
+    assert "locked by another run: another-machine" in capsys.readouterr().err
+    time.sleep(1.5)
+    summary = run(["--input", str(tmp_path / "in.parquet"), "--output", str(out), *FLAGS, "--lock-ttl", "1"])
+    assert summary["embedded"] + summary["skipped"] == 200
+    assert not (out / "_lock.json").exists()  # released at the end
+    got = read_output(out).column("id").to_pylist()
+    assert sorted(got) == sorted(ids[:200]) and len(got) == len(set(got))
+
+
+def test_sigterm_stops_after_the_unit_in_hand_and_the_rerun_resumes(tmp_path, docs):
+    ids, texts = docs
+    write_docs(tmp_path / "in.parquet", ids[:200], texts[:200], row_group_size=10)
+    out = tmp_path / "out"
+    proc = _start(tmp_path / "in.parquet", out)
+    _wait_for(lambda: _done(out) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert "interrupted; rerun to resume" in err
+    stopped_at = _done(out)
+    assert 2 <= stopped_at < 20
+    assert not (out / "_stop").exists() and not (out / "_lock.json").exists()
+    for part in out.glob("part-*.parquet"):
+        assert pq.read_table(part).num_rows == 10
+    summary = _run(tmp_path / "in.parquet", out)
+    assert summary["units_skipped"] == stopped_at and summary["units_committed"] == 20 - stopped_at
+    got = read_output(out).column("id").to_pylist()
+    assert sorted(got) == sorted(ids[:200]) and len(got) == len(set(got))
