@@ -108,3 +108,36 @@ def test_sigterm_stops_after_the_unit_in_hand_and_the_rerun_resumes(tmp_path, do
     assert summary["units_skipped"] == stopped_at and summary["units_committed"] == 20 - stopped_at
     got = read_output(out).column("id").to_pylist()
     assert sorted(got) == sorted(ids[:200]) and len(got) == len(set(got))
+
+
+def test_the_cron_wrapper_embeds_each_new_arrival_and_logs(tmp_path, docs):
+    ids, texts = docs
+    write_docs(tmp_path / "in" / "a.parquet", ids[:5], texts[:5])
+    env = {**os.environ, "DOCEMBED_LOG_DIR": str(tmp_path / "logs")}
+    wrapper = [str(REPO / "jobs" / "cron" / "docembed-cron.sh"), str(REPO / "jobs" / "local.yaml"),
+               "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--passthrough-columns", ""]
+    assert subprocess.run(wrapper, env=env, timeout=300).returncode == 0
+    write_docs(tmp_path / "in" / "b.parquet", ids[5:8], texts[5:8])
+    time.sleep(1.1)  # a new log name (second resolution)
+    assert subprocess.run(wrapper, env=env, timeout=300).returncode == 0
+    logs = sorted((tmp_path / "logs").glob("local-*.log"))
+    assert len(logs) == 2
+    assert "5 embedded this run" in logs[0].read_text() and "exit 0" in logs[0].read_text()
+    assert "3 embedded this run, 5 skipped (already done)" in logs[1].read_text()
+
+
+def test_multiprocess_direct_runner_kill_and_resume(tmp_path, docs):
+    """Two worker processes (each loads the model once); SIGKILL mid-run, then the same command again."""
+    ids, texts = docs
+    write_docs(tmp_path / "in.parquet", ids[:160], texts[:160], row_group_size=10)
+    out = tmp_path / "out"
+    multi = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+    proc = _start(tmp_path / "in.parquet", out, *multi)
+    _wait_for(lambda: _done(out) >= 2, proc, timeout=300)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    at_kill = _done(out)
+    summary = _run(tmp_path / "in.parquet", out, *multi)
+    assert summary["units_skipped"] == at_kill and summary["units_committed"] == 16 - at_kill
+    got = read_output(out).column("id").to_pylist()
+    assert sorted(got) == sorted(ids[:160]) and len(got) == len(set(got))
