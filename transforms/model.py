@@ -29,6 +29,7 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Files whose bytes decide the vectors; READMEs and model cards do not.
 _HASHED_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model", ".onnx")
 _PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_COUNT_CHUNK = 512
 
 log = logging.getLogger(__name__)
 
@@ -171,14 +172,17 @@ class Embedder:
         return " > ".join(described)
 
     def token_lengths(self, texts: list[str], limit: int) -> np.ndarray:
-        """Tokens per text (special tokens included), counted up to ``limit``."""
-        if not texts:
-            return np.zeros(0, dtype=np.int64)
-        encoded = self.tokenizer(
-            [self.prefix + t for t in texts], add_special_tokens=True, truncation=True,
-            max_length=limit, return_attention_mask=False, return_token_type_ids=False,
-        )
-        return np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))
+        """Tokens per text (special tokens included), counted up to ``limit``; in chunks, so that a
+        unit's token ids never all sit in memory as Python lists at once."""
+        lengths = np.zeros(len(texts), dtype=np.int64)
+        for start in range(0, len(texts), _COUNT_CHUNK):
+            chunk = texts[start:start + _COUNT_CHUNK]
+            encoded = self.tokenizer(
+                [self.prefix + t for t in chunk], add_special_tokens=True, truncation=True,
+                max_length=limit, return_attention_mask=False, return_token_type_ids=False,
+            )
+            lengths[start:start + len(chunk)] = [len(ids) for ids in encoded["input_ids"]]
+        return lengths
 
     def release_memory(self) -> None:
         """After a failed batch: give cached CUDA memory back before the halves are retried."""
