@@ -3,9 +3,11 @@
 A run takes the lock before it changes anything and a heartbeat thread refreshes it every TTL / 4.
 A second run finds a fresh lock and stops at once, naming the holder and since when (or waits, with
 ``--wait-for-lock``). A lock whose heartbeat is older than the TTL, or whose holder ran on this host
-and no longer exists, was left by a killed run and is taken over. Taking it is an exclusive create on local disks (``O_EXCL``); on object stores it is a
-put followed by a read-back after a short settle time, which two runs starting within that window can
-both pass: there, schedule runs so they do not start together. The heartbeat also re-reads the lock,
+and no longer exists, was left by a killed run and is taken over. Taking it is an exclusive create: ``O_EXCL`` on local disks, a conditional PUT
+(``If-None-Match: *``) on S3. Other object stores get a put followed by a read-back after a short
+settle time, which two runs starting within that window can both pass: there, schedule runs so they
+do not start together. Taking over a stale lock removes it first, and two runs doing that at the
+same moment can both succeed; the loser finds out at its next heartbeat. The heartbeat also re-reads the lock,
 and a run that finds it was taken over stops committing (``lost`` is set).
 """
 
@@ -24,6 +26,11 @@ from transforms.errors import OutputError
 
 LOCK = "_lock.json"
 SETTLE_S = 1.0
+
+
+def _protocols(fs) -> tuple:
+    protocol = fs.protocol
+    return protocol if isinstance(protocol, tuple) else (protocol,)
 
 
 class LockHeld(OutputError):
@@ -65,9 +72,21 @@ class OutputLock:
         self.record["heartbeat"] = time.time()
         if storage.is_local(self.output.fs):
             return self._create_exclusive()
+        if "s3" in _protocols(self.output.fs):
+            return self._create_if_none_match()
         self.output.publish(LOCK, json.dumps(self.record).encode())
         time.sleep(SETTLE_S)
         return (self._read() or {}).get("token") == self.token
+
+    def _create_if_none_match(self) -> bool:
+        """S3's conditional PUT (If-None-Match: *): the store itself lets exactly one creator win."""
+        try:
+            self.output.fs.pipe_file(self.output.path(LOCK), json.dumps(self.record).encode(), IfNoneMatch="*")
+            return True
+        except OSError as exc:
+            if "pre-condition" in str(exc) or "PreconditionFailed" in str(exc):
+                return False
+            raise
 
     def _is_stale(self, lock: dict) -> bool:
         """Its heartbeat is older than the TTL, or its holder ran on this host and is gone (a run

@@ -113,3 +113,16 @@ def test_s3_in_and_out_with_sigkill_and_resume(s3, docs, reference_model):
     reference = reference_model.encode(texts[:5])
     assert all(np.dot(vectors[i], r) / np.linalg.norm(vectors[i]) / np.linalg.norm(r) >= 0.9999
                for i, r in zip(ids[:5], reference))
+
+
+def test_the_lock_on_s3_uses_a_conditional_put(s3):
+    from pipeline.lock import LockHeld, OutputLock
+    from transforms.checkpoint import OutputFolder
+
+    output = OutputFolder(f"s3://{BUCKET}/locked")
+    with OutputLock(output, ttl_s=60):
+        with pytest.raises(LockHeld, match="is locked by another run"):
+            with OutputLock(output, ttl_s=60):
+                pass
+    with OutputLock(output, ttl_s=60):  # released, so it can be taken again
+        pass
