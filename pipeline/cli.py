@@ -13,10 +13,12 @@ USAGE = """usage: docembed run --input URL --output URL [options] [Beam flags]
        docembed run --job jobs/FILE.yaml [flags that override the file's]
        docembed status --output URL [--json]
        docembed verify --output URL [--input URL]
+       docembed report --output URL [--run-id ID] [--png FILE] [--json]
 
 run     embed Parquet documents into a Parquet dataset; rerun the same command to resume
 status  units and documents done so far, read from the output's checkpoints
 verify  check an output against its manifest (and its input): exit 0 only when all holds
+report  print a past run's report (throughput, latency percentiles, stages, cost); --png draws it
 
 'docembed run --help' lists every option."""
 
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             return _status(rest)
         if command == "verify":
             return _verify(rest)
+        if command == "report":
+            return _report(rest)
     except DocembedError as exc:
         print(f"docembed: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -70,8 +74,13 @@ def _run(argv: list[str]) -> int:
         return 0
     from pipeline.jobs import expand_job
 
+    from pipeline.report import format_report
+
     summary = run(expand_job(argv))
     print(format_summary(summary))
+    if "report" in summary:
+        print(format_report(summary["report"]))
+        print(f"  report     {summary['output'].rstrip('/')}/{summary['report_file']}")
     return 0
 
 
@@ -97,3 +106,25 @@ def _verify(argv: list[str]) -> int:
     report = verify(args.output, args.input)
     print(format_report(args.output, report))
     return 0 if not report.problems else 1
+
+
+def _report(argv: list[str]) -> int:
+    from pipeline.report import draw_png, format_report, read
+
+    parser = argparse.ArgumentParser(prog="docembed report")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--run-id", default=None, help="default: the newest run")
+    parser.add_argument("--png", default=None, help="also draw throughput, latency and stages into this PNG")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    found = read(args.output, args.run_id)
+    if args.json:
+        print(json.dumps({k: v for k, v in found.items() if k != "batch_latencies_s"}, indent=1))
+    else:
+        print(f"docembed run {found['run_id']} into {found['output']}: {found['docs_embedded']} embedded, "
+              f"{found['docs_rejected']} rejected, {found['docs_truncated']} truncated")
+        print(format_report(found))
+    if args.png:
+        draw_png(found, args.png)
+        print(f"  picture    {args.png}")
+    return 0

@@ -8,6 +8,8 @@ say) still counts as taken. Null ids are left to the reader, which rejects them 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -111,5 +113,4 @@ def _message(rows: pa.Table, i: int, first: int, in_output: bool) -> str:
 
 def _with_duplicates(unit: WorkUnit, duplicates: dict[int, str]) -> WorkUnit:
     mine = tuple((r, m) for r, m in sorted(duplicates.items()) if unit.row_start <= r < unit.row_end)
-    return unit if not mine else WorkUnit(unit.source, unit.file_fingerprint, unit.row_start, unit.row_end,
-                                          unit.row_groups, mine)
+    return unit if not mine else dataclasses.replace(unit, duplicate_rows=mine)

@@ -31,7 +31,8 @@ def started(settings: EmbedSettings, plan: Plan, checkpoint_every: int) -> dict:
         "libraries": {name: _version(name) for name in _LIBRARIES},
         "inputs": [f.to_json() for f in plan.files],
         "skipped_files": list(plan.skipped),
-        "plan": {"files": len(plan.files), "units": len(plan.units), "rows": plan.rows},
+        "plan": {"files": len(plan.files), "units": len(plan.units), "rows": plan.rows,
+                 "text_bytes": sum(u.text_bytes for u in plan.units)},
     }
 
 

@@ -57,6 +57,8 @@ class EmbedOptions(PipelineOptions):
                  "taken over; a lock of a dead process on this machine is taken over at once")
         add("--grace-period", type=float, default=60.0,
             help="on SIGTERM, seconds to let the unit in hand finish before abandoning it")
+        add("--cost-per-hour", type=float, default=None,
+            help="what the machines of this run cost per hour, for the report's cost per 1000 documents")
         add("--progress", action=argparse.BooleanOptionalAction, default=True,
             help="show a progress bar (local runners)")
 
@@ -84,6 +86,8 @@ def validate(opts: EmbedOptions) -> list[str]:
         )
     if opts.checkpoint_every < 1:
         problems.append(f"--checkpoint-every must be >= 1, got {opts.checkpoint_every}")
+    if opts.cost_per_hour is not None and opts.cost_per_hour < 0:
+        problems.append(f"--cost-per-hour must be >= 0, got {opts.cost_per_hour}")
     if opts.threads < 0:
         problems.append(f"--threads must be >= 0, got {opts.threads}")
     if opts.max_seq_length is not None and opts.max_seq_length < 2:

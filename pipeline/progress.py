@@ -16,12 +16,17 @@ POLL_S = 1.0
 
 
 class ProgressBar:
-    """Documents done out of the plan, with docs/s and an ETA; a context manager."""
+    """Progress in text bytes (a characters count known from Parquet metadata before reading), so
+    the ETA follows the text remaining at a recent rate (tqdm's moving average), not a document count
+    that misleads on skewed corpora. Documents done are shown beside it. A context manager."""
 
-    def __init__(self, output: OutputFolder, unit_rows: dict[str, int], total: int, initial: int):
+    def __init__(self, output: OutputFolder, units: dict[str, tuple[int, int]], done: list[str]):
         self._output = output
-        self._unit_rows = unit_rows
-        self._bar = tqdm(total=total, initial=initial, unit="doc", desc="embedding", smoothing=0.1)
+        self._units = units  # unit_id -> (rows, text bytes)
+        self._docs_total = sum(rows for rows, _ in units.values())
+        initial = sum(units[u][1] for u in done)
+        self._bar = tqdm(total=sum(b for _, b in units.values()), initial=initial, unit="B", unit_scale=True,
+                         desc="embedding", smoothing=0.3, mininterval=POLL_S)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -42,12 +47,18 @@ class ProgressBar:
     def _update(self):
         try:
             done = self._output.done_ids()
-            docs = sum(self._unit_rows.get(uid, 0) for uid in done)
-            docs += sum(p["docs"] for uid, p in self._output.progress().items() if uid not in done)
+            running = {uid: p for uid, p in self._output.progress().items() if uid not in done}
         except OSError:  # a transient listing error must not kill the run; the next poll retries
             return
-        if docs > self._bar.n:
-            self._bar.update(docs - self._bar.n)
+        docs = sum(self._units.get(uid, (0, 0))[0] for uid in done)
+        text = sum(self._units.get(uid, (0, 0))[1] for uid in done)
+        for uid, progress in running.items():
+            rows, size = self._units.get(uid, (0, 0))
+            docs += progress["docs"]
+            text += int(size * progress["docs"] / rows) if rows else 0
+        self._bar.set_postfix_str(f"{docs}/{self._docs_total} docs", refresh=False)
+        if text > self._bar.n:
+            self._bar.update(text - self._bar.n)
 
 
 def format_summary(summary: dict) -> str:

@@ -10,8 +10,9 @@ import time
 import uuid
 
 import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
 
-from pipeline import manifest, options as opts_mod
+from pipeline import manifest, options as opts_mod, report
 from pipeline.graph import build_graph
 from pipeline.guard import check_fingerprint
 from pipeline.ids import mark_duplicates
@@ -20,6 +21,7 @@ from pipeline.lock import OutputLock
 from pipeline.options import EmbedOptions
 from pipeline.plan import plan_input, split_done
 from pipeline.progress import ProgressBar
+from transforms import metrics as metrics_mod
 from transforms.checkpoint import OutputFolder
 from transforms.embed import acquire_embedder, load_embedder
 from transforms.errors import DocembedError, JobFailed, OutputError, UsageError
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 
 def run(argv: list[str], test_pipeline: beam.Pipeline | None = None) -> dict:
     """Embed the input into the output folder, resuming what an earlier run left; returns the summary."""
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     options = opts_mod.parse(argv)
     opts = options.view_as(EmbedOptions)
     output = OutputFolder(opts.output)
@@ -44,11 +46,20 @@ def run(argv: list[str], test_pipeline: beam.Pipeline | None = None) -> dict:
         if opts.overwrite:
             output.remove_all()
         summary = _run_locked(options, opts, output, plan, test_pipeline, stop)
+        summary["seconds"] = time.monotonic() - started
+        if summary["units_committed"]:
+            summary["report"] = report.build(summary["run_id"], output.done_markers(), summary["seconds"],
+                                             started_at, summary["settings"], _workers(options), opts.cost_per_hour)
+            summary["report_file"] = report.write(output, summary["report"])
     if lock.lost.is_set():
         raise OutputError(f"another run took over {output.url}'s lock during this run; check the output with "
                           "`python -m pipeline verify`")
-    summary["seconds"] = time.monotonic() - started
     return summary
+
+
+def _workers(options) -> int:
+    all_options = options.get_all_options()
+    return all_options.get("direct_num_workers") or 1 if opts_mod.is_local_runner(options) else 0
 
 
 def _run_locked(options, opts, output: OutputFolder, plan, test_pipeline, stop: StopOnSignal) -> dict:
@@ -64,24 +75,30 @@ def _run_locked(options, opts, output: OutputFolder, plan, test_pipeline, stop: 
     record = manifest.started(settings, plan, opts.checkpoint_every)
     output.write_manifest(record)
     if todo:
-        unit_rows = {u.unit_id: u.rows for u in plan.units}
-        bar = (ProgressBar(output, unit_rows, plan.rows, sum(u.rows for u in done))
+        units = {u.unit_id: (u.rows, u.text_bytes) for u in plan.units}
+        bar = (ProgressBar(output, units, [u.unit_id for u in done])
                if opts.progress and opts_mod.is_local_runner(options) else contextlib.nullcontext())
         with bar:
-            run_graph(test_pipeline or beam.Pipeline(options=options), todo, settings)
+            result = run_graph(test_pipeline or beam.Pipeline(options=options), todo, settings)
+        counters = result.metrics().query(MetricsFilter().with_namespace(metrics_mod.NAMESPACE))["counters"]
+        beam_metrics = {c.key.metric.name: c.committed for c in counters}
     del embedder  # held until here so in-process workers reuse the driver's model
     stop.check()
     markers = output.done_markers()
     output.write_manifest(manifest.completed(record, markers, plan))
     summary = summarize(settings, plan, markers, todo, done, 0.0)
-    summary["superseded_units"] = len(superseded)
+    summary.update(superseded_units=len(superseded), run_id=settings.run_id, settings=settings,
+                   metrics=beam_metrics if todo else {})
     return summary
 
 
-def run_graph(pipeline: beam.Pipeline, todo, settings: EmbedSettings) -> None:
+def run_graph(pipeline: beam.Pipeline, todo, settings: EmbedSettings):
+    """Runs the graph to the end; returns the PipelineResult (its metrics: the docembed namespace)."""
     build_graph(pipeline, todo, settings)
     try:
-        pipeline.run().wait_until_finish()
+        result = pipeline.run()
+        result.wait_until_finish()
+        return result
     except Exception as exc:  # Beam re-raises worker errors, sometimes wrapped: report the cause
         raise JobFailed(
             f"the job failed: {_cause(exc)}. Units committed so far are kept: fix the cause and "

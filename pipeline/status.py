@@ -18,6 +18,7 @@ def status(output_url: str) -> dict:
     running = {uid: p for uid, p in output.progress().items() if uid not in markers}
     plan = manifest.get("plan", {})
     return {
+        **eta(markers, running, plan.get("text_bytes") or 0, manifest.get("status") == "running"),
         "output": output_url,
         "state": manifest.get("status"),
         "units_done": len(markers),
@@ -31,6 +32,25 @@ def status(output_url: str) -> dict:
     }
 
 
+RATE_WINDOW = 10  # units: the rate is measured over the most recently committed ones
+
+
+def eta(markers: dict, running: dict, total_bytes: int, active: bool) -> dict:
+    """Seconds left, from text bytes remaining (a characters count) and the rate of the last units
+    committed, so a skewed corpus (short documents first, long ones last) does not mislead."""
+    done_bytes = sum(m.get("text_bytes", 0) for m in markers.values())
+    done_bytes += sum(int(m_bytes * p["docs"] / p["total"]) for p, m_bytes in
+                      ((p, p.get("text_bytes", 0)) for p in running.values()) if p.get("total"))
+    recent = sorted(markers.values(), key=lambda m: m["committed_at"])[-RATE_WINDOW:]
+    rate = None
+    if len(recent) >= 2:
+        span = recent[-1]["committed_at"] - min(m.get("started_at") or recent[0]["committed_at"] for m in recent)
+        rate = sum(m.get("text_bytes", 0) for m in recent) / span if span > 0 else None
+    left = max(0, total_bytes - done_bytes)
+    seconds = left / rate if (active and rate) else None
+    return {"text_bytes_done": done_bytes, "text_bytes_total": total_bytes, "eta_s": seconds}
+
+
 def format_status(s: dict) -> str:
     share = 100.0 * s["docs_done"] / s["docs_total"] if s["docs_total"] else 100.0
     return "\n".join([
@@ -39,4 +59,6 @@ def format_status(s: dict) -> str:
         f"documents  {s['docs_done']}/{s['docs_total']} done ({share:.1f}%), "
         f"{s['docs_in_progress']} more in running units",
         f"           {s['embedded']} embedded, {s['rejected']} rejected",
+        f"text       {s['text_bytes_done'] / 1e6:.1f}/{s['text_bytes_total'] / 1e6:.1f} MB"
+        + (f", about {s['eta_s'] / 60:.1f} min left at the recent rate" if s.get("eta_s") is not None else ""),
     ])

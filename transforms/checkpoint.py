@@ -90,8 +90,8 @@ class OutputFolder:
         self.publish(posixpath.join(CHECKPOINTS, f"{unit_id}.json"), _dumps(record))
         self._remove_quietly(self.path(PROGRESS, f"{unit_id}.json"))
 
-    def write_progress(self, unit_id: str, docs: int, total: int) -> None:
-        record = {"unit_id": unit_id, "docs": docs, "total": total, "time": time.time()}
+    def write_progress(self, unit_id: str, docs: int, total: int, text_bytes: int = 0) -> None:
+        record = {"unit_id": unit_id, "docs": docs, "total": total, "text_bytes": text_bytes, "time": time.time()}
         self.publish(posixpath.join(PROGRESS, f"{unit_id}.json"), _dumps(record))
 
     def write_manifest(self, manifest: dict) -> None:

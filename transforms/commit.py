@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import json
 import time
 
@@ -75,9 +76,26 @@ def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: OutputFol
         "committed_at": time.time(),
         # The marker's own write is the only part of the commit not counted here.
         "seconds": {**done.seconds, "write": time.perf_counter() - started},
+        "started_at": done.started_at,
+        "batch_stats": done.batch_stats,
+        "worker": worker_stats(),
     }
     output.mark_done(unit_id, record)
     return record
+
+
+def worker_stats() -> dict:
+    """Who committed the unit, and that process's peak memory so far (merged into the run report)."""
+    import resource
+    import socket
+    import sys
+
+    stats = {"host": socket.gethostname(), "pid": os.getpid(),
+             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        stats["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return stats
 
 
 def commit_or_fail(done: UnitEmbeddings, settings: EmbedSettings, output: OutputFolder) -> dict:

@@ -77,7 +77,8 @@ class EmbedUnit(beam.DoFn):
 
         def report(done: int):
             if time.monotonic() - last[0] >= PROGRESS_EVERY_S:
-                self._output.write_progress(unit.unit_id, done + rows.rejects.num_rows, unit.rows)
+                self._output.write_progress(unit.unit_id, done + rows.rejects.num_rows, unit.rows,
+                                           unit.text_bytes)
                 last[0] = time.monotonic()
 
         embedded = embed_rows(self._embedder, texts, self._settings, report)
@@ -90,5 +91,6 @@ class EmbedUnit(beam.DoFn):
         metrics.DOCS_TRUNCATED.inc(embedded.truncated)
         metrics.TOKENS.inc(embedded.tokens)
         seconds = {**rows.seconds, "tokenize": embedded.tokenize_s, "forward": embedded.forward_s}
+        stats = [[d, t, p, round(s, 6)] for d, t, p, s in embedded.batch_stats]
         yield UnitEmbeddings(unit, table, rejected, vectors, embedded.truncated, embedded.tokens,
-                             embedded.padded_tokens, embedded.batches, seconds)
+                             embedded.padded_tokens, embedded.batches, seconds, stats, rows.started_at)

@@ -117,11 +117,11 @@ class ReadUnit(beam.DoFn):
         if self._output.stop_requested():  # the run was told to stop: leave this unit for the rerun
             metrics.UNITS_LEFT.inc()
             return
-        start = time.perf_counter()
+        started_at, start = time.time(), time.perf_counter()
         rows, rejected = read_unit(unit, self._settings)
         seconds = {"read": time.perf_counter() - start}
         metrics.DOCS_READ.inc(unit.rows)
         if rows is None:  # the whole unit was unreadable and --skip-bad-files is on
             rows = pa.table({"id": pa.array([], pa.string()), self._settings.text_column: pa.array([], pa.string()),
                              ROW: pa.array([], pa.int64())})
-        yield UnitRows(unit, rows, rejected, seconds)
+        yield UnitRows(unit, rows, rejected, seconds, started_at)

@@ -74,6 +74,7 @@ class WorkUnit:
     row_end: int
     row_groups: tuple[int, ...]
     duplicate_rows: tuple[tuple[int, str], ...] = ()
+    text_bytes: int = 0  # estimated text size, for progress and ETAs; not part of the identity
 
     @property
     def rows(self) -> int:
@@ -112,6 +113,7 @@ class UnitRows:
     table: pa.Table
     rejects: pa.Table
     seconds: dict = dataclasses.field(default_factory=dict)  # time per stage so far: {"read": s}
+    started_at: float = 0.0  # wall clock when the unit's reading began
 
 
 @dataclasses.dataclass
@@ -127,3 +129,6 @@ class UnitEmbeddings:
     padded_tokens: int
     batches: int
     seconds: dict = dataclasses.field(default_factory=dict)  # read, tokenize, forward (and write, at commit)
+    # Per batch: [documents, real tokens, padded tokens, seconds in the model], for the run report.
+    batch_stats: list = dataclasses.field(default_factory=list)
+    started_at: float = 0.0  # wall clock when the unit's reading began
