@@ -34,7 +34,24 @@ def stored_fingerprint(output: OutputFolder) -> dict | None:
     return None
 
 
+def check_layout(output: OutputFolder, settings: EmbedSettings) -> None:
+    """The id column and pass-through columns decide the parts' schema and the duplicate check:
+    a resume must keep them, or the dataset would mix schemas."""
+    manifest = output.read_manifest() or {}
+    stored = manifest.get("settings")
+    if not stored:
+        return
+    now = {"id_column": settings.id_column, "passthrough_columns": list(settings.passthrough_columns)}
+    differences = diff_fingerprints({k: stored.get(k) for k in now}, now)
+    if differences:
+        raise FingerprintMismatch(
+            f"{output.url} was written with other columns ({'; '.join(differences)}); rerun with the original "
+            "columns, use --overwrite to start afresh, or choose a new --output"
+        )
+
+
 def check_fingerprint(output: OutputFolder, settings: EmbedSettings) -> None:
+    check_layout(output, settings)
     stored = stored_fingerprint(output)
     if stored is None:
         return

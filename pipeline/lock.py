@@ -60,7 +60,10 @@ class OutputLock:
         self._stop.set()
         self._thread.join()
         if (self._read() or {}).get("token") == self.token:
-            self.output.fs.rm(self.output.path(LOCK))
+            try:
+                self.output.fs.rm(self.output.path(LOCK))
+            except OSError:  # gone already, or the store failed: it goes stale after the TTL
+                pass
 
     # --- internals -----------------------------------------------------------------------
     def _try_take(self) -> bool:
@@ -68,7 +71,10 @@ class OutputLock:
         if current and not self._is_stale(current):
             return False
         if current:  # stale: its run was killed; remove it and race for a fresh one
-            self.output.fs.rm(self.output.path(LOCK))
+            try:
+                self.output.fs.rm(self.output.path(LOCK))
+            except FileNotFoundError:  # another run removed it first; the exclusive create decides
+                pass
         self.record["heartbeat"] = time.time()
         if storage.is_local(self.output.fs):
             return self._create_exclusive()
@@ -83,8 +89,10 @@ class OutputLock:
         try:
             self.output.fs.pipe_file(self.output.path(LOCK), json.dumps(self.record).encode(), IfNoneMatch="*")
             return True
-        except OSError as exc:
-            if "pre-condition" in str(exc) or "PreconditionFailed" in str(exc):
+        except FileExistsError:
+            return False
+        except OSError as exc:  # s3fs maps 412 Precondition Failed (and 409 conflicts) to plain OSErrors
+            if any(s in str(exc) for s in ("pre-condition", "Precondition", "Conflict")):
                 return False
             raise
 
@@ -114,20 +122,34 @@ class OutputLock:
         return True
 
     def _beat(self):
+        refreshed = time.monotonic()
         while not self._stop.wait(self.ttl_s / 4):
-            current = self._read()
-            if not current or current.get("token") != self.token:
-                self.lost.set()
-                return
-            self.record["heartbeat"] = time.time()
-            self.output.publish(LOCK, json.dumps(self.record).encode())
+            try:
+                current = self._read()
+                if current and current.get("token") != self.token:
+                    self.lost.set()
+                    return
+                self.record["heartbeat"] = time.time()
+                self.output.publish(LOCK, json.dumps(self.record).encode())
+                refreshed = time.monotonic()
+            except OSError:  # a transient store error: retry at the next beat, give up past the TTL
+                if time.monotonic() - refreshed > self.ttl_s:
+                    self.lost.set()
+                    return
 
     def _read(self) -> dict | None:
+        """The lock record; for a lock file that cannot be parsed (its writer was killed while writing
+        it), a record whose heartbeat is the file's modification time, so that it goes stale too."""
         try:
             with self.output.fs.open(self.output.path(LOCK), "rb") as handle:
                 return json.load(handle)
-        except (FileNotFoundError, json.JSONDecodeError):
+        except FileNotFoundError:
             return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            info = self.output.fs.info(self.output.path(LOCK))
+            mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or 0
+            return {"host": "unknown (unreadable lock file)", "pid": None, "since": 0,
+                    "heartbeat": mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime or 0)}
 
     def _held_message(self) -> str:
         held = self._read() or {}

@@ -88,6 +88,12 @@ def validate(opts: EmbedOptions) -> list[str]:
         problems.append(f"--checkpoint-every must be >= 1, got {opts.checkpoint_every}")
     if opts.cost_per_hour is not None and opts.cost_per_hour < 0:
         problems.append(f"--cost-per-hour must be >= 0, got {opts.cost_per_hour}")
+    if opts.lock_ttl <= 0:
+        problems.append(f"--lock-ttl must be > 0 seconds, got {opts.lock_ttl}")
+    clashes = sorted({"id", "embedding", "_row"} & set(passthrough(opts)) - {opts.id_column})
+    if clashes or ("id" in passthrough(opts) and opts.id_column != "id"):
+        problems.append(f"--passthrough-columns {', '.join(clashes or ['id'])}: these names are the output's own "
+                        "columns (id, embedding); rename the input column")
     if opts.threads < 0:
         problems.append(f"--threads must be >= 0, got {opts.threads}")
     if opts.max_seq_length is not None and opts.max_seq_length < 2:

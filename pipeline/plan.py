@@ -100,7 +100,10 @@ def _hidden(relative: str) -> bool:
 
 def _inspect(url: str, columns: dict[str, str]) -> InputFile:
     fs, path = storage.filesystem(url)
-    info = fs.info(path)
+    try:
+        info = fs.info(path)
+    except OSError as exc:  # removed or unreadable since it was listed
+        raise InputError(f"{url} cannot be read: {exc}") from exc
     try:
         with fs.open(path, "rb") as handle:
             metadata = pq.ParquetFile(handle).metadata

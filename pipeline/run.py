@@ -45,7 +45,10 @@ def run(argv: list[str], test_pipeline: beam.Pipeline | None = None) -> dict:
             StopOnSignal(output, opts.grace_period) as stop:
         if opts.overwrite:
             output.remove_all()
-        summary = _run_locked(options, opts, output, plan, test_pipeline, stop)
+        try:
+            summary = _run_locked(options, opts, output, plan, test_pipeline, stop, lock.token)
+        except OSError as exc:  # bookkeeping writes on the launcher: the store failed under us
+            raise OutputError(f"writing to --output {output.url} failed: {exc}; rerun to resume") from exc
         summary["seconds"] = time.monotonic() - started
         if summary["units_committed"]:
             summary["report"] = report.build(summary["run_id"], output.done_markers(), summary["seconds"],
@@ -62,8 +65,9 @@ def _workers(options) -> int:
     return all_options.get("direct_num_workers") or 1 if opts_mod.is_local_runner(options) else 0
 
 
-def _run_locked(options, opts, output: OutputFolder, plan, test_pipeline, stop: StopOnSignal) -> dict:
+def _run_locked(options, opts, output: OutputFolder, plan, test_pipeline, stop: StopOnSignal, token: str) -> dict:
     settings, embedder = resolve_settings(opts, plan.passthrough_schema, opts_mod.threads_per_worker(options))
+    settings = dataclasses.replace(settings, lock_token=token)
     check_fingerprint(output, settings)
     markers = output.done_markers()
     todo, done, superseded = split_done(plan, markers)

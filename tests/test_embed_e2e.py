@@ -7,6 +7,7 @@ import shutil
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -161,3 +162,21 @@ def test_a_retried_commit_replaces_its_part_instead_of_adding_rows(finished, tmp
     commit_unit(retry, settings, output)
     assert read_output(copy).num_rows == before
     assert pq.read_table(copy / marker["part"]).select(["id", "embedding", "title"]).equals(part)
+
+
+def test_a_retry_that_rejects_every_row_removes_the_part_of_an_earlier_attempt(finished, tmp_path):
+    tmp, argv, _ = finished
+    copy = tmp_path / "out"
+    shutil.copytree(tmp / "out", copy)
+    output = OutputFolder(str(copy))
+    marker = sorted(output.done_markers().values(), key=lambda m: m["unit_id"])[0]
+    part = pq.read_table(copy / marker["part"])
+    settings, _ = resolve_settings(parse(argv).view_as(EmbedOptions))
+    settings = dataclasses.replace(settings, output=str(copy))
+    all_rejected = rejects.rejections(part.column("id"), pa.array(range(part.num_rows), pa.int64()),
+                                      marker["source"], ["model_error"] * part.num_rows, ["failed"] * part.num_rows)
+    retry = UnitEmbeddings(WorkUnit.from_json(marker), part.select(["id", "title"]).slice(0, 0), all_rejected,
+                           vectors(part)[:0], 0, 0, 0, 0)
+    commit_unit(retry, settings, output)
+    assert not (copy / marker["part"]).exists()
+    assert pq.read_table(copy / "_rejects" / f"{marker['unit_id']}.parquet").num_rows == part.num_rows

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.cli import main
 from pipeline.run import run
@@ -141,3 +142,52 @@ def test_multiprocess_direct_runner_kill_and_resume(tmp_path, docs):
     assert summary["units_skipped"] == at_kill and summary["units_committed"] == 16 - at_kill
     got = read_output(out).column("id").to_pylist()
     assert sorted(got) == sorted(ids[:160]) and len(got) == len(set(got))
+
+
+def test_a_run_that_lost_its_lock_refuses_to_commit(tmp_path):
+    from transforms.checkpoint import OutputFolder
+    from transforms.commit import check_lock
+    from transforms.errors import CommitError
+    from transforms.records import EmbedSettings
+
+    output = OutputFolder(str(tmp_path))
+    output.publish("_lock.json", json.dumps({"token": "theirs", "host": "h", "pid": 1}).encode())
+    settings = EmbedSettings(output=str(tmp_path), model="", model_path="", model_revision="", dim=1,
+                             max_seq_length=8, pooling="", normalize=True, precision="fp32", device="cpu",
+                             prefix="", id_column="id", text_column="text", passthrough_columns=(),
+                             min_batch_size=1, max_batch_size=1, max_batch_tokens=8, run_id="r", lock_token="mine")
+    with pytest.raises(CommitError, match="no longer holds"):
+        check_lock(output, settings)
+    output.publish("_lock.json", json.dumps({"token": "mine"}).encode())
+    check_lock(output, settings)
+
+
+def test_an_unreadable_lock_file_goes_stale_instead_of_blocking_forever(tmp_path):
+    from pipeline.lock import OutputLock
+    from transforms.checkpoint import OutputFolder
+
+    (tmp_path / "_lock.json").write_text("")  # its writer was killed mid-write
+    old = time.time() - 120
+    os.utime(tmp_path / "_lock.json", (old, old))
+    with OutputLock(OutputFolder(str(tmp_path)), ttl_s=60):
+        assert json.loads((tmp_path / "_lock.json").read_text())["pid"] == os.getpid()
+
+
+def test_resuming_with_other_columns_is_refused(tmp_path, docs):
+    from transforms.errors import FingerprintMismatch
+
+    ids, texts = docs
+    write_docs(tmp_path / "in.parquet", ids[:5], texts[:5], title=["t"] * 5)
+    _run(tmp_path / "in.parquet", tmp_path / "out")
+    with pytest.raises(FingerprintMismatch, match=r"passthrough_columns: \[\] -> \['title'\]"):
+        _run(tmp_path / "in.parquet", tmp_path / "out", "--passthrough-columns", "title")
+
+
+def test_passthrough_names_that_clash_with_the_output_columns_are_refused():
+    from pipeline.options import parse
+    from transforms.errors import UsageError
+
+    with pytest.raises(UsageError, match="--passthrough-columns embedding"):
+        parse(["--input", "a", "--output", "b", "--passthrough-columns", "embedding"])
+    with pytest.raises(UsageError, match="--passthrough-columns id"):
+        parse(["--input", "a", "--output", "b", "--id-column", "doc", "--passthrough-columns", "id"])

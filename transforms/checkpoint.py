@@ -85,6 +85,16 @@ class OutputFolder:
         self.publish(name, data)
         return name
 
+    def remove(self, relative: str) -> None:
+        self._remove_quietly(self.path(relative))
+
+    def read_lock(self) -> dict | None:
+        try:
+            with self.fs.open(self.path(LOCK), "rb") as handle:
+                return json.load(handle)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
     def mark_done(self, unit_id: str, record: dict) -> None:
         """Written last, after the part is published: from here on the unit counts as done."""
         self.publish(posixpath.join(CHECKPOINTS, f"{unit_id}.json"), _dumps(record))
@@ -162,7 +172,10 @@ class OutputFolder:
 
     def remove_all(self) -> None:
         """``--overwrite``: delete everything in the output folder but the lock of the run doing it."""
-        for path in self._ls(self.root):
+        # Markers and manifest first: a kill midway must not leave markers whose parts are gone.
+        first = {CHECKPOINTS: 0, MANIFEST: 1}
+        paths = sorted(self._ls(self.root), key=lambda p: first.get(posixpath.basename(p), 2))
+        for path in paths:
             if posixpath.basename(path) != LOCK:
                 self.fs.rm(path, recursive=True)
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from transforms import metrics
-from transforms.checkpoint import REJECTS, OutputFolder
+from transforms.checkpoint import REJECTS, OutputFolder, part_name
 from transforms.errors import CommitError
 from transforms.records import EmbedSettings, UnitEmbeddings
 
@@ -57,10 +57,15 @@ def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: OutputFol
     part = None  # a unit whose every row was rejected has no part
     if done.table.num_rows:
         part = output.write_part(unit_id, parquet_bytes(output_table(done, settings)))
-    rejects = None
+    else:  # an earlier attempt of this unit may have published one: it must not outlive this commit
+        output.remove(part_name(unit_id))
+    rejects = f"{REJECTS}/{unit_id}.parquet"
     if done.rejects.num_rows:
-        rejects = f"{REJECTS}/{unit_id}.parquet"
         output.publish(rejects, parquet_bytes(done.rejects))
+    else:
+        output.remove(rejects)
+        rejects = None
+    check_lock(output, settings)
     record = {
         **done.unit.to_json(),
         "part": part,
@@ -82,6 +87,17 @@ def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: OutputFol
     }
     output.mark_done(unit_id, record)
     return record
+
+
+def check_lock(output: OutputFolder, settings: EmbedSettings) -> None:
+    """Before the marker: refuse to commit if another run has taken the output's lock since this run
+    took it (two writers could otherwise remove each other's unmarked parts)."""
+    if not settings.lock_token:
+        return
+    held = output.read_lock()
+    if not held or held.get("token") != settings.lock_token:
+        raise CommitError(f"this run no longer holds {output.url}'s lock (held by {held}); stopping before "
+                          "committing more: check the output with `python -m pipeline verify`")
 
 
 def worker_stats() -> dict:

@@ -77,9 +77,12 @@ class EmbedUnit(beam.DoFn):
 
         def report(done: int):
             if time.monotonic() - last[0] >= PROGRESS_EVERY_S:
-                self._output.write_progress(unit.unit_id, done + rows.rejects.num_rows, unit.rows,
-                                           unit.text_bytes)
                 last[0] = time.monotonic()
+                try:
+                    self._output.write_progress(unit.unit_id, done + rows.rejects.num_rows, unit.rows,
+                                               unit.text_bytes)
+                except OSError:  # progress is best-effort; the unit's work is not
+                    pass
 
         embedded = embed_rows(self._embedder, texts, self._settings, report)
         for docs, tokens, padded, seconds in embedded.batch_stats:

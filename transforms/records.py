@@ -38,6 +38,7 @@ class EmbedSettings:
     run_id: str
     skip_bad_files: bool = False
     threads: int = 0  # CPU threads for the model per worker process; 0 leaves torch's default
+    lock_token: str = ""  # the output lock this run holds; commits check it before each marker
     # Pass-through column types unified across input files at planning; parts are cast to them.
     passthrough_schema: Optional[pa.Schema] = None
 

@@ -35,8 +35,15 @@ def publish(fs, path: str, data: bytes, scratch_dir: str) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
     os.replace(scratch, path)
+    # The rename itself must survive a power loss too, or a marker could outlive its part's rename.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def file_fingerprint(info: dict) -> str:
