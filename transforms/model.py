@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from transforms.errors import DeviceUnavailable, ModelError, UsageError
-from transforms.quantize import cpu_has_vnni, quantize_int8
+from transforms.quantize import cpu_flags, cpu_has_vnni, quantize_int8
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Files whose bytes decide the vectors; READMEs and model cards do not.
@@ -71,12 +71,7 @@ def resolve_precision(requested: str, device: str) -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = set(handle.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_model(name: str, revision: str | None = None) -> tuple[str, str]:

@@ -47,10 +47,14 @@ def quantize_int8(st_model) -> list[str]:
     return changed
 
 
-def cpu_has_vnni() -> bool:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux); empty where they cannot be read, so no mode is offered blind."""
     try:
         with open("/proc/cpuinfo") as handle:
-            flags = set(handle.read().split())
+            return set(handle.read().split())
     except OSError:
-        return False
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+        return set()
+
+
+def cpu_has_vnni() -> bool:
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
