@@ -21,10 +21,9 @@ import time
 import uuid
 
 from transforms import storage
-from transforms.checkpoint import OutputFolder
+from transforms.checkpoint import LOCK, OutputFolder
 from transforms.errors import OutputError
 
-LOCK = "_lock.json"
 SETTLE_S = 1.0
 
 
@@ -138,18 +137,7 @@ class OutputLock:
                     return
 
     def _read(self) -> dict | None:
-        """The lock record; for a lock file that cannot be parsed (its writer was killed while writing
-        it), a record whose heartbeat is the file's modification time, so that it goes stale too."""
-        try:
-            with self.output.fs.open(self.output.path(LOCK), "rb") as handle:
-                return json.load(handle)
-        except FileNotFoundError:
-            return None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            info = self.output.fs.info(self.output.path(LOCK))
-            mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or 0
-            return {"host": "unknown (unreadable lock file)", "pid": None, "since": 0,
-                    "heartbeat": mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime or 0)}
+        return self.output.read_lock()
 
     def _held_message(self) -> str:
         held = self._read() or {}

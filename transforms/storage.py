@@ -52,10 +52,13 @@ def file_fingerprint(info: dict) -> str:
     for key in ("ETag", "etag", "md5Hash", "generation", "crc32c"):
         if info.get(key):
             return f"{key}:{str(info[key]).strip(chr(34))}:size={info.get('size')}"
+    return f"mtime:{modified_time(info)}:size={info.get('size')}"
+
+
+def modified_time(info: dict):
+    """The modification time in an fsspec ``info`` record, whatever key the store uses for it."""
     mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("created")
-    if hasattr(mtime, "timestamp"):
-        mtime = mtime.timestamp()
-    return f"mtime:{mtime}:size={info.get('size')}"
+    return mtime.timestamp() if hasattr(mtime, "timestamp") else mtime
 
 
 def full_url(fs, path: str) -> str:
