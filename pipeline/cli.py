@@ -79,7 +79,7 @@ def _run(argv: list[str]) -> int:
     summary = run(expand_job(argv))
     print(format_summary(summary))
     if "report" in summary:
-        print(format_report(summary["report"]))
+        print(format_report(summary["report"], counts=False))
         print(f"  report     {summary['output'].rstrip('/')}/{summary['report_file']}")
     return 0
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from transforms.checkpoint import OutputFolder
 from transforms.commit import FINGERPRINT_KEY
 from transforms.errors import FingerprintMismatch
-from transforms.records import EmbedSettings
+from transforms.records import EmbedSettings, with_defaults
 
 
 def diff_fingerprints(stored: dict, current: dict) -> list[str]:
@@ -35,13 +35,16 @@ def stored_fingerprint(output: OutputFolder) -> dict | None:
 
 
 def check_layout(output: OutputFolder, settings: EmbedSettings) -> None:
-    """The id column and pass-through columns decide the parts' schema and the duplicate check:
+    """The id column, pass-through columns and ``--chunk-text`` decide the parts' schema (and the id
+    column the duplicate check):
     a resume must keep them, or the dataset would mix schemas."""
     manifest = output.read_manifest() or {}
     stored = manifest.get("settings")
     if not stored:
         return
-    now = {"id_column": settings.id_column, "passthrough_columns": list(settings.passthrough_columns)}
+    now = {"id_column": settings.id_column, "passthrough_columns": list(settings.passthrough_columns),
+           "chunk_text": settings.chunk_text}
+    stored = {"chunk_text": False, **stored}  # outputs written before --chunk-text existed had none
     differences = diff_fingerprints({k: stored.get(k) for k in now}, now)
     if differences:
         raise FingerprintMismatch(
@@ -51,11 +54,15 @@ def check_layout(output: OutputFolder, settings: EmbedSettings) -> None:
 
 
 def check_fingerprint(output: OutputFolder, settings: EmbedSettings) -> None:
-    check_layout(output, settings)
+    """Vectors first (the more fundamental mismatch), then the parts' columns."""
     stored = stored_fingerprint(output)
-    if stored is None:
-        return
-    differences = diff_fingerprints(stored, settings.fingerprint())
+    if stored is not None:
+        _check_vectors(output, stored, settings)
+    check_layout(output, settings)
+
+
+def _check_vectors(output: OutputFolder, stored: dict, settings: EmbedSettings) -> None:
+    differences = diff_fingerprints(with_defaults(stored), settings.fingerprint())
     if differences:
         raise FingerprintMismatch(
             f"{output.url} holds vectors made with other settings ({'; '.join(differences)}); "

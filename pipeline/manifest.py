@@ -22,6 +22,7 @@ def started(settings: EmbedSettings, plan: Plan, checkpoint_every: int) -> dict:
             "id_column": settings.id_column,
             "text_column": settings.text_column,
             "passthrough_columns": list(settings.passthrough_columns),
+            "chunk_text": settings.chunk_text,
             "min_batch_size": settings.min_batch_size,
             "max_batch_size": settings.max_batch_size,
             "max_batch_tokens": settings.max_batch_tokens,
@@ -44,7 +45,10 @@ def completed(manifest: dict, markers: dict[str, dict], plan: Plan) -> dict:
         "embedded": sum(m["embedded"] for m in mine),
         "rejected": sum(m["rejected"] for m in mine),
         "truncated": sum(m["truncated"] for m in mine),
+        "rows": sum(m.get("rows", m["embedded"]) for m in mine),  # chunks: windows; else documents
         "tokens": sum(m["tokens"] for m in mine),
+        "text_tokens": sum(m.get("text_tokens", 0) for m in mine),
+        "dropped_tokens": sum(m.get("dropped_tokens", 0) for m in mine),
     }
     earlier = [m for uid, m in sorted(markers.items()) if uid not in planned]
     return {

@@ -35,6 +35,18 @@ class EmbedOptions(PipelineOptions):
         add("--max-batch-size", type=int, default=256, help="documents per batch, at most (default 256)")
         add("--max-batch-tokens", type=int, default=None,
             help="padded tokens per batch, at most; default: min-batch-size x window")
+        add("--long-docs", default="truncate", choices=["truncate", "mean", "chunks"],
+            help="documents longer than the model's window: embed the first window only (truncate, default), "
+                 "one vector per document from all its windows (mean), or one row per window (chunks)")
+        add("--chunk-overlap", type=int, default=None,
+            help="mean and chunks: tokens each window shares with the one before (default 32)")
+        add("--chunk-boundary", default=None, choices=["token", "sentence"],
+            help="mean and chunks: cut windows at any token (default), or end each at the last paragraph "
+                 "or sentence end within its last --boundary-lookback tokens where there is one")
+        add("--boundary-lookback", type=int, default=None,
+            help="with --chunk-boundary sentence: how many tokens a window may give up to end at a "
+                 "sentence or paragraph end (default 64)")
+        add("--chunk-text", action="store_true", help="chunks: store each window's text in a chunk_text column")
         add("--checkpoint-every", type=int, default=10000,
             help="rows per work unit; a unit is committed and checkpointed as a whole (default 10000)")
         add("--threads", type=int, default=0,
@@ -90,15 +102,56 @@ def validate(opts: EmbedOptions) -> list[str]:
         problems.append(f"--cost-per-hour must be >= 0, got {opts.cost_per_hour}")
     if opts.lock_ttl <= 0:
         problems.append(f"--lock-ttl must be > 0 seconds, got {opts.lock_ttl}")
-    clashes = sorted({"id", "embedding", "_row"} & set(passthrough(opts)) - {opts.id_column})
+    problems += _long_docs_problems(opts)
+    own = {"id", "embedding", "_row"} | ({"chunk", "char_start", "char_end", "chunk_text"}
+                                          if opts.long_docs == "chunks" else set())
+    clashes = sorted(own & set(passthrough(opts)) - {opts.id_column})
     if clashes or ("id" in passthrough(opts) and opts.id_column != "id"):
         problems.append(f"--passthrough-columns {', '.join(clashes or ['id'])}: these names are the output's own "
-                        "columns (id, embedding); rename the input column")
+                        f"columns ({', '.join(sorted(own - {'_row'}))}); rename the input column")
     if opts.threads < 0:
         problems.append(f"--threads must be >= 0, got {opts.threads}")
     if opts.max_seq_length is not None and opts.max_seq_length < 2:
         problems.append(f"--max-seq-length must be >= 2, got {opts.max_seq_length}")
     return problems
+
+
+CHUNK_OVERLAP, BOUNDARY_LOOKBACK = 32, 64
+
+
+def _long_docs_problems(opts: EmbedOptions) -> list[str]:
+    """Window flags only mean something when documents are cut into windows: given with
+    ``truncate`` they would be silently ignored, so they are refused instead."""
+    given = [f"--{name.replace('_', '-')}" for name in ("chunk_overlap", "chunk_boundary", "boundary_lookback")
+             if getattr(opts, name) is not None]
+    if opts.long_docs == "truncate" and given:
+        return [f"{', '.join(given)} apply to --long-docs mean or chunks, not truncate"]
+    problems = []
+    if opts.chunk_text and opts.long_docs != "chunks":
+        problems.append("--chunk-text applies to --long-docs chunks only")
+    if (opts.chunk_overlap or 0) < 0:
+        problems.append(f"--chunk-overlap must be >= 0, got {opts.chunk_overlap}")
+    if (opts.boundary_lookback or 0) < 0:
+        problems.append(f"--boundary-lookback must be >= 0, got {opts.boundary_lookback}")
+    if opts.boundary_lookback is not None and opts.chunk_boundary != "sentence":
+        problems.append("--boundary-lookback applies to --chunk-boundary sentence only")
+    return problems
+
+
+def window_settings(opts: EmbedOptions, window_size: int) -> dict:
+    """The window fields of EmbedSettings, defaults filled in, checked against the model's window
+    (``window_size``: content tokens per window). Raises UsageError when windows could not advance."""
+    if opts.long_docs == "truncate":
+        return {"long_docs": "truncate"}
+    overlap = CHUNK_OVERLAP if opts.chunk_overlap is None else opts.chunk_overlap
+    boundary = opts.chunk_boundary or "token"
+    lookback = (BOUNDARY_LOOKBACK if opts.boundary_lookback is None else opts.boundary_lookback) \
+        if boundary == "sentence" else 0
+    if overlap + lookback >= window_size:
+        raise UsageError(f"--chunk-overlap {overlap}" + (f" + --boundary-lookback {lookback}" if lookback else "")
+                         + f" must be below the {window_size} tokens a window holds for text")
+    return {"long_docs": opts.long_docs, "chunk_overlap": overlap, "chunk_boundary": boundary,
+            "boundary_lookback": lookback, "chunk_text": bool(opts.chunk_text)}
 
 
 def passthrough(opts: EmbedOptions) -> tuple[str, ...]:

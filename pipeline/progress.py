@@ -10,6 +10,7 @@ import threading
 
 from tqdm import tqdm
 
+from pipeline.report import coverage
 from transforms.checkpoint import OutputFolder
 
 POLL_S = 1.0
@@ -64,13 +65,14 @@ class ProgressBar:
 def format_summary(summary: dict) -> str:
     s = summary
     rate = s["processed"] / s["seconds"] if s["seconds"] > 0 else 0.0
-    truncated_share = 100.0 * s["truncated"] / s["embedded"] if s["embedded"] else 0.0
     lines = [
         f"docembed: output in {s['output']}",
         f"  documents  {s['input_rows']} in input: {s['embedded']} embedded this run, "
-        f"{s['skipped']} skipped (already done), {s['rejected']} rejected",
-        f"  truncated  {s['truncated']} ({truncated_share:.1f}% of embedded) cut to the "
-        f"{s['max_seq_length']}-token window",
+        f"{s['skipped']} skipped (already done), {s['rejected']} rejected"
+        + (f"; {s['rows']} chunk rows written" if s["long_docs"] == "chunks" else ""),
+        *(f"  {label:<10} {line}" for label, line in coverage(
+            s["long_docs"], s["embedded"], s["truncated"], s["windows"], s["text_tokens"], s["dropped_tokens"],
+            s["max_seq_length"])),
         f"  accounted  {s['input_rows']} input rows = {s['total_embedded']} embedded + "
         f"{s['total_rejected']} rejected, over all runs into this output"
         + ("" if s["input_rows"] == s["total_embedded"] + s["total_rejected"] else " (units still to do)"),

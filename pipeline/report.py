@@ -30,6 +30,28 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {f"p{q:g}": float(np.percentile(values, q)) for q in PERCENTILES}
 
 
+TRUNCATION_WARNING_SHARE = 0.10  # above this share of truncated documents, a run says so plainly
+
+
+def coverage(mode: str, docs: int, truncated: int, windows: int, text_tokens: int, dropped: int,
+             window: int) -> list[tuple[str, str]]:
+    """What of the texts the vectors cover, as (label, line) pairs for the summary and the report.
+    Under ``truncate`` with more than 10% of documents cut, a plain warning with the tokens lost."""
+    if mode != "truncate":
+        per = "one row each" if mode == "chunks" else "averaged into one vector per document"
+        return [("windows", f"{windows} windows of up to {window} tokens for {docs} documents "
+                            f"({per}); {text_tokens} text tokens, all embedded")]
+    share = truncated / docs if docs else 0.0
+    lost = dropped / text_tokens if text_tokens else 0.0
+    lines = [("truncated", f"{truncated} ({100 * share:.1f}% of embedded) cut to the {window}-token window, "
+                           f"dropping {dropped} of {text_tokens} text tokens ({100 * lost:.1f}%)")]
+    if share > TRUNCATION_WARNING_SHARE:
+        lines.append(("WARNING", f"{100 * share:.0f}% of documents are longer than the window and "
+                                 f"{100 * lost:.0f}% of the text never reached the model; "
+                                 "--long-docs mean or --long-docs chunks embeds whole texts"))
+    return lines
+
+
 def hint(shares: dict[str, float]) -> str:
     """The seed's optimisation priorities, applied to the stage shares of wall time."""
     if shares.get("forward", 0) > 0.7:
@@ -70,7 +92,13 @@ def build(run_id: str, markers: dict[str, dict], wall_s: float, started_at: floa
         "docs_embedded": docs,
         "docs_rejected": sum(m["rejected"] for m in mine),
         "docs_truncated": sum(m["truncated"] for m in mine),
+        "long_docs": settings.long_docs,
+        "window": settings.max_seq_length,
+        "windows": sum(m.get("windows", m["embedded"]) for m in mine),
+        "rows": sum(m.get("rows", m["embedded"]) for m in mine),
         "tokens": tokens,
+        "text_tokens": sum(m.get("text_tokens", 0) for m in mine),
+        "dropped_tokens": sum(m.get("dropped_tokens", 0) for m in mine),
         "docs_per_s": docs / wall_s if wall_s else 0.0,
         "tokens_per_s": tokens / wall_s if wall_s else 0.0,
         "batches": len(batches),
@@ -115,14 +143,24 @@ def read(output_url: str, run_id: str | None = None) -> dict:
         return json.load(handle)
 
 
-def format_report(r: dict) -> str:
+def format_report(r: dict, counts: bool = True) -> str:
+    """The report as text; ``counts=False`` leaves out what the run's own summary already says."""
     lat = r["batch_latency_ms"]
     stages = ", ".join(f"{k} {r['stage_s'][k]:.1f}s ({100 * r['stage_share'][k]:.0f}%)"
                        for k in (*STAGES, "other"))
     cost = (f"{r['cost_per_1000_docs']:.4f} per 1000 docs (at {r['cost_per_hour']}/hour)"
             if r.get("cost_per_1000_docs") is not None else "not computed (pass --cost-per-hour)")
     gpu = f", GPU peak {r['peak_gpu_mib']:.0f} MiB" if r.get("peak_gpu_mib") is not None else ""
+    covered = coverage(r.get("long_docs", "truncate"), r["docs_embedded"], r["docs_truncated"],
+                       r.get("windows", r["docs_embedded"]), r.get("text_tokens", 0), r.get("dropped_tokens", 0),
+                       r.get("window", 0))
+    head = [
+        f"  counts     {r['docs_embedded']} documents, {r.get('rows', r['docs_embedded'])} rows written, "
+        f"{r.get('windows', r['docs_embedded'])} windows, {r['tokens']} tokens through the model",
+        *(f"  {label:<10} {line}" for label, line in covered),
+    ] if counts else []
     return "\n".join([
+        *head,
         f"  throughput {r['docs_per_s']:.1f} docs/s, {r['tokens_per_s']:.0f} tokens/s over {r['wall_s']:.1f} s",
         f"  batches    {r['batches']}; model latency p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f}, "
         f"p99 {lat['p99']:.0f}, p99.9 {lat['p99.9']:.0f}",

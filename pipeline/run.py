@@ -150,6 +150,7 @@ def resolve_settings(opts: EmbedOptions, passthrough_schema=None, threads: int =
     settings = dataclasses.replace(
         draft, dim=embedder.dim, max_seq_length=embedder.max_seq_length, pooling=embedder.pooling(),
         normalize=embedder.normalize, max_batch_tokens=budget,
+        **opts_mod.window_settings(opts, embedder.window_size),
     )
     return settings, acquire_embedder(settings, embedder)
 
@@ -167,6 +168,13 @@ def summarize(settings, plan, markers, todo, done, seconds) -> dict:
         "rejected": sum(m["rejected"] for m in ran),
         "rejected_by_reason": dict(sorted(reasons.items())),
         "truncated": sum(m["truncated"] for m in ran),
+        "rows": sum(m.get("rows", m["embedded"]) for m in ran),
+        "windows": sum(m.get("windows", m["embedded"]) for m in ran),
+        "tokens": sum(m["tokens"] for m in ran),
+        "text_tokens": sum(m.get("text_tokens", 0) for m in ran),
+        "dropped_tokens": sum(m.get("dropped_tokens", 0) for m in ran),
+        "long_docs": settings.long_docs,
+        "chunk_overlap": settings.chunk_overlap,
         "processed": sum(m["row_end"] - m["row_start"] for m in ran),
         "skipped": sum(u.rows for u in done),
         "skipped_files": list(plan.skipped),

@@ -1,6 +1,7 @@
 """Verify: check an output dataset against its manifest, and against the input when given.
 
-Checks row counts, missing and duplicated ids, the embedding dimension, NaN/inf values, unit norms
+Checks row counts, missing and duplicated ids (with ``--long-docs chunks``: chunk indices 0..n-1 per
+id, with neither gaps nor repeats), the embedding dimension, NaN/inf values, unit norms
 (when normalisation is on), that every part file is listed and present, and that fingerprints agree.
 Returns every problem found; the CLI exits 0 only when there are none.
 """
@@ -18,8 +19,9 @@ import pyarrow.parquet as pq
 from pipeline.ids import read_ids
 from pipeline.plan import expand_input
 from transforms.checkpoint import REJECTS, OutputFolder
-from transforms.commit import FINGERPRINT_KEY
+from transforms.commit import CHUNK_COLUMNS, FINGERPRINT_KEY
 from transforms.errors import OutputError
+from transforms.records import with_defaults
 
 NORM_TOLERANCE = 1e-3
 EXAMPLES = 5
@@ -42,43 +44,51 @@ def verify(output_url: str, input_url: str | None = None) -> Report:
     if manifest.get("status") != "complete":
         report.problems.append("the last run into this output did not complete (_manifest.json status "
                                f"{manifest.get('status')!r}); rerun it to finish")
-    ids = _check_parts(output, manifest, report)
+    ids, chunks = _check_parts(output, manifest, report)
     rejects = _read_rejects(output)
     report.rejected = rejects.num_rows
     _check_counts(manifest, report)
+    if chunks is not None:
+        ids = _check_chunks(ids, chunks, report)
     _check_duplicates(ids, report)
     if input_url:
         _check_against_input(input_url, manifest, ids, rejects, report)
     return report
 
 
-def _check_parts(output: OutputFolder, manifest: dict, report: Report) -> list[str]:
+def _check_parts(output: OutputFolder, manifest: dict, report: Report) -> tuple[list[str], list | None]:
+    """Every part's ids, and with ``--long-docs chunks`` each row's chunk index (else None)."""
     listed, present = set(manifest.get("parts", [])), set(output.part_files())
     for name in sorted(listed - present):
         report.problems.append(f"part {name} is listed in the manifest but missing")
     for name in sorted(present - listed):
         report.problems.append(f"part {name} is present but not listed in the manifest")
+    chunked = with_defaults(manifest["fingerprint"])["long_docs"] == "chunks"
     ids: list[str] = []
+    chunks: list[int] | None = [] if chunked else None
     for name in sorted(present):
-        ids += _check_part(output, name, manifest, report)
-    return ids
+        table = _check_part(output, name, manifest, report)
+        ids += table.column("id").to_pylist()
+        if chunked:
+            chunks += _chunk_column(table, name, report)
+    return ids, chunks
 
 
-def _check_part(output: OutputFolder, name: str, manifest: dict, report: Report) -> list[str]:
-    fingerprint = manifest["fingerprint"]
+def _check_part(output: OutputFolder, name: str, manifest: dict, report: Report) -> pa.Table:
+    fingerprint = with_defaults(manifest["fingerprint"])
     with output.fs.open(output.path(name), "rb") as handle:
         table = pq.read_table(handle)
     report.parts += 1
     report.rows += table.num_rows if name in manifest.get("parts", []) else 0
     stored = (table.schema.metadata or {}).get(FINGERPRINT_KEY)
-    if stored is None or json.loads(stored) != fingerprint:
+    if stored is None or with_defaults(json.loads(stored)) != fingerprint:
         report.problems.append(f"part {name}: its fingerprint differs from the manifest's")
     kind = table.schema.field("embedding").type if "embedding" in table.schema.names else None
     if not (pa.types.is_fixed_size_list(kind) and kind.list_size == fingerprint["dim"]
             and kind.value_type == pa.float32()):
         report.problems.append(f"part {name}: embedding type {kind}, expected fixed_size_list<float>"
                                f"[{fingerprint['dim']}]")
-        return table.column("id").to_pylist()
+        return table
     vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, kind.list_size)
     bad = ~np.isfinite(vectors).all(axis=1)
     if bad.any():
@@ -87,7 +97,36 @@ def _check_part(output: OutputFolder, name: str, manifest: dict, report: Report)
         off = np.abs(np.linalg.norm(vectors, axis=1) - 1.0) > NORM_TOLERANCE
         if (off & ~bad).any():
             report.problems.append(f"part {name}: {int((off & ~bad).sum())} embeddings are not unit length")
-    return table.column("id").to_pylist()
+    return table
+
+
+def _chunk_column(table: pa.Table, name: str, report: Report) -> list:
+    missing = [c for c in CHUNK_COLUMNS if c not in table.column_names]
+    if missing:
+        report.problems.append(f"part {name}: no {', '.join(missing)} column, but the output was written "
+                               "with --long-docs chunks")
+        return [None] * table.num_rows
+    starts, ends = (table.column(c).to_numpy() for c in ("char_start", "char_end"))
+    if (ends < starts).any() or (starts < 0).any():
+        report.problems.append(f"part {name}: {int(((ends < starts) | (starts < 0)).sum())} chunks have "
+                               "char_end before char_start or a negative offset")
+    return table.column("chunk").to_pylist()
+
+
+def _check_chunks(ids: list[str], chunks: list, report: Report) -> list[str]:
+    """Each id's chunk indices must be exactly 0..n-1: a gap means a lost window, a repeat a window
+    written twice. Returns the ids once per document (its chunk 0), for the document-level checks."""
+    by_id: dict[str, list] = collections.defaultdict(list)
+    for ident, k in zip(ids, chunks):
+        by_id[ident].append(k)
+    repeated = sorted(i for i, ks in by_id.items() if len(set(ks)) < len(ks))
+    gaps = sorted(i for i, ks in by_id.items() if set(ks) != set(range(max(ks, default=-1) + 1)))
+    if repeated:
+        report.problems.append(f"{len(repeated)} ids have a chunk index more than once, e.g. {repeated[:EXAMPLES]}")
+    if gaps:
+        report.problems.append(f"{len(gaps)} ids have gaps in their chunk indices (each should have 0..n-1), "
+                               f"e.g. {gaps[:EXAMPLES]}")
+    return [i for i, k in zip(ids, chunks) if k == 0]
 
 
 def _read_rejects(output: OutputFolder) -> pa.Table:
@@ -106,8 +145,9 @@ def _check_counts(manifest: dict, report: Report) -> None:
     counts = manifest.get("counts")
     if not counts:
         return
-    if report.rows != counts["embedded"]:
-        report.problems.append(f"{report.rows} rows in the listed parts, the manifest counts {counts['embedded']}")
+    rows = counts.get("rows", counts["embedded"])
+    if report.rows != rows:
+        report.problems.append(f"{report.rows} rows in the listed parts, the manifest counts {rows}")
     if report.rejected != counts["rejected"]:
         report.problems.append(f"{report.rejected} rejected rows in _rejects/, the manifest counts {counts['rejected']}")
     if counts["embedded"] + counts["rejected"] != counts["input_rows"]:

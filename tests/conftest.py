@@ -73,22 +73,30 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, reference_model):
-    """A random-weight BERT (32 wide, 1 layer) with MiniLM's tokenizer, saved as a sentence-transformers
-    folder. Its position table holds 16 positions, so with ``--max-seq-length 64`` the real model fails
-    on every document longer than 16 tokens: a genuine per-document model failure."""
+def _save_tiny_model(path, tokenizer, positions: int) -> str:
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.models import Pooling, Transformer
     from transformers import BertConfig, BertModel
 
-    path = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = reference_model.tokenizer
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=16)
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=positions)
     torch.manual_seed(0)
     BertModel(config).save_pretrained(path / "bert")
     tokenizer.save_pretrained(path / "bert")
     SentenceTransformer(modules=[Transformer(str(path / "bert")), Pooling(32, "mean")]).save(str(path / "st"))
     return str(path / "st")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, reference_model):
+    """A random-weight BERT (32 wide, 1 layer) with MiniLM's tokenizer, saved as a sentence-transformers
+    folder. Its position table holds 16 positions, so with ``--max-seq-length 64`` the real model fails
+    on every document longer than 16 tokens: a genuine per-document model failure."""
+    return _save_tiny_model(tmp_path_factory.mktemp("tiny-model"), reference_model.tokenizer, 16)
+
+
+@pytest.fixture(scope="session")
+def tiny_window_model(tmp_path_factory, reference_model):
+    """The same tiny BERT with 128 positions: fast enough to embed every window of a 5 MB document."""
+    return _save_tiny_model(tmp_path_factory.mktemp("tiny-window-model"), reference_model.tokenizer, 128)

@@ -26,23 +26,37 @@ from transforms.records import EmbedSettings, UnitEmbeddings
 
 FINGERPRINT_KEY = b"docembed.fingerprint"
 UNIT_KEY = b"docembed.unit"
+CHUNK_COLUMNS = ("chunk", "char_start", "char_end")
 
 
 def output_table(done: UnitEmbeddings, settings: EmbedSettings) -> pa.Table:
     """``id``, ``embedding`` (fixed-size list of float32) and the pass-through columns, in row order,
-    with the fingerprint and the unit in the Parquet metadata."""
+    with the fingerprint and the unit in the Parquet metadata. With ``--long-docs chunks``, one row
+    per window: ``id``, ``chunk``, ``char_start``, ``char_end``, ``embedding`` (and ``chunk_text``)."""
+    rows = done.table.select(["id", *settings.passthrough_columns])  # never repeat the texts per window
+    columns = {"id": None}
+    if done.chunks is not None:
+        rows = rows.take(done.chunks.column("row"))
+        columns.update({name: done.chunks.column(name) for name in CHUNK_COLUMNS})
+    columns["id"] = rows.column("id")
     flat = pa.array(done.embeddings.reshape(-1), pa.float32())
-    columns = {
-        "id": done.table.column("id"),
-        "embedding": pa.FixedSizeListArray.from_arrays(flat, settings.dim),
-    }
+    columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, settings.dim)
+    if done.chunks is not None and settings.chunk_text:
+        columns["chunk_text"] = window_texts(done.table.column(settings.text_column), done.chunks)
     for name in settings.passthrough_columns:
-        columns[name] = done.table.column(name)
+        columns[name] = rows.column(name)
     table = pa.table(columns)
     return table.replace_schema_metadata(
         {FINGERPRINT_KEY: json.dumps(settings.fingerprint(), sort_keys=True),
          UNIT_KEY: json.dumps(done.unit.to_json(), sort_keys=True)}
     )
+
+
+def window_texts(texts: pa.ChunkedArray, chunks: pa.Table) -> pa.Array:
+    """``text[char_start:char_end]`` of each window (offsets count code points, as Python slices)."""
+    texts = texts.to_pylist()
+    windows = zip(*(chunks.column(c).to_pylist() for c in ("row", "char_start", "char_end")))
+    return pa.array([texts[r][a:b] for r, a, b in windows], pa.large_string())
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -73,8 +87,12 @@ def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: OutputFol
         "embedded": done.table.num_rows,
         "rejected": done.rejects.num_rows,
         "rejected_by_reason": dict(collections.Counter(done.rejects.column("reason").to_pylist())),
+        "rows": output_rows(done),
+        "windows": done.windows,
         "truncated": done.truncated,
         "tokens": done.tokens,
+        "text_tokens": done.text_tokens,
+        "dropped_tokens": done.dropped_tokens,
         "padded_tokens": done.padded_tokens,
         "batches": done.batches,
         "run_id": settings.run_id,
@@ -87,6 +105,11 @@ def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: OutputFol
     }
     output.mark_done(unit_id, record)
     return record
+
+
+def output_rows(done: UnitEmbeddings) -> int:
+    """Rows the unit's part holds: its documents, or with ``--long-docs chunks`` their windows."""
+    return done.chunks.num_rows if done.chunks is not None else done.table.num_rows
 
 
 def check_lock(output: OutputFolder, settings: EmbedSettings) -> None:

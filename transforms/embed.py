@@ -1,9 +1,10 @@
 """Embed: turn a unit's texts into float32 vectors, one model per worker process.
 
-Consumes ``UnitRows``; produces ``UnitEmbeddings`` (vectors in the unit's row order). The model is
-loaded once per process in ``setup`` through Beam's ``shared.Shared``, so DoFn instances, bundles
-and retries in one process reuse it. The batching and the model loop are ``inference.embed_rows``;
-documents the model fails on alone are rejected here (``model_error``) with the error.
+Consumes ``UnitRows``; produces ``UnitEmbeddings`` (vectors in the unit's row order; one per window
+with ``--long-docs chunks``). The model is loaded once per process in ``setup`` through Beam's
+``shared.Shared``, so DoFn instances, bundles and retries in one process reuse it. ``embed_unit``
+picks the ``--long-docs`` mode; the batching and the model loop are ``inference``. Documents the
+model fails on alone are rejected here (``model_error``) with the error.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.utils import shared
 
-from transforms import metrics, rejects
+from transforms import chunk, metrics, rejects
 from transforms.checkpoint import OutputFolder
-from transforms.inference import Embedded, embed_rows
+from transforms.inference import embed_rows, embed_windows
 from transforms.model import Embedder
 from transforms.records import EmbedSettings, UnitEmbeddings, UnitRows
 
@@ -44,20 +45,52 @@ def load_embedder(settings: EmbedSettings) -> Embedder:
     )
 
 
-def with_model_errors(rows: UnitRows, embedded: Embedded) -> tuple[pa.Table, np.ndarray, pa.Table]:
-    """(rows, vectors, rejections) with the documents the model failed on moved to the rejections."""
-    if not embedded.failed:
-        return rows.table, embedded.vectors, rows.rejects
-    bad = sorted(embedded.failed)
+def with_model_errors(rows: UnitRows, failed: dict[int, str]) -> tuple[pa.Table, np.ndarray, pa.Table]:
+    """(rows kept, a mask of the rows kept, rejections) with the documents the model failed on
+    moved to the rejections as ``model_error``."""
     keep = np.ones(rows.table.num_rows, dtype=bool)
+    if not failed:
+        return rows.table, keep, rows.rejects
+    bad = sorted(failed)
     keep[bad] = False
     failed_rows = rows.table.take(pa.array(bad))
     model_rejects = rejects.rejections(
         failed_rows.column("id"), failed_rows.column("_row"), rows.unit.source,
-        ["model_error"] * len(bad), [embedded.failed[i] for i in bad],
+        ["model_error"] * len(bad), [failed[i] for i in bad],
     )
-    return (rows.table.filter(pa.array(keep)), embedded.vectors[keep],
+    return (rows.table.filter(pa.array(keep)), keep,
             pa.concat_tables([rows.rejects, model_rejects]).sort_by("row_index"))
+
+
+def embed_unit(embedder: Embedder, rows: UnitRows, settings: EmbedSettings, on_batch=None) -> UnitEmbeddings:
+    """A unit's vectors in the ``--long-docs`` mode asked for: each document's first window
+    (truncate), the weighted mean of all its windows (mean), or every window as a row (chunks)."""
+    texts = rows.table.column(settings.text_column).to_pylist()
+    chunks = None
+    if settings.long_docs == "truncate":
+        embedded = embed_rows(embedder, texts, settings, on_batch)
+        table, keep, rejected = with_model_errors(rows, embedded.failed)
+        vectors, window_count = embedded.vectors[keep], int(keep.sum())
+    else:
+        embedded, windows = embed_windows(embedder, texts, settings, on_batch)
+        table, keep, rejected = with_model_errors(rows, embedded.failed)
+        window_count = int(keep[windows.doc].sum())
+        if settings.long_docs == "mean":
+            vectors = chunk.mean_by_document(embedded.vectors, windows, len(texts), embedder.normalize)[keep]
+        else:
+            kept = keep[windows.doc]
+            vectors = embedded.vectors[kept]
+            chunks = pa.table({
+                "row": pa.array((np.cumsum(keep) - 1)[windows.doc[kept]], pa.int64()),
+                "chunk": pa.array(windows.chunk[kept], pa.int32()),
+                "char_start": pa.array(windows.char_start[kept], pa.int64()),
+                "char_end": pa.array(windows.char_end[kept], pa.int64()),
+            })
+    seconds = {**rows.seconds, "tokenize": embedded.tokenize_s, "forward": embedded.forward_s}
+    stats = [[d, t, p, round(s, 6)] for d, t, p, s in embedded.batch_stats]
+    return UnitEmbeddings(rows.unit, table, rejected, vectors, embedded.truncated, embedded.tokens,
+                          embedded.padded_tokens, embedded.batches, seconds, stats, rows.started_at, chunks,
+                          window_count, embedded.text_tokens, sum(n for i, n in embedded.dropped.items() if keep[i]))
 
 
 class EmbedUnit(beam.DoFn):
@@ -72,7 +105,6 @@ class EmbedUnit(beam.DoFn):
 
     def process(self, rows: UnitRows):
         unit = rows.unit
-        texts = rows.table.column(self._settings.text_column).to_pylist()
         last = [time.monotonic()]
 
         def report(done: int):
@@ -84,16 +116,15 @@ class EmbedUnit(beam.DoFn):
                 except OSError:  # progress is best-effort; the unit's work is not
                     pass
 
-        embedded = embed_rows(self._embedder, texts, self._settings, report)
-        for docs, tokens, padded, seconds in embedded.batch_stats:
+        done = embed_unit(self._embedder, rows, self._settings, report)
+        for items, tokens, _, seconds in done.batch_stats:
             metrics.BATCH_LATENCY_MS.update(int(seconds * 1000))
-            metrics.BATCH_DOCS.update(docs)
+            metrics.BATCH_DOCS.update(items)
             metrics.BATCH_TOKENS.update(tokens)
-        metrics.BATCHES.inc(embedded.batches)
-        table, vectors, rejected = with_model_errors(rows, embedded)
-        metrics.DOCS_TRUNCATED.inc(embedded.truncated)
-        metrics.TOKENS.inc(embedded.tokens)
-        seconds = {**rows.seconds, "tokenize": embedded.tokenize_s, "forward": embedded.forward_s}
-        stats = [[d, t, p, round(s, 6)] for d, t, p, s in embedded.batch_stats]
-        yield UnitEmbeddings(unit, table, rejected, vectors, embedded.truncated, embedded.tokens,
-                             embedded.padded_tokens, embedded.batches, seconds, stats, rows.started_at)
+        metrics.BATCHES.inc(done.batches)
+        metrics.DOCS_TRUNCATED.inc(done.truncated)
+        metrics.TOKENS.inc(done.tokens)
+        metrics.TOKENS_DROPPED.inc(done.dropped_tokens)
+        if done.chunks is not None:
+            metrics.CHUNKS.inc(done.chunks.num_rows)
+        yield done

@@ -1,9 +1,10 @@
 """Inference: run the model over one unit's texts in length-sorted batches (pure: no Beam here).
 
-Tokens are counted (``tokens``), batches planned (``batch``), and each batch is tokenized in a helper
-thread while the model runs on the one before. A batch the model fails on (an out-of-memory error,
-say) is split in halves and retried down to single documents; a document that still fails is
-returned as failed, with the error, and the rest go on.
+Two ways in: ``embed_rows`` embeds each text's first window (tokens counted by ``tokens``);
+``embed_windows`` embeds every window of every text (cut by ``chunk``). Either way, batches are
+planned (``batch``) and each is tokenized in a helper thread while the model runs on the one before.
+A batch the model fails on (an out-of-memory error, say) is split in halves and retried down to
+single items; a document that still fails is returned as failed, with the error, and the rest go on.
 """
 
 from __future__ import annotations
@@ -15,18 +16,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from transforms import chunk
 from transforms.batch import padded_tokens, plan_batches
 from transforms.model import Embedder
 from transforms.records import EmbedSettings
-from transforms.tokens import count_tokens
+from transforms.tokens import count_tokens, full_lengths
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class Embedded:
-    """What ``embed_rows`` returns: vectors (rows of failed documents are left zero), the failed
-    documents as {index: message}, counts, and seconds spent tokenizing and in the model."""
+    """What ``embed_rows`` and ``embed_windows`` return: vectors (rows of failed items are left zero),
+    the failed documents as {index: message}, counts (``tokens``: what the model saw, special tokens
+    included), and seconds spent tokenizing and in the model."""
 
     vectors: np.ndarray
     failed: dict[int, str]
@@ -34,6 +37,8 @@ class Embedded:
     tokens: int
     padded_tokens: int
     batches: int
+    text_tokens: int = 0  # tokens of the embedded documents' whole texts, special tokens excluded
+    dropped: dict[int, int] = dataclasses.field(default_factory=dict)  # truncate: {index: tokens cut off}
     tokenize_s: float = 0.0
     forward_s: float = 0.0
     # (documents, real tokens, padded tokens, seconds in the model) of each batch, in order.
@@ -41,11 +46,11 @@ class Embedded:
 
 
 def embed_rows(embedder: Embedder, texts: list[str], settings: EmbedSettings, on_batch=None) -> Embedded:
-    """Vectors for ``texts`` in order. ``on_batch(docs_done)`` is called after each batch.
+    """Vectors for ``texts`` in order, each from its first window of tokens (``--long-docs truncate``).
+    ``on_batch(docs_done)`` is called after each batch.
 
-    The next batch is tokenized in a helper thread while the model runs on the current one. The
-    tokenize time reported is what the model loop waited for it, so the stage times add up to the
-    wall time.
+    The tokens the window leaves out are counted too (``dropped_tokens``), so a run can say how much
+    of its corpus the model never saw.
     """
     start = time.perf_counter()
     counted = count_tokens(texts, embedder.max_seq_length, embedder.token_lengths)
@@ -54,32 +59,76 @@ def embed_rows(embedder: Embedder, texts: list[str], settings: EmbedSettings, on
     )
     out = Embedded(np.zeros((len(texts), embedder.dim), dtype=np.float32), {}, 0,
                    int(counted.lengths.sum()), padded_tokens(counted.lengths, batches), len(batches))
+    cut = np.flatnonzero(counted.truncated)
+    if cut.size:
+        full = full_lengths([texts[i] for i in cut], embedder.token_lengths, embedder.overhead)
+        out.dropped = dict(zip(cut.tolist(), (full - counted.lengths[cut]).tolist()))
     out.tokenize_s = time.perf_counter() - start
+    prepare = lambda b: embedder.prepare([counted.texts[i] for i in b])  # noqa: E731
+    run_batches(embedder, prepare, counted.lengths, batches, out, on_batch)
+    kept = [i for i in range(len(texts)) if i not in out.failed]
+    out.truncated = int(counted.truncated[kept].sum())
+    out.text_tokens = int((counted.lengths[kept] - embedder.overhead).sum()) + sum(
+        n for i, n in out.dropped.items() if i not in out.failed)
+    return out
+
+
+def embed_windows(embedder: Embedder, texts: list[str], settings: EmbedSettings, on_batch=None):
+    """Vectors for every window of every text (``--long-docs mean`` and ``chunks``): (Embedded with
+    one vector per window, the Windows). Windows of all the unit's documents are batched together by
+    length, so a very long document's windows fill ordinary batches. ``on_batch(docs_done)`` gets an
+    estimate: documents x the share of windows done. A window the model fails on fails its document.
+    """
+    start = time.perf_counter()
+    tokens = chunk.tokenize(texts, embedder.encode_with_offsets)
+    windows = chunk.plan_windows(texts, tokens, settings.chunk_spec(embedder.window_size))
+    lengths = windows.token_end - windows.token_start + embedder.overhead
+    batches = plan_batches(lengths, settings.min_batch_size, settings.max_batch_size, settings.max_batch_tokens)
+    out = Embedded(np.zeros((len(windows), embedder.dim), dtype=np.float32), {}, 0,
+                   int(lengths.sum()), padded_tokens(lengths, batches), len(batches))
+    out.tokenize_s = time.perf_counter() - start
+
+    def prepare(batch):
+        return embedder.prepare_ids([tokens[d].ids[a:b] for d, a, b in
+                                     zip(windows.doc[batch], windows.token_start[batch], windows.token_end[batch])])
+
+    share = (lambda done: on_batch(len(texts) * done // max(1, len(windows)))) if on_batch else None  # noqa: E731
+    run_batches(embedder, prepare, lengths, batches, out, share)
+    failed_windows, out.failed = out.failed, {}
+    for w, message in failed_windows.items():
+        out.failed.setdefault(int(windows.doc[w]), message)
+    out.text_tokens = sum(len(t) for d, t in enumerate(tokens) if d not in out.failed)
+    return out, windows
+
+
+def run_batches(embedder: Embedder, prepare, lengths: np.ndarray, batches: list[np.ndarray], out: Embedded,
+                on_batch=None) -> None:
+    """The model loop: ``out.vectors[batch]`` for each batch, ``prepare(batch)`` (tokenizing) done in a
+    helper thread for the next batch while the model runs on the current one. The tokenize time
+    added is what the loop waited for it, so the stage times add up to the wall time. A batch that
+    fails is split down to single items; items that still fail land in ``out.failed``."""
     done = 0
     with ThreadPoolExecutor(max_workers=1) as tokenizer_thread:
-        prepare = lambda b: tokenizer_thread.submit(embedder.prepare, [counted.texts[i] for i in b])  # noqa: E731
-        pending = prepare(batches[0]) if batches else None
+        pending = tokenizer_thread.submit(prepare, batches[0]) if batches else None
         for k, batch in enumerate(batches):
             started = time.perf_counter()
             try:
                 features = pending.result()
-            except Exception:  # noqa: BLE001 - retried below, document by document if need be
+            except Exception:  # noqa: BLE001 - retried below, item by item if need be
                 features = None
             if k + 1 < len(batches):
-                pending = prepare(batches[k + 1])
+                pending = tokenizer_thread.submit(prepare, batches[k + 1])
             waited = time.perf_counter()
             if features is None or not _forward(embedder, features, batch, out.vectors):
-                _embed_or_split(embedder, counted.texts, batch, out.vectors, out.failed)
+                _embed_or_split(embedder, prepare, batch, out.vectors, out.failed)
             finished = time.perf_counter()
             out.tokenize_s += waited - started
             out.forward_s += finished - waited
-            out.batch_stats.append((len(batch), int(counted.lengths[batch].sum()),
-                                    len(batch) * int(counted.lengths[batch].max()), finished - waited))
+            out.batch_stats.append((len(batch), int(lengths[batch].sum()),
+                                    len(batch) * int(lengths[batch].max()), finished - waited))
             done += len(batch)
             if on_batch:
                 on_batch(done)
-    out.truncated = int(counted.truncated[[i for i in range(len(texts)) if i not in out.failed]].sum())
-    return out
 
 
 def _forward(embedder: Embedder, features: dict, batch: np.ndarray, vectors: np.ndarray) -> bool:
@@ -91,9 +140,9 @@ def _forward(embedder: Embedder, features: dict, batch: np.ndarray, vectors: np.
         return False
 
 
-def _embed_or_split(embedder: Embedder, texts: list[str], batch: np.ndarray, vectors, failed) -> None:
+def _embed_or_split(embedder: Embedder, prepare, batch: np.ndarray, vectors, failed) -> None:
     try:
-        vectors[batch] = embedder.embed([texts[i] for i in batch])
+        vectors[batch] = embedder.forward(prepare(batch))
         return
     except Exception as exc:  # any model failure: torch raises OutOfMemoryError, RuntimeError, IndexError...
         embedder.release_memory()
@@ -103,5 +152,5 @@ def _embed_or_split(embedder: Embedder, texts: list[str], batch: np.ndarray, vec
             return
         log.info("model failed on a batch of %d documents; retrying it in halves", len(batch))
     half = len(batch) // 2
-    _embed_or_split(embedder, texts, batch[:half], vectors, failed)
-    _embed_or_split(embedder, texts, batch[half:], vectors, failed)
+    _embed_or_split(embedder, prepare, batch[:half], vectors, failed)
+    _embed_or_split(embedder, prepare, batch[half:], vectors, failed)

@@ -5,7 +5,10 @@
 - ``dim`` and ``max_seq_length``;
 - ``token_lengths(texts)``: tokens per text including special tokens, not capped at the window;
 - ``embed(texts) -> float32 array (n, dim)``, row order preserved, L2-normalised when asked;
-  it is ``forward(prepare(texts))``, split so that tokenizing the next batch can overlap the model.
+  it is ``forward(prepare(texts))``, split so that tokenizing the next batch can overlap the model;
+- for whole-document modes: ``encode_with_offsets(texts)`` (tokens and character offsets, no
+  special tokens), ``window_size`` (content tokens that fit the window) and ``prepare_ids(windows)``
+  (model inputs built from token ids, with the special and prefix tokens around them).
 
 It wraps a sentence-transformers model so that pooling, dense layers and normalisation come from the
 model's own configuration. Devices are never switched silently: an explicit ``cuda`` without CUDA
@@ -151,6 +154,9 @@ class Embedder:
         self.max_seq_length = int(self.model.max_seq_length)
         self.tokenizer = self.model.tokenizer
         self._torch = torch
+        self._head, self._tail = self._special_layout()
+        self.window_size = self.max_seq_length - len(self._head) - len(self._tail)
+        self.overhead = len(self._head) + len(self._tail)  # tokens an empty text has: specials, prefix
 
     def pooling(self) -> str:
         """The model's layers after the transformer (pooling, dense, ...), as a stable string."""
@@ -174,6 +180,45 @@ class Embedder:
             )
             lengths[start:start + len(chunk)] = [len(ids) for ids in encoded["input_ids"]]
         return lengths
+
+    def _special_layout(self) -> tuple[list[int], list[int]]:
+        """The token ids the tokenizer puts before and after a text's own tokens (special tokens
+        and the prefix), found by locating a probe word's tokens in its full encoding."""
+        full = self.tokenizer(self.prefix + "hello")["input_ids"]
+        for probe in ("hello", " hello"):
+            body = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+            for i in range(len(full) - len(body), -1, -1):
+                if full[i:i + len(body)] == body:
+                    return list(full[:i]), list(full[i + len(body):])
+        raise ModelError(f"cannot tell where this tokenizer puts its special tokens (it encodes {full}); "
+                         "--long-docs mean and chunks need that: use --long-docs truncate")
+
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """(token ids, character offsets) of each text, without special tokens, prefix or truncation."""
+        # verbose=False: whole documents are longer than the model's window on purpose; no warning.
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+                                 return_attention_mask=False, return_token_type_ids=False, verbose=False)
+        return list(zip(encoded["input_ids"], encoded["offset_mapping"]))
+
+    def prepare_ids(self, windows: list) -> dict:
+        """Padded model inputs for windows of content token ids (each at most ``window_size``),
+        wrapped in the special and prefix tokens exactly as the tokenizer wraps a text."""
+        ids = [self._head + [int(i) for i in w] + self._tail for w in windows]
+        features = dict(self.tokenizer.pad({"input_ids": ids}, return_tensors="pt"))
+        if "token_type_ids" in self.tokenizer.model_input_names:
+            features["token_type_ids"] = self._torch.zeros_like(features["input_ids"])
+        features.update(self._extra_features())
+        if self.device == "cuda":
+            features = {k: (v.pin_memory() if hasattr(v, "pin_memory") else v) for k, v in features.items()}
+        return features
+
+    def _extra_features(self) -> dict:
+        """Non-tensor entries the model's own preprocessing adds (sentence-transformers 6 adds the
+        modality), so that inputs built from ids take the same path through the modules."""
+        if not hasattr(self, "_extras"):
+            probe = self.model.preprocess(["a"])
+            self._extras = {k: v for k, v in probe.items() if not hasattr(v, "shape")}
+        return self._extras
 
     def release_memory(self) -> None:
         """After a failed batch: give cached CUDA memory back before the halves are retried."""

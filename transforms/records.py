@@ -41,6 +41,14 @@ class EmbedSettings:
     lock_token: str = ""  # the output lock this run holds; commits check it before each marker
     # Pass-through column types unified across input files at planning; parts are cast to them.
     passthrough_schema: Optional[pa.Schema] = None
+    # Whole documents: "truncate" (first window only), "mean" (one vector from every window) or
+    # "chunks" (one row per window); windows overlap by ``chunk_overlap`` tokens and, with
+    # ``chunk_boundary`` "sentence", end at a sentence or paragraph end in their last ``boundary_lookback``.
+    long_docs: str = "truncate"
+    chunk_overlap: int = 0
+    chunk_boundary: str = "token"
+    boundary_lookback: int = 0
+    chunk_text: bool = False  # chunks: store each window's text too
 
     VECTOR_FIELDS = (
         "model",
@@ -54,9 +62,28 @@ class EmbedSettings:
         "text_column",
     )
 
+    WINDOW_FIELDS = ("chunk_overlap", "chunk_boundary", "boundary_lookback")
+
     def fingerprint(self) -> dict:
-        """The settings that change the vectors, as a plain dict (stored in the manifest and in parts)."""
-        return {name: getattr(self, name) for name in self.VECTOR_FIELDS}
+        """The settings that change the vectors, as a plain dict (stored in the manifest and in parts).
+        How windows are cut matters only when documents are cut into windows."""
+        fields = self.VECTOR_FIELDS + ("long_docs",) + (self.WINDOW_FIELDS if self.long_docs != "truncate" else ())
+        return {name: getattr(self, name) for name in fields}
+
+    def chunk_spec(self, window_size: int):
+        from transforms.chunk import ChunkSpec
+
+        lookback = self.boundary_lookback if self.chunk_boundary == "sentence" else 0
+        return ChunkSpec(window_size, self.chunk_overlap, self.chunk_boundary, lookback)
+
+
+# Fingerprint fields added after outputs were first written, with the value those outputs implied.
+FINGERPRINT_DEFAULTS = {"long_docs": "truncate"}
+
+
+def with_defaults(fingerprint: dict) -> dict:
+    """A stored fingerprint with fields it predates filled in, so older outputs still resume."""
+    return {**FINGERPRINT_DEFAULTS, **fingerprint}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +146,9 @@ class UnitRows:
 
 @dataclasses.dataclass
 class UnitEmbeddings:
-    """Embed -> Commit: a unit's rows with one float32 vector per row, in input order."""
+    """Embed -> Commit: a unit's rows (documents, in input order) and their float32 vectors: one per
+    document, or with ``chunks`` (``--long-docs chunks``) one per window, ``chunks`` saying which
+    row (``row``) and where in its text (``chunk``, ``char_start``, ``char_end``) each one is."""
 
     unit: WorkUnit
     table: pa.Table
@@ -133,3 +162,7 @@ class UnitEmbeddings:
     # Per batch: [documents, real tokens, padded tokens, seconds in the model], for the run report.
     batch_stats: list = dataclasses.field(default_factory=list)
     started_at: float = 0.0  # wall clock when the unit's reading began
+    chunks: Optional[pa.Table] = None
+    windows: int = 0  # windows the model embedded for the kept documents (one each under truncate)
+    text_tokens: int = 0  # tokens of the embedded documents' whole texts (special tokens excluded)
+    dropped_tokens: int = 0  # truncate: of those, the tokens beyond the window that no vector covers

@@ -15,6 +15,7 @@ import dataclasses
 import numpy as np
 
 CHARS_PER_TOKEN = 8
+PIECE_CHARS = 1 << 16
 _WHITESPACE = (" ", "\n", "\t", "\r")
 
 
@@ -35,6 +36,28 @@ def cap_text(text: str, max_chars: int) -> str:
     head = text[:max_chars]
     cut = max(head.rfind(c) for c in _WHITESPACE)
     return head[:cut] if cut > max_chars // 2 else head
+
+
+def split_at_whitespace(text: str, max_chars: int) -> list[tuple[int, int]]:
+    """Spans ``[a, b)`` that tile ``text``, each at most ``max_chars`` long and, where the text allows,
+    ending just before whitespace (``cap_text``'s rule), so that tokenizing the spans one by one
+    gives the same tokens as tokenizing the whole text. An empty text has one empty span."""
+    spans, start = [], 0
+    while len(text) - start > max_chars:
+        end = start + len(cap_text(text[start:start + max_chars + 1], max_chars))
+        spans.append((start, end))
+        start = end
+    spans.append((start, len(text)))
+    return spans
+
+
+def full_lengths(texts: list[str], token_lengths, overhead: int) -> np.ndarray:
+    """Every token of each text (special and prefix tokens included), counted in spans of
+    ``PIECE_CHARS`` so that a multi-megabyte text never reaches the tokenizer whole.
+    ``overhead``: the tokens an empty text has (special and prefix tokens), counted once per text."""
+    spans = [(i, a, b) for i, t in enumerate(texts) for a, b in split_at_whitespace(t, PIECE_CHARS)]
+    counts = token_lengths([texts[i][a:b] for i, a, b in spans], PIECE_CHARS + overhead) - overhead
+    return np.bincount([i for i, _, _ in spans], weights=counts, minlength=len(texts)).astype(np.int64) + overhead
 
 
 def count_tokens(texts: list[str], window: int, token_lengths) -> Counted:
