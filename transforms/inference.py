@@ -59,13 +59,18 @@ def embed_rows(embedder: Embedder, texts: list[str], settings: EmbedSettings, on
     )
     out = Embedded(np.zeros((len(texts), embedder.dim), dtype=np.float32), {}, 0,
                    int(counted.lengths.sum()), padded_tokens(counted.lengths, batches), len(batches))
-    cut = np.flatnonzero(counted.truncated)
-    if cut.size:
-        full = full_lengths([texts[i] for i in cut], embedder.token_lengths, embedder.overhead)
-        out.dropped = dict(zip(cut.tolist(), (full - counted.lengths[cut]).tolist()))
     out.tokenize_s = time.perf_counter() - start
+    cut = np.flatnonzero(counted.truncated)
     prepare = lambda b: embedder.prepare([counted.texts[i] for i in b])  # noqa: E731
-    run_batches(embedder, prepare, counted.lengths, batches, out, on_batch)
+    # Counting what truncation drops reads whole texts: done beside the model loop (the tokenizer
+    # releases the GIL), so that on a GPU host with idle cores it costs no wall time.
+    with ThreadPoolExecutor(max_workers=1) as counter:
+        whole = counter.submit(full_lengths, [texts[i] for i in cut], embedder.count_tokens)
+        run_batches(embedder, prepare, counted.lengths, batches, out, on_batch)
+        waited = time.perf_counter()
+        dropped = whole.result() + embedder.overhead - counted.lengths[cut]
+        out.dropped = dict(zip(cut.tolist(), dropped.tolist()))
+        out.tokenize_s += time.perf_counter() - waited
     kept = [i for i in range(len(texts)) if i not in out.failed]
     out.truncated = int(counted.truncated[kept].sum())
     out.text_tokens = int((counted.lengths[kept] - embedder.overhead).sum()) + sum(

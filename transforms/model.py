@@ -4,6 +4,7 @@
 
 - ``dim`` and ``max_seq_length``;
 - ``token_lengths(texts)``: tokens per text including special tokens, not capped at the window;
+  ``count_tokens(texts)``: whole texts' tokens, special tokens excluded, safe in a second thread;
 - ``embed(texts) -> float32 array (n, dim)``, row order preserved, L2-normalised when asked;
   it is ``forward(prepare(texts))``, split so that tokenizing the next batch can overlap the model;
 - for whole-document modes: ``encode_with_offsets(texts)`` (tokens and character offsets, no
@@ -192,6 +193,19 @@ class Embedder:
                     return list(full[:i]), list(full[i + len(body):])
         raise ModelError(f"cannot tell where this tokenizer puts its special tokens (it encodes {full}); "
                          "--long-docs mean and chunks need that: use --long-docs truncate")
+
+    def count_tokens(self, texts: list[str]) -> np.ndarray:
+        """Tokens of each text, without special tokens, prefix or truncation. It runs on a private
+        copy of the tokenizer, so it is safe beside ``prepare`` in another thread (a tokenizer
+        whose truncation settings change under a running call fails with "Already borrowed")."""
+        if not hasattr(self, "_counter"):
+            from tokenizers import Tokenizer
+
+            self._counter = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
+            self._counter.no_truncation()
+            self._counter.no_padding()
+        encoded = self._counter.encode_batch(texts, add_special_tokens=False)
+        return np.array([len(e.ids) for e in encoded], dtype=np.int64)
 
     def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
         """(token ids, character offsets) of each text, without special tokens, prefix or truncation."""

@@ -51,13 +51,16 @@ def split_at_whitespace(text: str, max_chars: int) -> list[tuple[int, int]]:
     return spans
 
 
-def full_lengths(texts: list[str], token_lengths, overhead: int) -> np.ndarray:
-    """Every token of each text (special and prefix tokens included), counted in spans of
-    ``PIECE_CHARS`` so that a multi-megabyte text never reaches the tokenizer whole.
-    ``overhead``: the tokens an empty text has (special and prefix tokens), counted once per text."""
+def full_lengths(texts: list[str], count) -> np.ndarray:
+    """Every token of each text (special tokens excluded), counted in spans of ``PIECE_CHARS`` so
+    that a multi-megabyte text never reaches the tokenizer whole. ``count(texts)`` counts tokens
+    without special tokens or truncation (the Embedder's ``count_tokens``)."""
     spans = [(i, a, b) for i, t in enumerate(texts) for a, b in split_at_whitespace(t, PIECE_CHARS)]
-    counts = token_lengths([texts[i][a:b] for i, a, b in spans], PIECE_CHARS + overhead) - overhead
-    return np.bincount([i for i, _, _ in spans], weights=counts, minlength=len(texts)).astype(np.int64) + overhead
+    counts = np.zeros(len(texts), dtype=np.int64)
+    for k in range(0, len(spans), 64):  # bounded batches: each returns its Encoding objects at once
+        batch = spans[k:k + 64]
+        np.add.at(counts, [i for i, _, _ in batch], count([texts[i][a:b] for i, a, b in batch]))
+    return counts
 
 
 def count_tokens(texts: list[str], window: int, token_lengths) -> Counted:
