@@ -213,14 +213,16 @@ def test_an_output_that_is_not_writable_is_an_error_before_any_work(tmp_path, ca
     assert code == 2 and "cannot write to --output" in err
 
 
-def test_a_batch_the_model_fails_on_is_split_and_only_the_failing_documents_are_rejected(tmp_path, tiny_model):
+@pytest.mark.parametrize("mode", ["truncate", "mean", "chunks"])
+def test_a_batch_the_model_fails_on_is_split_and_only_the_failing_documents_are_rejected(tmp_path, tiny_model,
+                                                                                        mode):
     short = [f"doc {i}" for i in range(40)]                      # under 16 tokens: the tiny model copes
     long = [f"a much longer document number {i} " * 4 for i in range(3)]  # over 16 tokens: it fails
     ids = [f"s{i}" for i in range(40)] + ["l0", "l1", "l2"]
     write_docs(tmp_path / "in.parquet", ids, short + long)
     summary = _run(tmp_path / "in.parquet", tmp_path / "out", "--model", tiny_model, "--max-seq-length", "64",
-                   "--min-batch-size", "8", "--max-batch-size", "32")
-    assert sorted(read_output(tmp_path / "out").column("id").to_pylist()) == sorted(ids[:40])
+                   "--min-batch-size", "8", "--max-batch-size", "32", "--long-docs", mode)
+    assert sorted(read_output(tmp_path / "out").column("id").to_pylist()) == sorted(ids[:40])  # one window each
     rejected = pq.read_table(tmp_path / "out" / "_rejects").to_pylist()
     assert sorted(r["id"] for r in rejected) == ["l0", "l1", "l2"]
     assert all(r["reason"] == "model_error" and "RuntimeError" in r["message"] for r in rejected)
