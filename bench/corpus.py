@@ -14,6 +14,8 @@ import importlib
 import inspect
 import pkgutil
 import pydoc
+import re
+import sysconfig
 import warnings
 
 import pyarrow as pa
@@ -24,8 +26,12 @@ _SKIP = ("test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "an
 
 
 def _modules():
+    # Only the standard library's own folders: sys.path also holds the running script's folder
+    # (bench/ itself, or a project with a setup.py that exits when imported) and site-packages.
+    stdlib = sysconfig.get_paths()["stdlib"]
     for info in sorted(pkgutil.iter_modules(), key=lambda m: m.name):
-        if info.name.startswith(_SKIP) or "site-packages" in str(getattr(info.module_finder, "path", "")):
+        where = str(getattr(info.module_finder, "path", ""))
+        if info.name.startswith(_SKIP) or not where.startswith(stdlib) or "site-packages" in where:
             continue
         try:
             with warnings.catch_warnings():
@@ -45,7 +51,9 @@ def documents():
                 continue
             if inspect.isclass(value):
                 try:
-                    yield f"{module.__name__}.{name}:pydoc", pydoc.plain(pydoc.render_doc(value))
+                    page = pydoc.plain(pydoc.render_doc(value))
+                    # Default values print as <object object at 0x7f...>: an address differs every run.
+                    yield f"{module.__name__}.{name}:pydoc", re.sub(r" at 0x[0-9a-f]+", "", page)
                 except Exception:
                     pass
             if (inspect.isclass(value) or inspect.isfunction(value)) and value.__doc__:
