@@ -78,8 +78,9 @@ def tokenize(texts: list[str], encode) -> list[Tokens]:
     parts: list[list[tuple]] = [[] for _ in texts]
     for batch in _calls(spans):
         for (doc, a, b), (ids, offsets) in zip(batch, encode([texts[d][x:y] for d, x, y in batch])):
-            offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2) + a
-            parts[doc].append((np.asarray(ids, dtype=np.int64), offsets[:, 0], offsets[:, 1]))
+            # int32: 12 bytes a token held for the unit's whole model loop (ids and offsets fit easily)
+            offsets = np.asarray(offsets, dtype=np.int32).reshape(-1, 2) + np.int32(a)
+            parts[doc].append((np.asarray(ids, dtype=np.int32), offsets[:, 0], offsets[:, 1]))
     return [_joined(p) for p in parts]
 
 
@@ -99,7 +100,7 @@ def _calls(spans: list[tuple[int, int, int]]):
 
 def _joined(parts: list[tuple]) -> Tokens:
     if not parts:
-        empty = np.zeros(0, dtype=np.int64)
+        empty = np.zeros(0, dtype=np.int32)
         return Tokens(empty, empty, empty)
     return Tokens(*(np.concatenate([p[k] for p in parts]) for k in range(3)))
 

@@ -87,6 +87,8 @@ def embed_windows(embedder: Embedder, texts: list[str], settings: EmbedSettings,
     start = time.perf_counter()
     tokens = chunk.tokenize(texts, embedder.encode_with_offsets)
     windows = chunk.plan_windows(texts, tokens, settings.chunk_spec(embedder.window_size))
+    ids = [t.ids for t in tokens]  # the offsets are no longer needed: free them before the model loop
+    del tokens
     lengths = windows.token_end - windows.token_start + embedder.overhead
     batches = plan_batches(lengths, settings.min_batch_size, settings.max_batch_size, settings.max_batch_tokens)
     out = Embedded(np.zeros((len(windows), embedder.dim), dtype=np.float32), {}, 0,
@@ -94,7 +96,7 @@ def embed_windows(embedder: Embedder, texts: list[str], settings: EmbedSettings,
     out.tokenize_s = time.perf_counter() - start
 
     def prepare(batch):
-        return embedder.prepare_ids([tokens[d].ids[a:b] for d, a, b in
+        return embedder.prepare_ids([ids[d][a:b] for d, a, b in
                                      zip(windows.doc[batch], windows.token_start[batch], windows.token_end[batch])])
 
     share = (lambda done: on_batch(len(texts) * done // max(1, len(windows)))) if on_batch else None  # noqa: E731
@@ -102,7 +104,7 @@ def embed_windows(embedder: Embedder, texts: list[str], settings: EmbedSettings,
     failed_windows, out.failed = out.failed, {}
     for w, message in failed_windows.items():
         out.failed.setdefault(int(windows.doc[w]), message)
-    out.text_tokens = sum(len(t) for d, t in enumerate(tokens) if d not in out.failed)
+    out.text_tokens = sum(len(t) for d, t in enumerate(ids) if d not in out.failed)
     return out, windows
 
 

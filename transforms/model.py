@@ -217,7 +217,7 @@ class Embedder:
     def prepare_ids(self, windows: list) -> dict:
         """Padded model inputs for windows of content token ids (each at most ``window_size``),
         wrapped in the special and prefix tokens exactly as the tokenizer wraps a text."""
-        ids = [self._head + [int(i) for i in w] + self._tail for w in windows]
+        ids = [self._head + np.asarray(w).tolist() + self._tail for w in windows]
         features = dict(self.tokenizer.pad({"input_ids": ids}, return_tensors="pt"))
         if "token_type_ids" in self.tokenizer.model_input_names:
             features["token_type_ids"] = self._torch.zeros_like(features["input_ids"])
