@@ -387,7 +387,7 @@ def pct(k: int, n: int) -> str:
 
 def build_markdown(args, command, corpus_notes, stats_lines, results, metrics_by, paired, by_source, notes,
                    interpretation, total_s, reused) -> str:
-    lines = [f"# `--long-docs`: what each mode buys on real text",
+    lines = ["# `--long-docs`: what each mode buys on real text",
              "",
              f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.machine()}, "
              f"{os.cpu_count()} cores shared with other work (so seconds are indicative), all-MiniLM-L6-v2 (fp32, CPU), window {WINDOW} tokens, overlap {OVERLAP}. "
