@@ -6,6 +6,7 @@ import importlib.metadata
 import time
 
 from pipeline.plan import Plan
+from transforms.checkpoint import marker_totals
 from transforms.records import EmbedSettings
 
 _LIBRARIES = ("apache-beam", "torch", "transformers", "sentence-transformers", "pyarrow")
@@ -40,16 +41,9 @@ def started(settings: EmbedSettings, plan: Plan, checkpoint_every: int) -> dict:
 def completed(manifest: dict, markers: dict[str, dict], plan: Plan) -> dict:
     planned = {u.unit_id for u in plan.units}
     mine = [m for uid, m in sorted(markers.items()) if uid in planned]
-    counts = {
-        "input_rows": plan.rows,
-        "embedded": sum(m["embedded"] for m in mine),
-        "rejected": sum(m["rejected"] for m in mine),
-        "truncated": sum(m["truncated"] for m in mine),
-        "rows": sum(m.get("rows", m["embedded"]) for m in mine),  # chunks: windows; else documents
-        "tokens": sum(m["tokens"] for m in mine),
-        "text_tokens": sum(m.get("text_tokens", 0) for m in mine),
-        "dropped_tokens": sum(m.get("dropped_tokens", 0) for m in mine),
-    }
+    totals = marker_totals(mine)  # rows: chunks under --long-docs chunks, else documents
+    counts = {"input_rows": plan.rows, **{k: totals[k] for k in (
+        "embedded", "rejected", "truncated", "rows", "tokens", "text_tokens", "dropped_tokens")}}
     earlier = [m for uid, m in sorted(markers.items()) if uid not in planned]
     return {
         **manifest,

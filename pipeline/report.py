@@ -16,7 +16,7 @@ import resource
 
 import numpy as np
 
-from transforms.checkpoint import OutputFolder
+from transforms.checkpoint import OutputFolder, marker_totals
 
 REPORTS = "_reports"
 STAGES = ("read", "tokenize", "forward", "write")
@@ -71,9 +71,8 @@ def build(run_id: str, markers: dict[str, dict], wall_s: float, started_at: floa
           cost_per_hour: float | None) -> dict:
     mine = sorted((m for m in markers.values() if m.get("run_id") == run_id), key=lambda m: m["committed_at"])
     batches = [b for m in mine for b in m.get("batch_stats", [])]
-    docs = sum(m["embedded"] for m in mine)
-    tokens = sum(m["tokens"] for m in mine)
-    padded = sum(m["padded_tokens"] for m in mine)
+    totals = marker_totals(mine)
+    docs, tokens, padded = totals["embedded"], totals["tokens"], totals["padded_tokens"]
     stage_s = {k: sum(m.get("seconds", {}).get(k, 0.0) for m in mine) for k in STAGES}
     workers = {(m["worker"]["host"], m["worker"]["pid"]) for m in mine if m.get("worker")}
     capacity = wall_s * max(1, len(workers))  # worker-seconds available to the stages
@@ -90,15 +89,15 @@ def build(run_id: str, markers: dict[str, dict], wall_s: float, started_at: floa
         "processing_s": (mine[-1]["committed_at"] - min(m["started_at"] for m in mine)) if mine else 0.0,
         "units": len(mine),
         "docs_embedded": docs,
-        "docs_rejected": sum(m["rejected"] for m in mine),
-        "docs_truncated": sum(m["truncated"] for m in mine),
+        "docs_rejected": totals["rejected"],
+        "docs_truncated": totals["truncated"],
         "long_docs": settings.long_docs,
         "window": settings.max_seq_length,
-        "windows": sum(m.get("windows", m["embedded"]) for m in mine),
-        "rows": sum(m.get("rows", m["embedded"]) for m in mine),
+        "windows": totals["windows"],
+        "rows": totals["rows"],
         "tokens": tokens,
-        "text_tokens": sum(m.get("text_tokens", 0) for m in mine),
-        "dropped_tokens": sum(m.get("dropped_tokens", 0) for m in mine),
+        "text_tokens": totals["text_tokens"],
+        "dropped_tokens": totals["dropped_tokens"],
         "docs_per_s": docs / wall_s if wall_s else 0.0,
         "tokens_per_s": tokens / wall_s if wall_s else 0.0,
         "batches": len(batches),

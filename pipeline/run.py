@@ -21,7 +21,7 @@ from pipeline.options import EmbedOptions
 from pipeline.plan import plan_input, split_done
 from pipeline.progress import ProgressBar
 from transforms import metrics as metrics_mod
-from transforms.checkpoint import OutputFolder
+from transforms.checkpoint import OutputFolder, marker_totals
 from transforms.embed import acquire_embedder, load_embedder
 from transforms.errors import DocembedError, JobFailed, OutputError, UsageError
 from transforms.model import resolve_device, resolve_model, resolve_precision
@@ -161,25 +161,19 @@ def summarize(settings, plan, markers, todo, done, seconds) -> dict:
     reasons = collections.Counter()
     for marker in ran:
         reasons.update(marker.get("rejected_by_reason", {}))
+    this_run, all_runs = marker_totals(ran), marker_totals(planned)
     return {
         "output": settings.output,
         "input_rows": plan.rows,
-        "embedded": sum(m["embedded"] for m in ran),
-        "rejected": sum(m["rejected"] for m in ran),
+        **{k: this_run[k] for k in ("embedded", "rejected", "truncated", "rows", "windows", "tokens",
+                                    "text_tokens", "dropped_tokens")},
         "rejected_by_reason": dict(sorted(reasons.items())),
-        "truncated": sum(m["truncated"] for m in ran),
-        "rows": sum(m.get("rows", m["embedded"]) for m in ran),
-        "windows": sum(m.get("windows", m["embedded"]) for m in ran),
-        "tokens": sum(m["tokens"] for m in ran),
-        "text_tokens": sum(m.get("text_tokens", 0) for m in ran),
-        "dropped_tokens": sum(m.get("dropped_tokens", 0) for m in ran),
         "long_docs": settings.long_docs,
-        "chunk_overlap": settings.chunk_overlap,
         "processed": sum(m["row_end"] - m["row_start"] for m in ran),
         "skipped": sum(u.rows for u in done),
         "skipped_files": list(plan.skipped),
-        "total_embedded": sum(m["embedded"] for m in planned),
-        "total_rejected": sum(m["rejected"] for m in planned),
+        "total_embedded": all_runs["embedded"],
+        "total_rejected": all_runs["rejected"],
         "units_committed": len(ran),
         "units_skipped": len(done),
         "units_total": len(plan.units),

@@ -5,7 +5,7 @@ Works while a run is going (from done-markers and running units' progress record
 
 from __future__ import annotations
 
-from transforms.checkpoint import OutputFolder
+from transforms.checkpoint import OutputFolder, marker_totals
 from transforms.errors import OutputError
 
 
@@ -26,8 +26,7 @@ def status(output_url: str) -> dict:
         "docs_done": sum(m["row_end"] - m["row_start"] for m in markers.values()),
         "docs_in_progress": sum(p["docs"] for p in running.values()),
         "docs_total": plan.get("rows"),
-        "embedded": sum(m["embedded"] for m in markers.values()),
-        "rejected": sum(m["rejected"] for m in markers.values()),
+        **{k: v for k, v in marker_totals(markers.values()).items() if k in ("embedded", "rejected")},
         "units_running": len(running),
     }
 

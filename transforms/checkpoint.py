@@ -227,3 +227,13 @@ class OutputFolder:
 
 def _dumps(record: dict) -> bytes:
     return json.dumps(record, indent=1, sort_keys=True).encode()
+
+
+def marker_totals(markers) -> dict:
+    """The counts of done-markers summed: the one place that knows which marker fields add up, and
+    what markers written before a field existed imply (rows and windows: one per document)."""
+    markers = list(markers)
+    total = {k: sum(m[k] for m in markers) for k in ("embedded", "rejected", "truncated", "tokens", "padded_tokens")}
+    total.update({k: sum(m.get(k, m["embedded"]) for m in markers) for k in ("rows", "windows")})
+    total.update({k: sum(m.get(k, 0) for m in markers) for k in ("text_tokens", "dropped_tokens")})
+    return total
