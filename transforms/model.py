@@ -156,8 +156,12 @@ class Embedder:
         self.tokenizer = self.model.tokenizer
         self._torch = torch
         self._head, self._tail = self._special_layout()
-        self.window_size = self.max_seq_length - len(self._head) - len(self._tail)
         self.overhead = len(self._head) + len(self._tail)  # tokens an empty text has: specials, prefix
+        self.window_size = self.max_seq_length - self.overhead
+        self._counter = _counting_copy(self.tokenizer)
+        # Non-tensor entries the model's own preprocessing adds (sentence-transformers 6 adds the
+        # modality), so that inputs built from ids take the same path through the modules.
+        self._extras = {k: v for k, v in self.model.preprocess(["a"]).items() if not hasattr(v, "shape")}
 
     def pooling(self) -> str:
         """The model's layers after the transformer (pooling, dense, ...), as a stable string."""
@@ -198,12 +202,6 @@ class Embedder:
         """Tokens of each text, without special tokens, prefix or truncation. It runs on a private
         copy of the tokenizer, so it is safe beside ``prepare`` in another thread (a tokenizer
         whose truncation settings change under a running call fails with "Already borrowed")."""
-        if not hasattr(self, "_counter"):
-            from tokenizers import Tokenizer
-
-            self._counter = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
-            self._counter.no_truncation()
-            self._counter.no_padding()
         encoded = self._counter.encode_batch(texts, add_special_tokens=False)
         return np.array([len(e.ids) for e in encoded], dtype=np.int64)
 
@@ -221,18 +219,8 @@ class Embedder:
         features = dict(self.tokenizer.pad({"input_ids": ids}, return_tensors="pt"))
         if "token_type_ids" in self.tokenizer.model_input_names:
             features["token_type_ids"] = self._torch.zeros_like(features["input_ids"])
-        features.update(self._extra_features())
-        if self.device == "cuda":
-            features = {k: (v.pin_memory() if hasattr(v, "pin_memory") else v) for k, v in features.items()}
-        return features
-
-    def _extra_features(self) -> dict:
-        """Non-tensor entries the model's own preprocessing adds (sentence-transformers 6 adds the
-        modality), so that inputs built from ids take the same path through the modules."""
-        if not hasattr(self, "_extras"):
-            probe = self.model.preprocess(["a"])
-            self._extras = {k: v for k, v in probe.items() if not hasattr(v, "shape")}
-        return self._extras
+        features.update(self._extras)
+        return self._pinned(features)
 
     def release_memory(self) -> None:
         """After a failed batch: give cached CUDA memory back before the halves are retried."""
@@ -242,10 +230,13 @@ class Embedder:
     def prepare(self, texts: list[str]) -> dict:
         """Tokenize a batch into padded model inputs (ST's own preprocessing), in host memory; pinned
         on CUDA so the copy to the GPU can overlap other work."""
-        features = self.model.preprocess(texts, prompt=self.prefix or None)
-        if self.device == "cuda":
-            features = {k: (v.pin_memory() if hasattr(v, "pin_memory") else v) for k, v in features.items()}
-        return features
+        return self._pinned(self.model.preprocess(texts, prompt=self.prefix or None))
+
+    def _pinned(self, features: dict) -> dict:
+        """On CUDA, host tensors in pinned memory, so the copy to the GPU can overlap other work."""
+        if self.device != "cuda":
+            return features
+        return {k: (v.pin_memory() if hasattr(v, "pin_memory") else v) for k, v in features.items()}
 
     def forward(self, features: dict) -> np.ndarray:
         """float32 (batch, dim) for prepared inputs, row order preserved."""
@@ -264,6 +255,16 @@ class Embedder:
     def embed(self, texts: list[str]) -> np.ndarray:
         """float32 (len(texts), dim), one row per text in order."""
         return self.forward(self.prepare(texts))
+
+
+def _counting_copy(tokenizer):
+    """A private copy of the fast tokenizer with no truncation or padding, for exact counts."""
+    from tokenizers import Tokenizer
+
+    counter = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    counter.no_truncation()
+    counter.no_padding()
+    return counter
 
 
 def _is_normalize(module) -> bool:
