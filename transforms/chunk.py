@@ -19,9 +19,8 @@ import dataclasses
 
 import numpy as np
 
-from transforms.tokens import PIECE_CHARS, split_at_whitespace
+from transforms.tokens import piece_batches
 
-CALL_CHARS = 1 << 18
 SENTENCE_ENDS = np.array([ord(c) for c in ".!?"], dtype=np.uint32)
 # How a window may end after a token: 2 at a paragraph end (a blank line follows), 1 at a sentence end.
 PARAGRAPH, SENTENCE = 2, 1
@@ -74,28 +73,13 @@ class Windows:
 def tokenize(texts: list[str], encode) -> list[Tokens]:
     """Tokens of each text, in pieces. ``encode(pieces)`` returns, per piece, (ids, offsets) without
     special tokens (the Embedder's ``encode_with_offsets``)."""
-    spans = [(i, a, b) for i, text in enumerate(texts) for a, b in split_at_whitespace(text, PIECE_CHARS)]
     parts: list[list[tuple]] = [[] for _ in texts]
-    for batch in _calls(spans):
+    for batch in piece_batches(texts):
         for (doc, a, b), (ids, offsets) in zip(batch, encode([texts[d][x:y] for d, x, y in batch])):
             # int32: 12 bytes a token held for the unit's whole model loop (ids and offsets fit easily)
             offsets = np.asarray(offsets, dtype=np.int32).reshape(-1, 2) + np.int32(a)
             parts[doc].append((np.asarray(ids, dtype=np.int32), offsets[:, 0], offsets[:, 1]))
     return [_joined(p) for p in parts]
-
-
-def _calls(spans: list[tuple[int, int, int]]):
-    """Spans grouped into tokenizer calls of at most ``CALL_CHARS`` characters: the tokenizer returns
-    Python lists (ids, offset tuples), about 200 bytes a token, so this bounds that memory."""
-    batch, size = [], 0
-    for span in spans:
-        if batch and size + span[2] - span[1] > CALL_CHARS:
-            yield batch
-            batch, size = [], 0
-        batch.append(span)
-        size += span[2] - span[1]
-    if batch:
-        yield batch
 
 
 def _joined(parts: list[tuple]) -> Tokens:

@@ -16,6 +16,7 @@ import numpy as np
 
 CHARS_PER_TOKEN = 8
 PIECE_CHARS = 1 << 16
+CALL_CHARS = 1 << 18
 _WHITESPACE = (" ", "\n", "\t", "\r")
 
 
@@ -51,14 +52,28 @@ def split_at_whitespace(text: str, max_chars: int) -> list[tuple[int, int]]:
     return spans
 
 
+def piece_batches(texts: list[str]):
+    """Every piece of ``texts`` as (text index, start, end), pieces of at most ``PIECE_CHARS`` cut by
+    ``split_at_whitespace``, grouped into tokenizer calls of at most ``CALL_CHARS`` characters: the
+    tokenizer returns Python objects (ids, offsets), about 200 bytes a token, so this bounds them."""
+    batch, size = [], 0
+    for i, text in enumerate(texts):
+        for a, b in split_at_whitespace(text, PIECE_CHARS):
+            if batch and size + b - a > CALL_CHARS:
+                yield batch
+                batch, size = [], 0
+            batch.append((i, a, b))
+            size += b - a
+    if batch:
+        yield batch
+
+
 def full_lengths(texts: list[str], count) -> np.ndarray:
-    """Every token of each text (special tokens excluded), counted in spans of ``PIECE_CHARS`` so
-    that a multi-megabyte text never reaches the tokenizer whole. ``count(texts)`` counts tokens
-    without special tokens or truncation (the Embedder's ``count_tokens``)."""
-    spans = [(i, a, b) for i, t in enumerate(texts) for a, b in split_at_whitespace(t, PIECE_CHARS)]
+    """Every token of each text (special tokens excluded), counted piece by piece so that a
+    multi-megabyte text never reaches the tokenizer whole. ``count(texts)`` counts tokens without
+    special tokens or truncation (the Embedder's ``count_tokens``)."""
     counts = np.zeros(len(texts), dtype=np.int64)
-    for k in range(0, len(spans), 64):  # bounded batches: each returns its Encoding objects at once
-        batch = spans[k:k + 64]
+    for batch in piece_batches(texts):
         np.add.at(counts, [i for i, _, _ in batch], count([texts[i][a:b] for i, a, b in batch]))
     return counts
 
