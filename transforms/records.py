@@ -9,6 +9,8 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
+from transforms.chunk import ChunkSpec
+
 
 @dataclasses.dataclass(frozen=True)
 class EmbedSettings:
@@ -70,9 +72,8 @@ class EmbedSettings:
         fields = self.VECTOR_FIELDS + ("long_docs",) + (self.WINDOW_FIELDS if self.long_docs != "truncate" else ())
         return {name: getattr(self, name) for name in fields}
 
-    def chunk_spec(self, window_size: int):
-        from transforms.chunk import ChunkSpec
-
+    def chunk_spec(self, window_size: int) -> ChunkSpec:
+        """How to cut windows of ``window_size`` content tokens (the model's, known on workers)."""
         lookback = self.boundary_lookback if self.chunk_boundary == "sentence" else 0
         return ChunkSpec(window_size, self.chunk_overlap, self.chunk_boundary, lookback)
 
