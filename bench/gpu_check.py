@@ -24,12 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from transforms.inference import embed_rows  # noqa: E402
 from transforms.model import Embedder  # noqa: E402
+from transforms.model_ref import ModelRef  # noqa: E402
 from transforms.records import EmbedSettings  # noqa: E402
 
 
 def settings_for(batch: int, window: int) -> EmbedSettings:
     return EmbedSettings(
-        output="", model="", model_path="", model_revision="", dim=0, max_seq_length=window, pooling="",
+        output="", model_ref=ModelRef("", "local", ""), dim=0, max_seq_length=window, pooling="",
         normalize=True, precision="", device="", prefix="", id_column="id", text_column="text",
         passthrough_columns=(), min_batch_size=batch, max_batch_size=batch, max_batch_tokens=batch * window,
         run_id="gpu-check",

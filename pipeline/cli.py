@@ -10,17 +10,23 @@ import sys
 from transforms.errors import DocembedError
 
 USAGE = """usage: docembed run --input URL --output URL [options] [Beam flags]
-       docembed run --job jobs/FILE.yaml [flags that override the file's]
+       docembed run --job jobs/FILE.yaml [flags that override the file's] [--dry-run]
        docembed status --output URL [--json]
        docembed verify --output URL [--input URL]
        docembed report --output URL [--run-id ID] [--png FILE] [--json]
 
-run     embed Parquet documents into a Parquet dataset; rerun the same command to resume
+run     embed Parquet documents into a Parquet dataset; rerun the same command to resume;
+        --dry-run prints the plan and what is already done, and runs nothing
 status  units and documents done so far, read from the output's checkpoints
 verify  check an output against its manifest (and its input): exit 0 only when all holds
 report  print a past run's report (throughput, latency percentiles, stages, cost); --png draws it
 
-'docembed run --help' lists every option."""
+'docembed run --help' lists every option. Exit codes: 0 done, 1 the job failed, 2 a usage, input or
+configuration error found before any work, 75 another run holds the output's lock (try again later),
+143 interrupted (rerun to resume)."""
+
+# Flags that make `run` a dry run; Beam's own --dry_run=True means the same ("do not submit").
+DRY_RUN = ("--dry-run", "--dry_run", "--dry_run=True", "--dry_run=true")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,10 +79,16 @@ def _run(argv: list[str]) -> int:
         parser.print_help()
         return 0
     from pipeline.jobs import expand_job
-
     from pipeline.report import format_report
 
-    summary = run(expand_job(argv))
+    argv = expand_job(argv)
+    if any(a in DRY_RUN for a in argv):
+        from pipeline.progress import format_dry_run
+        from pipeline.run import dry_run
+
+        print(format_dry_run(dry_run([a for a in argv if a not in DRY_RUN])))
+        return 0
+    summary = run(argv)
     print(format_summary(summary))
     if "report" in summary:
         print(format_report(summary["report"], counts=False))

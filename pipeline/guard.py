@@ -1,12 +1,11 @@
-"""Guard: refuse to resume into an output folder whose vectors came from other settings."""
+"""Guard: refuse to resume into an output folder whose vectors came from other settings or numerics."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
-import pyarrow.parquet as pq
-
-from transforms.checkpoint import OutputFolder
+from pipeline.output import OutputAdmin
 from transforms.commit import FINGERPRINT_KEY
 from transforms.errors import FingerprintMismatch
 from transforms.records import EmbedSettings, with_defaults
@@ -21,20 +20,19 @@ def diff_fingerprints(stored: dict, current: dict) -> list[str]:
     ]
 
 
-def stored_fingerprint(output: OutputFolder) -> dict | None:
+def stored_fingerprint(output: OutputAdmin) -> dict | None:
     """From ``_manifest.json``, or from a part's Parquet metadata if the manifest is gone."""
     manifest = output.read_manifest()
     if manifest and "fingerprint" in manifest:
         return manifest["fingerprint"]
     for name in output.part_files()[:1]:
-        with output.fs.open(output.path(name), "rb") as handle:
-            metadata = pq.ParquetFile(handle).schema_arrow.metadata or {}
+        metadata = output.part_metadata(name)
         if FINGERPRINT_KEY in metadata:
             return json.loads(metadata[FINGERPRINT_KEY])
     return None
 
 
-def check_layout(output: OutputFolder, settings: EmbedSettings) -> None:
+def check_layout(output: OutputAdmin, settings: EmbedSettings) -> None:
     """The id column, pass-through columns and ``--chunk-text`` decide the parts' schema (and the id
     column the duplicate check):
     a resume must keep them, or the dataset would mix schemas."""
@@ -53,7 +51,7 @@ def check_layout(output: OutputFolder, settings: EmbedSettings) -> None:
         )
 
 
-def check_fingerprint(output: OutputFolder, settings: EmbedSettings) -> None:
+def check_fingerprint(output: OutputAdmin, settings: EmbedSettings) -> None:
     """Vectors first (the more fundamental mismatch), then the parts' columns."""
     stored = stored_fingerprint(output)
     if stored is not None:
@@ -61,10 +59,39 @@ def check_fingerprint(output: OutputFolder, settings: EmbedSettings) -> None:
     check_layout(output, settings)
 
 
-def _check_vectors(output: OutputFolder, stored: dict, settings: EmbedSettings) -> None:
+def _check_vectors(output: OutputAdmin, stored: dict, settings: EmbedSettings) -> None:
     differences = diff_fingerprints(with_defaults(stored), settings.fingerprint())
     if differences:
         raise FingerprintMismatch(
             f"{output.url} holds vectors made with other settings ({'; '.join(differences)}); "
             "rerun with the original settings, use --overwrite to start afresh, or choose a new --output"
         )
+
+
+def output_numerics(output: OutputAdmin) -> dict | None:
+    """The device and precision of the output's vectors: ``_numerics.json``, pinned by the first
+    commit; for outputs written before it existed, the manifest's device and fingerprint precision."""
+    pinned = output.read_numerics()
+    if pinned is not None:
+        return pinned
+    manifest = output.read_manifest() or {}
+    device, precision = (manifest.get("settings") or {}).get("device"), (manifest.get("fingerprint") or {}).get("precision")
+    return {"device": device, "precision": precision} if device and precision and output.done_ids() else None
+
+
+def adopt_numerics(output: OutputAdmin, settings: EmbedSettings) -> EmbedSettings:
+    """``settings`` with the output's device and precision in place of ``auto``, so that its workers
+    make vectors like the ones already there; an explicit request for others is refused."""
+    pinned = output_numerics(output)
+    if pinned is None:
+        return settings
+    clashes = [f"--{name} {asked} (the output's: {pinned[name]})"
+               for name, asked in (("device", settings.device), ("precision", settings.precision))
+               if asked not in ("auto", pinned[name])]
+    if clashes:
+        raise FingerprintMismatch(
+            f"{output.url} holds vectors made at {pinned['device']} {pinned['precision']}, and this run asks for "
+            f"{', '.join(clashes)}: one output never mixes numerics; pass the output's (or auto), use --overwrite "
+            "to start afresh, or choose a new --output"
+        )
+    return dataclasses.replace(settings, device=pinned["device"], precision=pinned["precision"])

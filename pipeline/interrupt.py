@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 
-from transforms.checkpoint import OutputFolder
+from pipeline.output import OutputAdmin
 from transforms.errors import Interrupted
 
 EXIT_ABANDONED = 143
@@ -22,7 +22,7 @@ EXIT_ABANDONED = 143
 class StopOnSignal:
     """A context manager for the driver's main thread; ``check()`` raises Interrupted after a signal."""
 
-    def __init__(self, output: OutputFolder, grace_s: float):
+    def __init__(self, output: OutputAdmin, grace_s: float):
         self.output, self.grace_s = output, grace_s
         self.signalled = threading.Event()
         self._previous = {}

@@ -2,13 +2,16 @@
 
 A job file maps flag names (as on the command line, without ``--``) to values, in two sections that
 read the same way: ``docembed`` for docembed's options and ``beam`` for Beam's. ``true`` gives a bare
-flag, ``false`` its ``--no-`` form, a list repeats the flag. Flags given on the command line after
-``--job FILE`` override the file's.
+flag, ``false`` the flag's own negative form (``--no-progress`` for docembed, ``--no_use_public_ips``
+for Beam), or nothing for a flag that is off by default; a list repeats the flag. Flags given on
+the command line after ``--job FILE`` override the file's.
 
     python -m pipeline run --job jobs/local.yaml --output out2/
 """
 
 from __future__ import annotations
+
+import argparse
 
 import yaml
 
@@ -46,18 +49,38 @@ def job_flags(path: str) -> list[str]:
     unknown = set(job) - set(SECTIONS) - {"description"}
     if unknown:
         raise UsageError(f"--job {path}: unknown sections {sorted(unknown)}; use {list(SECTIONS)}")
-    flags = []
+    flags, actions = [], option_actions()
     for section in SECTIONS:
         for name, value in (job.get(section) or {}).items():
-            flags += _flag(name, value)
+            flags += _flag(name, value, actions, path)
     return flags
 
 
-def _flag(name: str, value) -> list[str]:
+def option_actions() -> dict[str, argparse.Action]:
+    """Every flag Beam and docembed know, by option string, from the parser Beam itself builds."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    import pipeline.options  # noqa: F401 - registers docembed's options with Beam's parser
+
+    parsers = []
+    PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append)
+    return parsers[0]._option_string_actions
+
+
+def _flag(name: str, value, actions: dict, path: str) -> list[str]:
+    action = actions.get(f"--{name}")
+    if isinstance(value, bool) and action is not None and action.nargs != 0:
+        return [f"--{name}={value}"]  # a flag that takes a value: it gets the word
     if value is True:
         return [f"--{name}"]
     if value is False:
-        return [f"--no-{name}"]
+        negatives = [f"--no-{name}", f"--no_{name}"]
+        found = [n for n in negatives if n in actions and actions[n].dest == getattr(action, "dest", None)]
+        if found:
+            return found[:1]
+        if isinstance(action, argparse._StoreTrueAction):
+            return []  # off is its default
+        raise UsageError(f"--job {path}: {name}: false has no flag to say it ({', '.join(negatives)} do not exist)")
     if value is None:
         return []
     if isinstance(value, list):

@@ -1,43 +1,31 @@
 """Lock: one run at a time per output folder, through ``_lock.json``, with a heartbeat and a TTL.
 
 A run takes the lock before it changes anything and a heartbeat thread refreshes it every TTL / 4.
-A second run finds a fresh lock and stops at once, naming the holder and since when (or waits, with
-``--wait-for-lock``). A lock whose heartbeat is older than the TTL, or whose holder ran on this host
-and no longer exists, was left by a killed run and is taken over. Taking it is an exclusive create: ``O_EXCL`` on local disks, a conditional PUT
-(``If-None-Match: *``) on S3. Other object stores get a put followed by a read-back after a short
-settle time, which two runs starting within that window can both pass: there, schedule runs so they
-do not start together. Taking over a stale lock removes it first, and two runs doing that at the
+A second run finds a fresh lock and stops at once with exit code 75 (``LockHeld``), naming the holder
+and since when (or waits, with ``--wait-for-lock``). A lock whose heartbeat is older than the TTL, or
+whose holder ran on this host and no longer exists, was left by a killed run and is taken over.
+Taking it is an exclusive create (``storage.create_exclusive``): a hard link on local disks, a
+conditional PUT (``If-None-Match: *``) on S3. Other object stores get a put followed by a read-back
+after a short settle time, which two runs starting within that window can both pass: there,
+schedule runs so they do not start together. Taking over a stale lock removes it first, and two runs doing that at the
 same moment can both succeed; the loser finds out at its next heartbeat. The heartbeat also re-reads the lock,
 and a run that finds it was taken over stops committing (``lost`` is set).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
 import time
 import uuid
 
-from transforms import storage
-from transforms.checkpoint import LOCK, OutputFolder
-from transforms.errors import OutputError
-
-SETTLE_S = 1.0
-
-
-def _protocols(fs) -> tuple:
-    protocol = fs.protocol
-    return protocol if isinstance(protocol, tuple) else (protocol,)
-
-
-class LockHeld(OutputError):
-    """Another run holds the output folder."""
+from pipeline.output import OutputAdmin
+from transforms.errors import LockHeld
 
 
 class OutputLock:
-    def __init__(self, output: OutputFolder, ttl_s: float = 120.0, wait_s: float = 0.0):
+    def __init__(self, output: OutputAdmin, ttl_s: float = 120.0, wait_s: float = 0.0):
         self.output, self.ttl_s, self.wait_s = output, ttl_s, wait_s
         self.token = uuid.uuid4().hex
         self.record = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
@@ -60,8 +48,8 @@ class OutputLock:
         self._thread.join()
         if (self._read() or {}).get("token") == self.token:
             try:
-                self.output.fs.rm(self.output.path(LOCK))
-            except OSError:  # gone already, or the store failed: it goes stale after the TTL
+                self.output.remove_lock()
+            except OSError:  # the store failed: the lock goes stale after the TTL
                 pass
 
     # --- internals -----------------------------------------------------------------------
@@ -70,30 +58,9 @@ class OutputLock:
         if current and not self._is_stale(current):
             return False
         if current:  # stale: its run was killed; remove it and race for a fresh one
-            try:
-                self.output.fs.rm(self.output.path(LOCK))
-            except FileNotFoundError:  # another run removed it first; the exclusive create decides
-                pass
+            self.output.remove_lock()  # another run may have removed it first; the exclusive create decides
         self.record["heartbeat"] = time.time()
-        if storage.is_local(self.output.fs):
-            return self._create_exclusive()
-        if "s3" in _protocols(self.output.fs):
-            return self._create_if_none_match()
-        self.output.publish(LOCK, json.dumps(self.record).encode())
-        time.sleep(SETTLE_S)
-        return (self._read() or {}).get("token") == self.token
-
-    def _create_if_none_match(self) -> bool:
-        """S3's conditional PUT (If-None-Match: *): the store itself lets exactly one creator win."""
-        try:
-            self.output.fs.pipe_file(self.output.path(LOCK), json.dumps(self.record).encode(), IfNoneMatch="*")
-            return True
-        except FileExistsError:
-            return False
-        except OSError as exc:  # s3fs maps 412 Precondition Failed (and 409 conflicts) to plain OSErrors
-            if any(s in str(exc) for s in ("pre-condition", "Precondition", "Conflict")):
-                return False
-            raise
+        return self.output.create_lock(self.record)
 
     def _is_stale(self, lock: dict) -> bool:
         """Its heartbeat is older than the TTL, or its holder ran on this host and is gone (a run
@@ -109,17 +76,6 @@ class OutputLock:
                 return False
         return False
 
-    def _create_exclusive(self) -> bool:
-        path = self.output.path(LOCK)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as handle:
-            json.dump(self.record, handle)
-        return True
-
     def _beat(self):
         refreshed = time.monotonic()
         while not self._stop.wait(self.ttl_s / 4):
@@ -129,7 +85,7 @@ class OutputLock:
                     self.lost.set()
                     return
                 self.record["heartbeat"] = time.time()
-                self.output.publish(LOCK, json.dumps(self.record).encode())
+                self.output.write_lock(self.record)
                 refreshed = time.monotonic()
             except OSError:  # a transient store error: retry at the next beat, give up past the TTL
                 if time.monotonic() - refreshed > self.ttl_s:

@@ -6,7 +6,7 @@ import importlib.metadata
 import time
 
 from pipeline.plan import Plan
-from transforms.checkpoint import marker_totals
+from pipeline.output import marker_totals
 from transforms.records import EmbedSettings
 
 _LIBRARIES = ("apache-beam", "torch", "transformers", "sentence-transformers", "pyarrow")
@@ -18,7 +18,8 @@ def started(settings: EmbedSettings, plan: Plan, checkpoint_every: int) -> dict:
         "run_id": settings.run_id,
         "started_at": time.time(),
         "fingerprint": settings.fingerprint(),
-        "model": {"name": settings.model, "revision": settings.model_revision, "dim": settings.dim},
+        "model": {"name": settings.model, "revision": settings.model_revision, "dim": settings.dim,
+                  "source": settings.model_ref.kind},
         "settings": {
             "id_column": settings.id_column,
             "text_column": settings.text_column,
@@ -28,7 +29,8 @@ def started(settings: EmbedSettings, plan: Plan, checkpoint_every: int) -> dict:
             "max_batch_size": settings.max_batch_size,
             "max_batch_tokens": settings.max_batch_tokens,
             "checkpoint_every": checkpoint_every,
-            "device": settings.device,
+            "device": settings.device,  # as asked (or adopted from the output); workers resolve auto
+            "precision": settings.precision,
         },
         "libraries": {name: _version(name) for name in _LIBRARIES},
         "inputs": [f.to_json() for f in plan.files],
@@ -38,7 +40,7 @@ def started(settings: EmbedSettings, plan: Plan, checkpoint_every: int) -> dict:
     }
 
 
-def completed(manifest: dict, markers: dict[str, dict], plan: Plan) -> dict:
+def completed(manifest: dict, markers: dict[str, dict], plan: Plan, numerics: dict | None = None) -> dict:
     planned = {u.unit_id for u in plan.units}
     mine = [m for uid, m in sorted(markers.items()) if uid in planned]
     totals = marker_totals(mine)  # rows: chunks under --long-docs chunks, else documents
@@ -49,6 +51,7 @@ def completed(manifest: dict, markers: dict[str, dict], plan: Plan) -> dict:
         **manifest,
         "status": "complete",
         "finished_at": time.time(),
+        "numerics": numerics,  # the device and precision the output's vectors were made at
         "counts": counts,
         "parts": [m["part"] for m in mine if m.get("part")],
         "rejects": [m["rejects"] for m in mine if m.get("rejects")],

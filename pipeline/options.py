@@ -1,7 +1,9 @@
 """Options: the one PipelineOptions subclass for docembed's flags, and our own validation of it.
 
 Beam's own flags (``--runner``, ``--direct_num_workers``, ``--project``, ...) parse alongside these.
-Beam neither validates subclass options nor rejects unknown flags, so ``parse`` does both.
+Beam neither validates subclass options nor rejects unknown flags, so ``parse`` does both. Every
+docembed flag takes its underscore spelling too (``--checkpoint_every``, as Beam's own flags are
+written): argparse would otherwise leave it to Beam, which drops it with a warning.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import argparse
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.errors import UsageError
-from transforms.model import DEFAULT_MODEL
+from transforms.model_ref import DEFAULT_MODEL
 
 
 class EmbedOptions(PipelineOptions):
@@ -19,14 +21,20 @@ class EmbedOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        add = parser.add_argument
+        def add(name, **kwargs):
+            twin = "--" + name[2:].replace("-", "_")
+            parser.add_argument(*dict.fromkeys([name, twin]), **kwargs)
+
         add("--input", help="Parquet file, folder or glob; any fsspec URL (local, gs://, s3://, memory://)")
         add("--output", help="output folder URL; becomes a Parquet dataset")
         add("--id-column", default="id", help="column holding each document's id (default: id)")
         add("--text-column", default="text", help="column holding the text to embed (default: text)")
         add("--passthrough-columns", default="", help="comma-separated input columns copied to the output")
-        add("--model", default=DEFAULT_MODEL, help="hub id or local folder of a sentence-transformers model")
-        add("--model-revision", default=None, help="hub revision (branch, tag or commit) to pin")
+        add("--model", default=DEFAULT_MODEL,
+            help="a sentence-transformers model: a hub id, an object-store folder (s3://, gs://) or, on local "
+                 "runners, a local folder; default: the packaged all-MiniLM-L6-v2")
+        add("--model-revision", default=None,
+            help="hub models: the branch, tag or commit to pin (the launcher pins it to a commit)")
         add("--max-seq-length", type=int, default=None, help="token window; default: the model's own")
         add("--normalize", action=argparse.BooleanOptionalAction, default=None,
             help="L2-normalise vectors; default: as the model's own config says")
@@ -52,9 +60,12 @@ class EmbedOptions(PipelineOptions):
         add("--threads", type=int, default=0,
             help="CPU threads per worker process for the model; 0 (default): cores / local worker "
                  "processes on the DirectRunner, the library default elsewhere")
-        add("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        add("--device", default="auto", choices=["auto", "cpu", "cuda"],
+            help="resolved by each worker on its own hardware: auto (the output's device if it holds vectors, "
+                 "else CUDA where the worker has it), cpu, or cuda (a worker without CUDA fails the job)")
         add("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "int8"],
-            help="auto: fp16 on CUDA, fp32 on the CPU; bf16 on CPUs with native bf16; int8 on CPUs with VNNI")
+            help="auto: the output's precision if it holds vectors, else fp16 on CUDA and fp32 on the CPU; "
+                 "bf16 needs CUDA or a CPU with native bf16, int8 a CPU with VNNI (checked on each worker)")
         add("--on-duplicate-id", default="error", choices=["error", "keep-first"],
             help="a repeated id: fail at planning with examples (error), or embed the first occurrence "
                  "and reject the others as duplicate_id (keep-first)")

@@ -11,7 +11,7 @@ import threading
 from tqdm import tqdm
 
 from pipeline.report import coverage
-from transforms.checkpoint import OutputFolder
+from pipeline.output import OutputAdmin
 
 POLL_S = 1.0
 
@@ -21,7 +21,7 @@ class ProgressBar:
     the ETA follows the text remaining at a recent rate (tqdm's moving average), not a document count
     that misleads on skewed corpora. Documents done are shown beside it. A context manager."""
 
-    def __init__(self, output: OutputFolder, units: dict[str, tuple[int, int]], done: list[str]):
+    def __init__(self, output: OutputAdmin, units: dict[str, tuple[int, int]], done: list[str]):
         self._output = output
         self._units = units  # unit_id -> (rows, text bytes)
         self._docs_total = sum(rows for rows, _ in units.values())
@@ -84,5 +84,24 @@ def format_summary(summary: dict) -> str:
         reasons = ", ".join(f"{n} {r}" for r, n in s["rejected_by_reason"].items())
         lines.append(f"  rejected   {reasons}; rows and messages in {s['output'].rstrip('/')}/_rejects/")
     for skipped in s["skipped_files"]:
+        lines.append(f"  skipped    {skipped['url']} (--skip-bad-files): {skipped['error']}")
+    return "\n".join(lines)
+
+
+def format_dry_run(d: dict) -> str:
+    s = d["settings"]
+    where = "resolved by each worker on its own hardware" if "auto" in (s.device, s.precision) \
+        else "checked by each worker on its own hardware"
+    lines = [
+        "docembed: dry run; nothing was written or submitted",
+        f"  input      {d['files']} files, {d['units']} units, {d['rows']} rows, {d['text_bytes'] / 1e6:.1f} MB of text",
+        f"  output     {s.output}: {d['units_done']} units ({d['rows_done']} rows) already done, "
+        f"{d['units_todo']} units ({d['rows_todo']} rows, {d['text_bytes_todo'] / 1e6:.1f} MB of text) to do"
+        + (f", {d['superseded_units']} to redo (their input files changed)" if d["superseded_units"] else ""),
+        f"  model      {s.model} ({s.model_ref.kind}, {s.model_revision}): dim {s.dim}, window {s.max_seq_length}, "
+        f"normalize {s.normalize}",
+        f"  workers    {d['runner']}: --device {s.device}, --precision {s.precision}, {where}",
+    ]
+    for skipped in d["skipped_files"]:
         lines.append(f"  skipped    {skipped['url']} (--skip-bad-files): {skipped['error']}")
     return "\n".join(lines)

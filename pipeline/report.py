@@ -10,15 +10,13 @@ workers run in parallel), and peak memory is the largest of any worker's and the
 
 from __future__ import annotations
 
-import json
-import posixpath
 import resource
 
 import numpy as np
 
-from transforms.checkpoint import OutputFolder, marker_totals
+from pipeline.output import REPORTS, OutputAdmin, marker_totals
+from transforms.errors import OutputError
 
-REPORTS = "_reports"
 STAGES = ("read", "tokenize", "forward", "write")
 PERCENTILES = (50, 95, 99, 99.9)
 
@@ -81,6 +79,7 @@ def build(run_id: str, markers: dict[str, dict], wall_s: float, started_at: floa
     peak_rss = max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
                    + [m["worker"]["peak_rss_mib"] for m in mine if m.get("worker")])
     gpu = [m["worker"]["gpu_peak_mib"] for m in mine if m.get("worker", {}).get("gpu_peak_mib") is not None]
+    made_at = next((m["numerics"] for m in mine if m.get("numerics")), {})  # as the workers resolved them
     report = {
         "run_id": run_id,
         "output": settings.output,
@@ -107,8 +106,8 @@ def build(run_id: str, markers: dict[str, dict], wall_s: float, started_at: floa
         "padding_share": (padded - tokens) / tokens if tokens else 0.0,
         "peak_rss_mib": peak_rss,
         "peak_gpu_mib": max(gpu) if gpu else None,
-        "device": settings.device,
-        "precision": settings.precision,
+        "device": made_at.get("device", settings.device),
+        "precision": made_at.get("precision", settings.precision),
         "threads": settings.threads or None,
         "workers": max(len(workers), workers_flag or 1),
         "cost_per_hour": cost_per_hour,
@@ -120,26 +119,14 @@ def build(run_id: str, markers: dict[str, dict], wall_s: float, started_at: floa
     return report
 
 
-def write(output: OutputFolder, report: dict) -> str:
-    name = posixpath.join(REPORTS, f"{report['run_id']}.json")
-    output.publish(name, json.dumps(report, indent=1).encode())
-    return name
-
-
 def read(output_url: str, run_id: str | None = None) -> dict:
-    output = OutputFolder(output_url)
-    try:
-        names = sorted(p for p in output.fs.ls(output.path(REPORTS), detail=False) if p.endswith(".json"))
-    except FileNotFoundError:
-        names = []
+    output = OutputAdmin(output_url)
+    names = output.report_names()
     if run_id:
-        names = [n for n in names if posixpath.basename(n) == f"{run_id}.json"]
+        names = [n for n in names if n == f"{run_id}.json"]
     if not names:
-        from transforms.errors import OutputError
-
         raise OutputError(f"{output_url} has no run report{' for ' + run_id if run_id else ''} under {REPORTS}/")
-    with output.fs.open(names[-1], "rb") as handle:  # run ids start with a timestamp: the last is the newest
-        return json.load(handle)
+    return output.read_report(names[-1])  # run ids start with a timestamp: the last is the newest
 
 
 def format_report(r: dict, counts: bool = True) -> str:

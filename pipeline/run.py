@@ -1,10 +1,19 @@
-"""Run: plan -> guard -> clean up -> Beam graph -> manifest and summary, for one ``docembed run``."""
+"""Run: plan -> guard -> clean up -> Beam graph -> manifest and summary, for one ``docembed run``.
+
+The launcher does only what must happen before the job and does not grow with the corpus's rows: it
+reads the input's Parquet footers (not its rows), the model's configuration (not its weights) and the
+output's bookkeeping; it writes the units to do to the output folder, submits a graph that names
+them, and waits. Devices, precisions, weights and ids are the workers' business.
+"""
 
 from __future__ import annotations
 
 import collections
 import contextlib
 import dataclasses
+import logging
+import re
+import sys
 import time
 import uuid
 
@@ -13,47 +22,77 @@ from apache_beam.metrics.metric import MetricsFilter
 
 from pipeline import manifest, options as opts_mod, report
 from pipeline.graph import build_graph
-from pipeline.guard import check_fingerprint
-from pipeline.ids import mark_duplicates
+from pipeline.guard import adopt_numerics, check_fingerprint
 from pipeline.interrupt import StopOnSignal
 from pipeline.lock import OutputLock
 from pipeline.options import EmbedOptions
+from pipeline.output import OutputAdmin, marker_totals
+from pipeline.pin import pin_model
 from pipeline.plan import plan_input, split_done
 from pipeline.progress import ProgressBar
 from transforms import metrics as metrics_mod
-from transforms.checkpoint import OutputFolder, marker_totals
-from transforms.embed import acquire_embedder, load_embedder
 from transforms.errors import DocembedError, JobFailed, OutputError, UsageError
-from transforms.model import resolve_device, resolve_model, resolve_precision
+from transforms.model import describe
+from transforms.numerics import check_request
 from transforms.records import EmbedSettings
+
+# Beam's loggers that print a remote job's id, console URL and state changes.
+SUBMISSION_LOGGERS = ("apache_beam.runners.dataflow.dataflow_runner", "apache_beam.runners.dataflow.internal.apiclient",
+                      "apache_beam.runners.portability.portable_runner")
+
 
 def run(argv: list[str], test_pipeline: beam.Pipeline | None = None) -> dict:
     """Embed the input into the output folder, resuming what an earlier run left; returns the summary."""
     started, started_at = time.monotonic(), time.time()
-    options = opts_mod.parse(argv)
-    opts = options.view_as(EmbedOptions)
-    output = OutputFolder(opts.output)
-    columns = {"id": opts.id_column, "text": opts.text_column}
-    columns.update({f"pass-through {c}": c for c in opts_mod.passthrough(opts)})
-    plan = plan_input(opts.input, columns, opts.checkpoint_every, opts.skip_bad_files)
+    options, opts, output, plan, settings = prepare(argv)
     check_writable(output)
     with OutputLock(output, opts.lock_ttl, opts.wait_for_lock) as lock, \
             StopOnSignal(output, opts.grace_period) as stop:
         if opts.overwrite:
             output.remove_all()
         try:
-            summary = _run_locked(options, opts, output, plan, test_pipeline, stop, lock.token)
+            settings = dataclasses.replace(settings, lock_token=lock.token)
+            summary = _run_locked(options, opts, output, plan, settings, test_pipeline, stop)
         except OSError as exc:  # bookkeeping writes on the launcher: the store failed under us
             raise OutputError(f"writing to --output {output.url} failed: {exc}; rerun to resume") from exc
         summary["seconds"] = time.monotonic() - started
         if summary["units_committed"]:
             summary["report"] = report.build(summary["run_id"], output.done_markers(), summary["seconds"],
                                              started_at, summary["settings"], _workers(options), opts.cost_per_hour)
-            summary["report_file"] = report.write(output, summary["report"])
+            summary["report_file"] = output.write_report(summary["run_id"], summary["report"])
     if lock.lost.is_set():
         raise OutputError(f"another run took over {output.url}'s lock during this run; check the output with "
                           "`python -m pipeline verify`")
     return summary
+
+
+def prepare(argv: list[str]):
+    """(options, our options, the output, the plan, the settings): everything decided before the lock."""
+    options = opts_mod.parse(argv)
+    opts = options.view_as(EmbedOptions)
+    columns = {"id": opts.id_column, "text": opts.text_column}
+    columns.update({f"pass-through {c}": c for c in opts_mod.passthrough(opts)})
+    plan = plan_input(opts.input, columns, opts.checkpoint_every, opts.skip_bad_files)
+    settings = resolve_settings(opts, plan.passthrough_schema, opts_mod.threads_per_worker(options),
+                                opts_mod.is_local_runner(options))
+    return options, opts, OutputAdmin(opts.output), plan, settings
+
+
+def dry_run(argv: list[str]) -> dict:
+    """What a run would do, read without writing anything: the plan, what is already done, the
+    settings; the same checks as a run (fingerprint, numerics, unit boundaries) raise the same errors."""
+    options, opts, output, plan, settings = prepare(argv)
+    markers = {} if opts.overwrite else output.done_markers()
+    if not opts.overwrite:
+        check_fingerprint(output, settings)
+        settings = adopt_numerics(output, settings)
+    todo, done, superseded = split_done(plan, markers)
+    runner = options.get_all_options().get("runner") or "DirectRunner"
+    return {"settings": settings, "runner": runner, "files": len(plan.files), "skipped_files": list(plan.skipped),
+            "units": len(plan.units), "rows": plan.rows, "text_bytes": sum(u.text_bytes for u in plan.units),
+            "units_done": len(done), "rows_done": sum(u.rows for u in done),
+            "units_todo": len(todo), "rows_todo": sum(u.rows for u in todo),
+            "text_bytes_todo": sum(u.text_bytes for u in todo), "superseded_units": len(superseded)}
 
 
 def _workers(options) -> int:
@@ -61,42 +100,50 @@ def _workers(options) -> int:
     return all_options.get("direct_num_workers") or 1 if opts_mod.is_local_runner(options) else 0
 
 
-def _run_locked(options, opts, output: OutputFolder, plan, test_pipeline, stop: StopOnSignal, token: str) -> dict:
-    settings, embedder = resolve_settings(opts, plan.passthrough_schema, opts_mod.threads_per_worker(options))
-    settings = dataclasses.replace(settings, lock_token=token)
+def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipeline, stop: StopOnSignal) -> dict:
     check_fingerprint(output, settings)
+    settings = adopt_numerics(output, settings)
     markers = output.done_markers()
     todo, done, superseded = split_done(plan, markers)
     for marker in superseded:  # a changed input file: its old rows go, its new units are to do
         output.remove_unit(marker)
         del markers[marker["unit_id"]]
-    output.clean_leftovers(markers)  # before the id scan: unmarked parts must not count as "in the output"
-    todo = mark_duplicates(plan, todo, output, opts.id_column, opts.on_duplicate_id, opts.skip_bad_files)
+    output.clean_leftovers(markers)  # before the id check: unmarked parts must not count as "in the output"
     record = manifest.started(settings, plan, opts.checkpoint_every)
     output.write_manifest(record)
     if todo:
+        shards = output.write_plan(settings.run_id, todo)
         units = {u.unit_id: (u.rows, u.text_bytes) for u in plan.units}
-        bar = (ProgressBar(output, units, [u.unit_id for u in done])
-               if opts.progress and opts_mod.is_local_runner(options) else contextlib.nullcontext())
+        local = opts_mod.is_local_runner(options)
+        bar = ProgressBar(output, units, [u.unit_id for u in done]) if opts.progress and local \
+            else contextlib.nullcontext()
         with bar:
-            result = run_graph(test_pipeline or beam.Pipeline(options=options), todo, settings)
+            result = run_graph(test_pipeline or beam.Pipeline(options=options), shards, settings, local)
+        output.remove_plan(settings.run_id)
         counters = result.metrics().query(MetricsFilter().with_namespace(metrics_mod.NAMESPACE))["counters"]
         beam_metrics = {c.key.metric.name: c.committed for c in counters}
-    del embedder  # held until here so in-process workers reuse the driver's model
     stop.check()
     markers = output.done_markers()
-    output.write_manifest(manifest.completed(record, markers, plan))
+    output.write_manifest(manifest.completed(record, markers, plan, output.read_numerics()))
     summary = summarize(settings, plan, markers, todo, done, 0.0)
     summary.update(superseded_units=len(superseded), run_id=settings.run_id, settings=settings,
                    metrics=beam_metrics if todo else {})
     return summary
 
 
-def run_graph(pipeline: beam.Pipeline, todo, settings: EmbedSettings):
-    """Runs the graph to the end; returns the PipelineResult (its metrics: the docembed namespace)."""
-    build_graph(pipeline, todo, settings)
+def run_graph(pipeline: beam.Pipeline, shards: list[str], settings: EmbedSettings, local: bool = True):
+    """Runs the graph to the end; returns the PipelineResult (its metrics: the docembed namespace).
+    On a remote runner, Beam's own lines naming the submitted job (its id, console URL, state
+    changes) are shown, and the job id is printed as soon as it is known."""
+    build_graph(pipeline, shards, settings)
+    if not local:
+        for name in SUBMISSION_LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO)
     try:
         result = pipeline.run()
+        if not local:
+            print(f"docembed: submitted job {_job_id(result)} to {type(pipeline.runner).__name__}; waiting for it "
+                  "(Ctrl-C stops taking new units; the job's committed units are kept)", file=sys.stderr, flush=True)
         result.wait_until_finish()
         return result
     except Exception as exc:  # Beam re-raises worker errors, sometimes wrapped: report the cause
@@ -106,53 +153,62 @@ def run_graph(pipeline: beam.Pipeline, todo, settings: EmbedSettings):
         ) from exc
 
 
+def _job_id(result) -> str:
+    job_id = getattr(result, "job_id", None)  # Dataflow's result has job_id(); the portable one, _job_id
+    return str(job_id() if callable(job_id) else getattr(result, "_job_id", "(no id)"))
+
+
+# How a docembed error raised on a remote worker reads in the text the runner sends back.
+_REMOTE_ERROR = re.compile(r"transforms\.errors\.(\w+): ([^\n]+)")
+
+
 def _cause(exc: BaseException) -> str:
-    """Our own error's message where one is in the chain, else the innermost exception's."""
+    """Our own error's message where one is in the chain (in-process workers) or in the text a remote
+    runner sent back, else the innermost exception's."""
     chain = [exc]
     while chain[-1].__cause__ is not None:
         chain.append(chain[-1].__cause__)
     ours = [e for e in chain if isinstance(e, DocembedError)]
+    remote = _REMOTE_ERROR.findall(str(exc)) if not ours else []
+    if remote:
+        return " ".join(remote[-1][1].split())[:1000]
     cause = ours[0] if ours else chain[-1]
     text = " ".join(str(cause).split())
     return (text if ours else f"{type(cause).__name__}: {text}")[:1000]
 
 
-def check_writable(output: OutputFolder) -> None:
-    probe = f"_probe-{uuid.uuid4().hex}"
+def check_writable(output: OutputAdmin) -> None:
     try:
-        output.publish(probe, b"")
-        output.fs.rm(output.path(probe))
+        output.check_writable()
     except OSError as exc:
         raise OutputError(f"cannot write to --output {output.url}: {exc}") from exc
 
 
-def resolve_settings(opts: EmbedOptions, passthrough_schema=None, threads: int = 0):
-    """EmbedSettings for this run, and the driver's loaded model (for its dimension, window, pooling)."""
-    device = resolve_device(opts.device)
-    precision = resolve_precision(opts.precision, device)
-    model_path, revision = resolve_model(opts.model, opts.model_revision)
-    draft = EmbedSettings(
-        output=opts.output, model=opts.model, model_path=model_path, model_revision=revision, dim=0,
-        max_seq_length=opts.max_seq_length or 0, pooling="", normalize=opts.normalize,
-        precision=precision, device=device, prefix=opts.prefix, id_column=opts.id_column,
-        text_column=opts.text_column, passthrough_columns=opts_mod.passthrough(opts),
-        min_batch_size=opts.min_batch_size, max_batch_size=opts.max_batch_size, max_batch_tokens=0,
-        run_id=f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}",
-        skip_bad_files=opts.skip_bad_files, passthrough_schema=passthrough_schema, threads=threads,
-    )
-    embedder = load_embedder(draft)
-    budget = opts.max_batch_tokens or opts.min_batch_size * embedder.max_seq_length
-    if budget < opts.min_batch_size * embedder.max_seq_length:
+def resolve_settings(opts: EmbedOptions, passthrough_schema=None, threads: int = 0,
+                     local_runner: bool = True) -> EmbedSettings:
+    """EmbedSettings for this run: the model pinned to a reference every worker resolves, and
+    described from its configuration files (dimension, window, pooling) without loading its weights.
+    Device and precision stay as asked; each worker resolves them on its own hardware."""
+    check_request(opts.device, opts.precision)
+    ref, folder = pin_model(opts.model, opts.model_revision, local_runner)
+    card = describe(folder, opts.max_seq_length, opts.prefix)
+    budget = opts.max_batch_tokens or opts.min_batch_size * card.max_seq_length
+    if budget < opts.min_batch_size * card.max_seq_length:
         raise UsageError(
             f"--max-batch-tokens {budget} is below --min-batch-size x window "
-            f"({opts.min_batch_size} x {embedder.max_seq_length}); raise it or lower --min-batch-size"
+            f"({opts.min_batch_size} x {card.max_seq_length}); raise it or lower --min-batch-size"
         )
-    settings = dataclasses.replace(
-        draft, dim=embedder.dim, max_seq_length=embedder.max_seq_length, pooling=embedder.pooling(),
-        normalize=embedder.normalize, max_batch_tokens=budget,
-        **opts_mod.window_settings(opts, embedder.window_size),
+    return EmbedSettings(
+        output=opts.output, model_ref=ref, dim=card.dim, max_seq_length=card.max_seq_length, pooling=card.pooling,
+        normalize=card.has_normalize if opts.normalize is None else opts.normalize,
+        precision=opts.precision, device=opts.device, prefix=opts.prefix, id_column=opts.id_column,
+        text_column=opts.text_column, passthrough_columns=opts_mod.passthrough(opts),
+        min_batch_size=opts.min_batch_size, max_batch_size=opts.max_batch_size, max_batch_tokens=budget,
+        run_id=f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}",
+        skip_bad_files=opts.skip_bad_files, on_duplicate_id=opts.on_duplicate_id,
+        passthrough_schema=passthrough_schema, threads=threads,
+        **opts_mod.window_settings(opts, card.window_size),
     )
-    return settings, acquire_embedder(settings, embedder)
 
 
 def summarize(settings, plan, markers, todo, done, seconds) -> dict:

@@ -5,12 +5,12 @@ Works while a run is going (from done-markers and running units' progress record
 
 from __future__ import annotations
 
-from transforms.checkpoint import OutputFolder, marker_totals
+from pipeline.output import OutputAdmin, marker_totals
 from transforms.errors import OutputError
 
 
 def status(output_url: str) -> dict:
-    output = OutputFolder(output_url)
+    output = OutputAdmin(output_url)
     manifest = output.read_manifest()
     if manifest is None:
         raise OutputError(f"{output_url} has no _manifest.json: no docembed run has started there")

@@ -2,7 +2,8 @@
 
 Checks row counts, missing and duplicated ids (with ``--long-docs chunks``: chunk indices 0..n-1 per
 id, with neither gaps nor repeats), the embedding dimension, NaN/inf values, unit norms
-(when normalisation is on), that every part file is listed and present, and that fingerprints agree.
+(when normalisation is on), that every part file is listed and present, that fingerprints agree, and
+that every part was made at the output's device and precision.
 Returns every problem found; the CLI exits 0 only when there are none.
 """
 
@@ -14,12 +15,12 @@ import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.ids import read_ids
+from pipeline.output import OutputAdmin
 from pipeline.plan import expand_input
-from transforms.checkpoint import REJECTS, OutputFolder
-from transforms.commit import CHUNK_COLUMNS, FINGERPRINT_KEY
+from transforms import numerics
+from transforms.commit import CHUNK_COLUMNS, FINGERPRINT_KEY, NUMERICS_KEY
+from transforms.dedup import read_ids
 from transforms.errors import OutputError
 from transforms.records import with_defaults
 
@@ -36,7 +37,7 @@ class Report:
 
 
 def verify(output_url: str, input_url: str | None = None) -> Report:
-    output = OutputFolder(output_url)
+    output = OutputAdmin(output_url)
     manifest = output.read_manifest()
     if manifest is None:
         raise OutputError(f"{output_url} has no _manifest.json: it is not a docembed output")
@@ -45,7 +46,7 @@ def verify(output_url: str, input_url: str | None = None) -> Report:
         report.problems.append("the last run into this output did not complete (_manifest.json status "
                                f"{manifest.get('status')!r}); rerun it to finish")
     ids, chunks = _check_parts(output, manifest, report)
-    rejects = _read_rejects(output)
+    rejects = output.read_rejects()
     report.rejected = rejects.num_rows
     _check_counts(manifest, report)
     if chunks is not None:
@@ -56,7 +57,7 @@ def verify(output_url: str, input_url: str | None = None) -> Report:
     return report
 
 
-def _check_parts(output: OutputFolder, manifest: dict, report: Report) -> tuple[list[str], list | None]:
+def _check_parts(output: OutputAdmin, manifest: dict, report: Report) -> tuple[list[str], list | None]:
     """Every part's ids, and with ``--long-docs chunks`` each row's chunk index (else None)."""
     listed, present = set(manifest.get("parts", [])), set(output.part_files())
     for name in sorted(listed - present):
@@ -74,15 +75,19 @@ def _check_parts(output: OutputFolder, manifest: dict, report: Report) -> tuple[
     return ids, chunks
 
 
-def _check_part(output: OutputFolder, name: str, manifest: dict, report: Report) -> pa.Table:
+def _check_part(output: OutputAdmin, name: str, manifest: dict, report: Report) -> pa.Table:
     fingerprint = with_defaults(manifest["fingerprint"])
-    with output.fs.open(output.path(name), "rb") as handle:
-        table = pq.read_table(handle)
+    table = output.read_part(name)
     report.parts += 1
     report.rows += table.num_rows if name in manifest.get("parts", []) else 0
-    stored = (table.schema.metadata or {}).get(FINGERPRINT_KEY)
+    metadata = table.schema.metadata or {}
+    stored = metadata.get(FINGERPRINT_KEY)
     if stored is None or with_defaults(json.loads(stored)) != fingerprint:
         report.problems.append(f"part {name}: its fingerprint differs from the manifest's")
+    made_at, pinned = json.loads(metadata.get(NUMERICS_KEY, b"{}")), output.read_numerics()
+    if made_at and pinned and not numerics.same(made_at, pinned):
+        report.problems.append(f"part {name}: made at {numerics.describe(made_at)}, but the output's vectors "
+                               f"are {numerics.describe(pinned)}")
     kind = table.schema.field("embedding").type if "embedding" in table.schema.names else None
     if not (pa.types.is_fixed_size_list(kind) and kind.list_size == fingerprint["dim"]
             and kind.value_type == pa.float32()):
@@ -127,18 +132,6 @@ def _check_chunks(ids: list[str], chunks: list, report: Report) -> list[str]:
         report.problems.append(f"{len(gaps)} ids have gaps in their chunk indices (each should have 0..n-1), "
                                f"e.g. {gaps[:EXAMPLES]}")
     return [i for i, k in zip(ids, chunks) if k == 0]
-
-
-def _read_rejects(output: OutputFolder) -> pa.Table:
-    try:
-        paths = [p for p in output.fs.ls(output.path(REJECTS), detail=False) if p.endswith(".parquet")]
-    except FileNotFoundError:
-        paths = []
-    tables = []
-    for path in paths:
-        with output.fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle))
-    return pa.concat_tables(tables) if tables else pa.table({"id": [], "source": [], "row_index": []})
 
 
 def _check_counts(manifest: dict, report: Report) -> None:

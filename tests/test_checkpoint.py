@@ -2,11 +2,12 @@
 
 import pyarrow as pa
 
-from transforms.checkpoint import OutputFolder, part_name
+from pipeline.output import OutputAdmin
+from transforms.checkpoint import part_name
 
 
 def test_publish_leaves_no_scratch_and_replaces_whole(tmp_path):
-    out = OutputFolder(str(tmp_path / "out"))
+    out = OutputAdmin(str(tmp_path / "out"))
     out.publish("part-a.parquet", b"one")
     out.publish("part-a.parquet", b"two")
     assert (tmp_path / "out" / "part-a.parquet").read_bytes() == b"two"
@@ -14,7 +15,7 @@ def test_publish_leaves_no_scratch_and_replaces_whole(tmp_path):
 
 
 def test_markers_are_the_record_of_done_units(tmp_path):
-    out = OutputFolder(str(tmp_path))
+    out = OutputAdmin(str(tmp_path))
     out.write_progress("u1", 5, 10)
     assert set(out.progress()) == {"u1"}
     out.mark_done("u1", {"unit_id": "u1", "rows": 10})
@@ -24,7 +25,7 @@ def test_markers_are_the_record_of_done_units(tmp_path):
 
 
 def test_clean_leftovers_removes_scratch_progress_and_unmarked_parts(tmp_path):
-    out = OutputFolder(str(tmp_path))
+    out = OutputAdmin(str(tmp_path))
     out.write_part("done", b"x")
     out.write_part("orphan", b"x")
     out.publish("_rejects/orphan.parquet", b"x")
@@ -39,7 +40,7 @@ def test_clean_leftovers_removes_scratch_progress_and_unmarked_parts(tmp_path):
 
 
 def test_memory_filesystem_works_the_same(tmp_path):
-    out = OutputFolder("memory://docembed-test/out")
+    out = OutputAdmin("memory://docembed-test/out")
     out.write_part("u", pa.py_buffer(b"abc").to_pybytes())
     out.mark_done("u", {"unit_id": "u"})
     assert out.part_files() == [part_name("u")] and out.done_ids() == {"u"}

@@ -14,7 +14,7 @@ import pytest
 from pipeline.options import EmbedOptions, parse
 from pipeline.run import resolve_settings, run
 from tests.conftest import by_id, cosine, read_output, vectors, write_docs
-from transforms.checkpoint import OutputFolder
+from pipeline.output import OutputAdmin
 from transforms.commit import commit_unit
 from transforms.errors import FingerprintMismatch
 from transforms import rejects
@@ -151,13 +151,13 @@ def test_a_retried_commit_replaces_its_part_instead_of_adding_rows(finished, tmp
     tmp, argv, _ = finished
     copy = tmp_path / "out"
     shutil.copytree(tmp / "out", copy)
-    output = OutputFolder(str(copy))
+    output = OutputAdmin(str(copy))
     marker = sorted(output.done_markers().values(), key=lambda m: m["unit_id"])[0]
     part = pq.read_table(copy / marker["part"]).select(["id", "embedding", "title"])
-    settings, _ = resolve_settings(parse(argv).view_as(EmbedOptions))
+    settings = resolve_settings(parse(argv).view_as(EmbedOptions))
     settings = dataclasses.replace(settings, output=str(copy))
     retry = UnitEmbeddings(WorkUnit.from_json(marker), part.select(["id", "title"]),
-                           rejects.empty(), vectors(part), 0, 0, 0, 0)
+                           rejects.empty(), vectors(part), 0, 0, 0, 0, numerics=marker["numerics"])
     before = read_output(copy).num_rows
     commit_unit(retry, settings, output)
     assert read_output(copy).num_rows == before
@@ -168,15 +168,15 @@ def test_a_retry_that_rejects_every_row_removes_the_part_of_an_earlier_attempt(f
     tmp, argv, _ = finished
     copy = tmp_path / "out"
     shutil.copytree(tmp / "out", copy)
-    output = OutputFolder(str(copy))
+    output = OutputAdmin(str(copy))
     marker = sorted(output.done_markers().values(), key=lambda m: m["unit_id"])[0]
     part = pq.read_table(copy / marker["part"])
-    settings, _ = resolve_settings(parse(argv).view_as(EmbedOptions))
+    settings = resolve_settings(parse(argv).view_as(EmbedOptions))
     settings = dataclasses.replace(settings, output=str(copy))
     all_rejected = rejects.rejections(part.column("id"), pa.array(range(part.num_rows), pa.int64()),
                                       marker["source"], ["model_error"] * part.num_rows, ["failed"] * part.num_rows)
     retry = UnitEmbeddings(WorkUnit.from_json(marker), part.select(["id", "title"]).slice(0, 0), all_rejected,
-                           vectors(part)[:0], 0, 0, 0, 0)
+                           vectors(part)[:0], 0, 0, 0, 0, numerics=marker["numerics"])
     commit_unit(retry, settings, output)
     assert not (copy / marker["part"]).exists()
     assert pq.read_table(copy / "_rejects" / f"{marker['unit_id']}.parquet").num_rows == part.num_rows

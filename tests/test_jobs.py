@@ -10,12 +10,9 @@ from apache_beam.runners.direct.direct_runner import DirectRunner
 from pipeline.cli import main
 from pipeline.graph import build_graph
 from pipeline.jobs import expand_job, job_flags
-from pipeline.options import EmbedOptions, parse
-from pipeline.plan import plan_input
-from pipeline.run import resolve_settings
+from pipeline.run import prepare
 from tests.conftest import REPO, SAMPLE, read_output, write_docs
 from transforms.errors import UsageError
-from transforms.model import resolve_device
 
 JOBS = sorted((REPO / "jobs").glob("*.yaml"))
 
@@ -25,19 +22,23 @@ def test_there_are_job_files_for_each_runner():
 
 
 @pytest.mark.parametrize("job", JOBS, ids=lambda p: p.stem)
-def test_each_job_file_builds_its_pipeline_graph(job, tmp_path):
-    argv = job_flags(str(job)) + ["--input", str(SAMPLE), "--output", str(tmp_path / "out")]
-    if "--device=cuda" in argv and resolve_device("auto") == "cpu":
-        argv += ["--device=auto", "--precision=auto"]  # the same graph; no GPU here to load onto
-    options = parse(argv)  # rejects any flag Beam or docembed does not know
-    opts = options.view_as(EmbedOptions)
-    plan = plan_input(opts.input, {"id": "id", "text": "text"}, opts.checkpoint_every)
-    settings, _ = resolve_settings(opts, plan.passthrough_schema)
+def test_each_job_file_dry_runs_and_builds_its_graph_on_this_cpu_launcher(job, tmp_path, capsys):
+    """As a laptop would launch it: no GPU and no cloud here, yet the GPU job plans, describes its
+    model and builds its graph with --device cuda kept for the workers to honour."""
+    argv = ["--job", str(job), "--input", str(SAMPLE), "--output", str(tmp_path / "out")]
+    assert main(["run", *argv, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "dry run; nothing was written or submitted" in printed and "400 rows" in printed
+    assert not (tmp_path / "out").exists()
+    options, _, _, _, settings = prepare(expand_job(argv))  # rejects any flag Beam or docembed does not know
+    flags = job_flags(str(job))
+    assert settings.device == next((f.split("=")[1] for f in flags if f.startswith("--device=")), "auto")
+    assert f"--device {settings.device}" in printed
     pipeline = beam.Pipeline(runner=DirectRunner(), options=options)
-    build_graph(pipeline, list(plan.units), settings)
+    build_graph(pipeline, ["_plans/run/units-00000.jsonl"], settings)
     proto = pipeline.to_runner_api()  # serialises every step, as submitting would
     labels = {t.unique_name for t in proto.components.transforms.values()}
-    assert {"ReadUnit", "EmbedUnit", "CommitUnit"} <= labels
+    assert {"ExpandPlan", "FindDuplicates", "ReadUnit", "EmbedUnit", "CommitUnit"} <= labels
 
 
 def test_flags_after_the_job_file_override_it(tmp_path):

@@ -66,6 +66,8 @@ def _done(out):
 
 
 def test_a_second_run_is_refused_while_one_holds_the_lock_and_a_stale_lock_is_taken_over(tmp_path, docs, capsys):
+    """Refused with exit code 75 (EX_TEMPFAIL: try again later), which a scheduler tells apart from a
+    configuration error (2)."""
     ids, texts = docs
     write_docs(tmp_path / "in.parquet", ids[:200], texts[:200], row_group_size=10)
     out = tmp_path / "out"
@@ -73,14 +75,14 @@ def test_a_second_run_is_refused_while_one_holds_the_lock_and_a_stale_lock_is_ta
     _wait_for(lambda: _done(out) >= 1, first)
     code = main(["run", "--input", str(tmp_path / "in.parquet"), "--output", str(out), *FLAGS])
     err = capsys.readouterr().err
-    assert code == 2 and "is locked by another run" in err and f"pid {first.pid}" in err and "since" in err
+    assert code == 75 and "is locked by another run" in err and f"pid {first.pid}" in err and "since" in err
     os.killpg(first.pid, signal.SIGKILL)  # its lock stays behind, and its heartbeat stops
     first.wait()
     lock = json.loads((out / "_lock.json").read_text())
     assert lock["pid"] == first.pid
     lock["host"] = "another-machine"  # as if the killed run had been on another VM: only the TTL tells
     (out / "_lock.json").write_text(json.dumps(lock))
-    assert main(["run", "--input", str(tmp_path / "in.parquet"), "--output", str(out), *FLAGS]) == 2
+    assert main(["run", "--input", str(tmp_path / "in.parquet"), "--output", str(out), *FLAGS]) == 75
     assert "locked by another run: another-machine" in capsys.readouterr().err
     time.sleep(1.5)
     summary = run(["--input", str(tmp_path / "in.parquet"), "--output", str(out), *FLAGS, "--lock-ttl", "1"])
@@ -145,14 +147,15 @@ def test_multiprocess_direct_runner_kill_and_resume(tmp_path, docs):
 
 
 def test_a_run_that_lost_its_lock_refuses_to_commit(tmp_path):
-    from transforms.checkpoint import OutputFolder
+    from pipeline.output import OutputAdmin
     from transforms.commit import check_lock
     from transforms.errors import CommitError
+    from transforms.model_ref import ModelRef
     from transforms.records import EmbedSettings
 
-    output = OutputFolder(str(tmp_path))
+    output = OutputAdmin(str(tmp_path))
     output.publish("_lock.json", json.dumps({"token": "theirs", "host": "h", "pid": 1}).encode())
-    settings = EmbedSettings(output=str(tmp_path), model="", model_path="", model_revision="", dim=1,
+    settings = EmbedSettings(output=str(tmp_path), model_ref=ModelRef("", "local", ""), dim=1,
                              max_seq_length=8, pooling="", normalize=True, precision="fp32", device="cpu",
                              prefix="", id_column="id", text_column="text", passthrough_columns=(),
                              min_batch_size=1, max_batch_size=1, max_batch_tokens=8, run_id="r", lock_token="mine")
@@ -164,12 +167,12 @@ def test_a_run_that_lost_its_lock_refuses_to_commit(tmp_path):
 
 def test_an_unreadable_lock_file_goes_stale_instead_of_blocking_forever(tmp_path):
     from pipeline.lock import OutputLock
-    from transforms.checkpoint import OutputFolder
+    from pipeline.output import OutputAdmin
 
     (tmp_path / "_lock.json").write_text("")  # its writer was killed mid-write
     old = time.time() - 120
     os.utime(tmp_path / "_lock.json", (old, old))
-    with OutputLock(OutputFolder(str(tmp_path)), ttl_s=60):
+    with OutputLock(OutputAdmin(str(tmp_path)), ttl_s=60):
         assert json.loads((tmp_path / "_lock.json").read_text())["pid"] == os.getpid()
 
 

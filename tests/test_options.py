@@ -25,14 +25,20 @@ def test_unknown_flags_and_missing_values_are_all_named():
     assert "--output is required" in message and "--min-batch-size 0" in message
 
 
-def test_cuda_without_cuda_is_an_error_not_a_fallback(tmp_path, capsys):
+def test_cuda_without_cuda_fails_on_the_worker_naming_it_never_a_fallback(tmp_path, capsys):
+    """The launcher does not look for a GPU (on a cluster it has none); the worker, here the same
+    machine, does, in its setup, before any unit is embedded."""
+    import socket
+
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     code = main(["run", "--input", "jobs/sample/docs.parquet", "--output", str(tmp_path / "o"),
-                 "--device", "cuda"])
-    assert code == 2
-    assert "--device cuda was asked for, but torch sees no CUDA device" in capsys.readouterr().err
+                 "--device", "cuda", "--no-progress"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"worker {socket.gethostname()}: --device cuda was asked for, but torch sees no CUDA device" in err
+    assert not list((tmp_path / "o").glob("part-*"))
 
 
 def test_half_precision_on_cpu_is_refused(tmp_path, capsys):

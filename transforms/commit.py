@@ -1,7 +1,9 @@
 """Commit: publish a unit's Parquet part (and its rejections), then its done-marker.
 
-Consumes ``UnitEmbeddings``; produces the unit's done-marker record, which holds the unit's counts:
-``embedded + rejected`` is always the unit's row count. The part is published under a
+Consumes ``UnitEmbeddings``; produces the unit's done-marker record, which holds the unit's counts
+(``embedded + rejected`` is always the unit's row count) and the numerics of the worker that made its
+vectors (device, precision, host, library versions). Before anything is published, the worker's
+numerics are checked against the output's (``UnitStore.check_numerics``). The part is published under a
 name derived from the unit id, atomically (see ``storage.publish``), so a retried bundle or a rerun
 overwrites it with identical rows instead of adding a copy. The marker is written last: a unit
 killed before it is redone in full and nothing of it is counted.
@@ -20,12 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from transforms import metrics
-from transforms.checkpoint import REJECTS, OutputFolder, part_name
+from transforms.checkpoint import REJECTS, UnitStore, part_name
 from transforms.errors import CommitError
 from transforms.records import EmbedSettings, UnitEmbeddings
 
 FINGERPRINT_KEY = b"docembed.fingerprint"
 UNIT_KEY = b"docembed.unit"
+NUMERICS_KEY = b"docembed.numerics"
 CHUNK_COLUMNS = ("chunk", "char_start", "char_end")
 
 
@@ -48,7 +51,8 @@ def output_table(done: UnitEmbeddings, settings: EmbedSettings) -> pa.Table:
     table = pa.table(columns)
     return table.replace_schema_metadata(
         {FINGERPRINT_KEY: json.dumps(settings.fingerprint(), sort_keys=True),
-         UNIT_KEY: json.dumps(done.unit.to_json(), sort_keys=True)}
+         UNIT_KEY: json.dumps(done.unit.to_json(), sort_keys=True),
+         NUMERICS_KEY: json.dumps(done.numerics, sort_keys=True)}
     )
 
 
@@ -65,9 +69,10 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: OutputFolder) -> dict:
+def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStore) -> dict:
     started = time.perf_counter()
     unit_id = done.unit.unit_id
+    output.check_numerics(done.numerics)
     part = None  # a unit whose every row was rejected has no part
     if done.table.num_rows:
         part = output.write_part(unit_id, parquet_bytes(output_table(done, settings)))
@@ -102,6 +107,7 @@ def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: OutputFol
         "started_at": done.started_at,
         "batch_stats": done.batch_stats,
         "worker": worker_stats(),
+        "numerics": done.numerics,
     }
     output.mark_done(unit_id, record)
     return record
@@ -112,7 +118,7 @@ def output_rows(done: UnitEmbeddings) -> int:
     return done.chunks.num_rows if done.chunks is not None else done.table.num_rows
 
 
-def check_lock(output: OutputFolder, settings: EmbedSettings) -> None:
+def check_lock(output: UnitStore, settings: EmbedSettings) -> None:
     """Before the marker: refuse to commit if another run has taken the output's lock since this run
     took it (two writers could otherwise remove each other's unmarked parts)."""
     if not settings.lock_token:
@@ -137,7 +143,7 @@ def worker_stats() -> dict:
     return stats
 
 
-def commit_or_fail(done: UnitEmbeddings, settings: EmbedSettings, output: OutputFolder) -> dict:
+def commit_or_fail(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStore) -> dict:
     try:
         return commit_unit(done, settings, output)
     except OSError as exc:  # nothing partial is visible: publish is whole-or-nothing, the marker last
@@ -149,7 +155,7 @@ class CommitUnit(beam.DoFn):
 
     def __init__(self, settings: EmbedSettings):
         self._settings = settings
-        self._output = OutputFolder(settings.output)
+        self._output = UnitStore(settings.output)
 
     def process(self, done: UnitEmbeddings):
         record = commit_or_fail(done, self._settings, self._output)

@@ -1,14 +1,17 @@
 """Embed: turn a unit's texts into float32 vectors, one model per worker process.
 
 Consumes ``UnitRows``; produces ``UnitEmbeddings`` (vectors in the unit's row order; one per window
-with ``--long-docs chunks``). The model is loaded once per process in ``setup`` through Beam's
-``shared.Shared``, so DoFn instances, bundles and retries in one process reuse it. ``embed_unit``
+with ``--long-docs chunks``). In ``setup`` each worker process resolves the device and precision
+against its own hardware (``numerics``), finds the model's files from the settings' reference
+(``model_ref``), loads it once through Beam's ``shared.Shared`` (so DoFn instances, bundles and
+retries in one process reuse it) and checks it against the launcher's description. ``embed_unit``
 picks the ``--long-docs`` mode; the batching and the model loop are ``inference``. Documents the
 model fails on alone are rejected here (``model_error``) with the error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -17,32 +20,41 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.utils import shared
 
-from transforms import chunk, metrics, rejects
-from transforms.checkpoint import OutputFolder
+from transforms import chunk, metrics, numerics, rejects
+from transforms.checkpoint import UnitStore
+from transforms.errors import ModelError
 from transforms.inference import embed_rows, embed_windows
-from transforms.model import Embedder
+from transforms.model import Embedder, ModelCard
+from transforms.model_ref import materialize
 from transforms.records import EmbedSettings, UnitEmbeddings, UnitRows
 
 PROGRESS_EVERY_S = 5.0
 
-# One model per process: DoFn instances, bundles, retries and (in-process runners) the driver all
-# acquire the same loaded model through this handle, which lives as long as someone holds it.
+# One model per process: DoFn instances, bundles and retries all acquire the same loaded model
+# through this handle, which lives as long as someone holds it.
 _MODELS = shared.Shared()
 
 
-def acquire_embedder(settings: EmbedSettings, loaded: Embedder | None = None) -> Embedder:
-    """This process's model for ``settings``: loaded on first use, or ``loaded`` when given (the
-    driver registers the model it already loaded, so in-process workers do not load it again)."""
-    key = json.dumps([settings.model_path, settings.device, settings.precision, settings.normalize,
-                      settings.max_seq_length, settings.prefix])
-    return _MODELS.acquire(lambda: loaded or load_embedder(settings), tag=key)
+def acquire_embedder(settings: EmbedSettings, resolved: dict) -> Embedder:
+    """This process's model for ``settings`` at the ``resolved`` device and precision: loaded on
+    first use, and checked against the launcher's description of it."""
+    key = json.dumps([dataclasses.asdict(settings.model_ref), resolved["device"], resolved["precision"],
+                      settings.normalize, settings.max_seq_length, settings.prefix])
+    return _MODELS.acquire(lambda: load_embedder(settings, resolved), tag=key)
 
 
-def load_embedder(settings: EmbedSettings) -> Embedder:
-    return Embedder(
-        settings.model_path, settings.device, settings.precision, settings.normalize,
+def load_embedder(settings: EmbedSettings, resolved: dict) -> Embedder:
+    embedder = Embedder(
+        materialize(settings.model_ref), resolved["device"], resolved["precision"], settings.normalize,
         settings.max_seq_length, settings.prefix, settings.threads,
     )
+    expected = ModelCard(settings.dim, settings.max_seq_length, settings.pooling, embedder.has_normalize, 0)
+    differences = embedder.card().differences(expected)
+    if differences:
+        raise ModelError(f"worker {resolved['host']}: the model {settings.model} it loaded is not the one the "
+                         f"launcher described ({'; '.join(differences)}); workers and launcher must run the "
+                         "same docembed, libraries and model files")
+    return embedder
 
 
 def with_model_errors(rows: UnitRows, failed: dict[int, str]) -> tuple[pa.Table, np.ndarray, pa.Table]:
@@ -98,10 +110,11 @@ class EmbedUnit(beam.DoFn):
 
     def __init__(self, settings: EmbedSettings):
         self._settings = settings
-        self._output = OutputFolder(settings.output)
+        self._output = UnitStore(settings.output)
 
     def setup(self):
-        self._embedder = acquire_embedder(self._settings)
+        self._numerics = numerics.resolve(self._settings.device, self._settings.precision)
+        self._embedder = acquire_embedder(self._settings, self._numerics)
 
     def process(self, rows: UnitRows):
         unit = rows.unit
@@ -117,6 +130,7 @@ class EmbedUnit(beam.DoFn):
                     pass
 
         done = embed_unit(self._embedder, rows, self._settings, report)
+        done.numerics = self._numerics
         for items, tokens, _, seconds in done.batch_stats:
             metrics.BATCH_LATENCY_MS.update(int(seconds * 1000))
             metrics.BATCH_DOCS.update(items)

@@ -28,7 +28,12 @@ class FingerprintMismatch(OutputError):
 
 
 class DeviceUnavailable(DocembedError):
-    """A device was asked for explicitly and is not there; docembed never falls back silently."""
+    """A worker cannot honour the device or precision asked for (no CUDA, no native bf16, no VNNI).
+    Raised in the worker's ``setup``, naming its host: docembed never falls back silently."""
+
+
+class NumericsMismatch(DocembedError):
+    """A worker would commit vectors made at another device or precision than the output's."""
 
 
 class ModelError(DocembedError):
@@ -40,6 +45,13 @@ class JobFailed(DocembedError):
     stays committed, and rerunning the same command resumes from it."""
 
     exit_code = 1
+
+
+class LockHeld(DocembedError):
+    """Another run holds the output folder's lock. Exit code 75 (EX_TEMPFAIL, "try again later"), so
+    that a scheduler can tell "still running" from a configuration error (2)."""
+
+    exit_code = 75
 
 
 class Interrupted(DocembedError):

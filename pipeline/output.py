@@ -1,0 +1,180 @@
+"""Output: the launcher's administration of an output folder, on top of the workers' unit store.
+
+Workers may only do what ``transforms.checkpoint.UnitStore`` offers. What only the launcher (and the
+``status``, ``verify`` and ``report`` commands) does lives here: reading every done-marker, cleaning up
+what interrupted attempts left, taking committed units back, the manifest, the plan shards, the lock
+file, the stop request and the reports. No other module opens the folder's filesystem itself.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from transforms import storage
+from transforms.checkpoint import (ATTEMPTS, CHECKPOINTS, LOCK, MANIFEST, NUMERICS, PLANS, PROGRESS, REJECTS,
+                                   STOP, UnitStore, dumps, unit_id_of_part)
+from transforms.records import WorkUnit
+
+REPORTS = "_reports"
+# Units per plan shard: 100,000 units (a billion rows at --checkpoint-every 10000) are 20 shards.
+UNITS_PER_SHARD = 5000
+
+
+class OutputAdmin(UnitStore):
+    """Everything the launcher reads and writes in the output folder besides a unit's commit."""
+
+    # --- reading -------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.fs.exists(self.root)
+
+    def done_ids(self) -> set[str]:
+        """Ids of committed units, from marker names alone (cheap enough to poll)."""
+        return {posixpath.basename(p)[: -len(".json")] for p in self._ls(self.path(CHECKPOINTS)) if p.endswith(".json")}
+
+    def done_markers(self) -> dict[str, dict]:
+        """unit_id -> marker record, for every committed unit."""
+        return {rec["unit_id"]: rec for rec in self._read_json_dir(CHECKPOINTS)}
+
+    def progress(self) -> dict[str, dict]:
+        """unit_id -> latest progress record of units still running (or interrupted)."""
+        return {rec["unit_id"]: rec for rec in self._read_json_dir(PROGRESS)}
+
+    def read_manifest(self) -> dict | None:
+        return self._read_json(self.path(MANIFEST))
+
+    def part_metadata(self, name: str) -> dict:
+        """A part's Parquet key-value metadata (fingerprint, unit, numerics)."""
+        with self.open(name) as handle:
+            return pq.ParquetFile(handle).schema_arrow.metadata or {}
+
+    def read_part(self, name: str) -> pa.Table:
+        with self.open(name) as handle:
+            return pq.read_table(handle)
+
+    def read_rejects(self) -> pa.Table:
+        tables = []
+        for path in self._ls(self.path(REJECTS)):
+            if path.endswith(".parquet"):
+                with self.fs.open(path, "rb") as handle:
+                    tables.append(pq.read_table(handle))
+        return pa.concat_tables(tables) if tables else pa.table({"id": [], "source": [], "row_index": []})
+
+    # --- the run's own records -----------------------------------------------------------
+    def write_manifest(self, manifest: dict) -> None:
+        self.publish(MANIFEST, dumps(manifest))
+
+    def write_plan(self, run_id: str, units: list[WorkUnit]) -> list[str]:
+        """The units to do as JSON-lines shards under ``_plans/<run_id>/``; returns their names."""
+        names = []
+        for k in range(0, len(units), UNITS_PER_SHARD):
+            name = posixpath.join(PLANS, run_id, f"units-{k // UNITS_PER_SHARD:05d}.jsonl")
+            lines = (json.dumps(u.to_json(), sort_keys=True) for u in units[k:k + UNITS_PER_SHARD])
+            self.publish(name, ("\n".join(lines) + "\n").encode())
+            names.append(name)
+        return names
+
+    def remove_plan(self, run_id: str) -> None:
+        try:
+            self.fs.rm(self.path(PLANS, run_id), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def write_report(self, run_id: str, report: dict) -> str:
+        name = posixpath.join(REPORTS, f"{run_id}.json")
+        self.publish(name, json.dumps(report, indent=1).encode())
+        return name
+
+    def report_names(self) -> list[str]:
+        """Report files, oldest first (run ids start with a timestamp)."""
+        return sorted(posixpath.basename(p) for p in self._ls(self.path(REPORTS)) if p.endswith(".json"))
+
+    def read_report(self, name: str) -> dict:
+        return self._read_json(self.path(REPORTS, name))
+
+    def check_writable(self) -> None:
+        """Raises OSError when nothing can be written under the folder."""
+        probe = f"_probe-{uuid.uuid4().hex}"
+        self.publish(probe, b"")
+        self.fs.rm(self.path(probe))
+
+    # --- the lock (pipeline/lock.py) and the stop request (pipeline/interrupt.py) ----------
+    def create_lock(self, record: dict) -> bool:
+        return storage.create_exclusive(self.fs, self.path(LOCK), json.dumps(record).encode(), self.path(ATTEMPTS))
+
+    def write_lock(self, record: dict) -> None:
+        self.publish(LOCK, json.dumps(record).encode())
+
+    def remove_lock(self) -> None:
+        self.remove(LOCK)
+
+    def request_stop(self) -> None:
+        self.publish(STOP, b"")
+
+    def clear_stop(self) -> None:
+        self.remove(STOP)
+
+    # --- resume housekeeping -------------------------------------------------------------
+    def clean_leftovers(self, done_ids: Iterable[str]) -> list[str]:
+        """Remove what interrupted attempts left: scratch files, progress records, plan shards, and
+        parts whose unit has no done-marker (published, then killed before the marker). Returns what
+        was removed."""
+        done = set(done_ids)
+        removed = []
+        for sub in (ATTEMPTS, PROGRESS, PLANS):
+            for path in self._ls(self.path(sub)):
+                self.fs.rm(path, recursive=True)
+                removed.append(path)
+        orphans = [self.path(n) for n in self.part_files() if unit_id_of_part(n) not in done]
+        orphans += [p for p in self._ls(self.path(REJECTS)) if posixpath.basename(p).split(".")[0] not in done]
+        for path in orphans:
+            self._remove_quietly(path)
+        return removed + orphans
+
+    def remove_unit(self, marker: dict) -> None:
+        """Take a committed unit back (its file changed): the marker first, so that a kill midway
+        leaves at worst an unmarked part, which the next run's cleanup removes."""
+        self._remove_quietly(self.path(CHECKPOINTS, f"{marker['unit_id']}.json"))
+        for relative in (marker.get("part"), marker.get("rejects")):
+            if relative:
+                self._remove_quietly(self.path(relative))
+
+    def remove_all(self) -> None:
+        """``--overwrite``: delete everything in the output folder but the lock of the run doing it."""
+        # Markers, manifest and numerics first: a kill midway must not leave markers whose parts are gone.
+        first = {CHECKPOINTS: 0, MANIFEST: 1, NUMERICS: 1}
+        paths = sorted(self._ls(self.root), key=lambda p: first.get(posixpath.basename(p), 2))
+        for path in paths:
+            if posixpath.basename(path) != LOCK:
+                self.fs.rm(path, recursive=True)
+
+    # --- helpers -------------------------------------------------------------------------
+    def _read_json_dir(self, sub: str) -> list[dict]:
+        """Every JSON record under ``sub``, fetched concurrently where the store allows (one round
+        trip per file is what makes reading thousands of markers slow on object stores)."""
+        paths = [p for p in self._ls(self.path(sub)) if p.endswith(".json")]
+        if not paths:
+            return []
+        records = []
+        for content in self.fs.cat(paths, on_error="return").values():
+            if isinstance(content, FileNotFoundError):  # removed since the listing (a unit finished)
+                continue
+            if isinstance(content, Exception):
+                raise content
+            records.append(json.loads(content))
+        return records
+
+
+def marker_totals(markers) -> dict:
+    """The counts of done-markers summed: the one place that knows which marker fields add up, and
+    what markers written before a field existed imply (rows and windows: one per document)."""
+    markers = list(markers)
+    total = {k: sum(m[k] for m in markers) for k in ("embedded", "rejected", "truncated", "tokens", "padded_tokens")}
+    total.update({k: sum(m.get(k, m["embedded"]) for m in markers) for k in ("rows", "windows")})
+    total.update({k: sum(m.get(k, 0) for m in markers) for k in ("text_tokens", "dropped_tokens")})
+    return total
