@@ -80,6 +80,8 @@ def _flag(name: str, value, actions: dict, path: str) -> list[str]:
             return found[:1]
         if isinstance(action, argparse._StoreTrueAction):
             return []  # off is its default
+        if action is None:
+            raise UsageError(f"--job {path}: unknown flag --{name}")
         raise UsageError(f"--job {path}: {name}: false has no flag to say it ({', '.join(negatives)} do not exist)")
     if value is None:
         return []

@@ -79,9 +79,10 @@ class OutputAdmin(UnitStore):
             names.append(name)
         return names
 
-    def remove_plan(self, run_id: str) -> None:
+    def remove_plan(self) -> None:
+        """After the job: the plan shards are done with (the lock makes them this run's only)."""
         try:
-            self.fs.rm(self.path(PLANS, run_id), recursive=True)
+            self.fs.rm(self.path(PLANS), recursive=True)
         except FileNotFoundError:
             pass
 

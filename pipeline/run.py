@@ -119,7 +119,7 @@ def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipelin
             else contextlib.nullcontext()
         with bar:
             result = run_graph(test_pipeline or beam.Pipeline(options=options), shards, settings, local)
-        output.remove_plan(settings.run_id)
+        output.remove_plan()
         counters = result.metrics().query(MetricsFilter().with_namespace(metrics_mod.NAMESPACE))["counters"]
         beam_metrics = {c.key.metric.name: c.committed for c in counters}
     stop.check()

@@ -163,3 +163,17 @@ def s3_markers(fs, prefix):
         return [p for p in fs.ls(f"{BUCKET}/{prefix}/_checkpoints", refresh=True) if p.endswith(".json")]
     except FileNotFoundError:
         return []
+
+
+def bare_settings(output: str, **changes):
+    """EmbedSettings with placeholder model fields, for tests of bookkeeping that never embed."""
+    import dataclasses
+
+    from transforms.model_ref import ModelRef
+    from transforms.records import EmbedSettings
+
+    settings = EmbedSettings(output=output, model_ref=ModelRef("", "local", ""), dim=1, max_seq_length=8, pooling="",
+                             normalize=True, precision="auto", device="auto", prefix="", id_column="id",
+                             text_column="text", passthrough_columns=(), min_batch_size=1, max_batch_size=1,
+                             max_batch_tokens=8, run_id="r")
+    return dataclasses.replace(settings, **changes)

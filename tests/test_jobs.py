@@ -59,3 +59,22 @@ def test_a_bad_job_file_is_a_clear_error(tmp_path):
         expand_job(["--job", str(bad)])
     assert expand_job(["--input", "x"]) == ["--input", "x"]
     assert Path(JOBS[0]).exists()
+
+
+def test_yaml_booleans_become_the_flags_beam_and_docembed_really_have(tmp_path):
+    """false is Beam's --no_use_public_ips and docembed's --no-progress; a flag that is off by default
+    gives nothing; a flag that takes a value gets the word."""
+    from pipeline.options import EmbedOptions, parse
+
+    job = tmp_path / "job.yaml"
+    job.write_text("docembed:\n  progress: false\n  normalize: false\n  chunk-text: false\n  overwrite: true\n"
+                   "beam:\n  use_public_ips: false\n  save_main_session: true\n  streaming: false\n")
+    flags = job_flags(str(job))
+    assert flags == ["--no-progress", "--no-normalize", "--overwrite", "--no_use_public_ips", "--save_main_session"]
+    parsed = parse(flags + ["--input", "a", "--output", "b"])
+    mine, beam_options = parsed.view_as(EmbedOptions), parsed.get_all_options()
+    assert (mine.progress, mine.normalize, mine.chunk_text, mine.overwrite) == (False, False, False, True)
+    assert (beam_options["use_public_ips"], beam_options["save_main_session"]) == (False, True)
+    job.write_text("beam:\n  experiments: false\n  bogus_flag: false\n")
+    with pytest.raises(UsageError, match="unknown flag --bogus_flag"):
+        job_flags(str(job))

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.run import run
-from tests.conftest import REPO, by_id, cosine, read_output, write_docs
+from tests.conftest import REPO, bare_settings, by_id, cosine, read_output, write_docs
 
 FLAGS = ["--no-progress", "--checkpoint-every", "10"]
 
@@ -147,18 +147,13 @@ def test_multiprocess_direct_runner_kill_and_resume(tmp_path, docs):
 
 
 def test_a_run_that_lost_its_lock_refuses_to_commit(tmp_path):
-    from pipeline.output import OutputAdmin
+    from transforms.checkpoint import UnitStore
     from transforms.commit import check_lock
     from transforms.errors import CommitError
-    from transforms.model_ref import ModelRef
-    from transforms.records import EmbedSettings
 
-    output = OutputAdmin(str(tmp_path))
+    output = UnitStore(str(tmp_path))
     output.publish("_lock.json", json.dumps({"token": "theirs", "host": "h", "pid": 1}).encode())
-    settings = EmbedSettings(output=str(tmp_path), model_ref=ModelRef("", "local", ""), dim=1,
-                             max_seq_length=8, pooling="", normalize=True, precision="fp32", device="cpu",
-                             prefix="", id_column="id", text_column="text", passthrough_columns=(),
-                             min_batch_size=1, max_batch_size=1, max_batch_tokens=8, run_id="r", lock_token="mine")
+    settings = bare_settings(str(tmp_path), lock_token="mine")
     with pytest.raises(CommitError, match="no longer holds"):
         check_lock(output, settings)
     output.publish("_lock.json", json.dumps({"token": "mine"}).encode())

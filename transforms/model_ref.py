@@ -118,6 +118,7 @@ def fetch_folder(url: str) -> Path:
     by a hash of the folder's listing (names, sizes, etags), so a changed folder gets a new copy. The
     copy is assembled under a scratch name and renamed into place, so concurrent worker processes
     never load a half-copied folder."""
+    url = url.rstrip("/")
     fs, root = storage.filesystem(url)
     try:
         listing = {p: info for p, info in fs.find(root, detail=True).items() if info.get("type") != "directory"}
