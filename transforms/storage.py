@@ -30,17 +30,26 @@ def publish(fs, path: str, data: bytes, scratch_dir: str) -> None:
     if not is_local(fs):
         fs.pipe_file(path, data)
         return
+    os.replace(_scratch_copy(data, path, scratch_dir), path)
+    _sync_folder(path)
+
+
+def _scratch_copy(data: bytes, path: str, scratch_dir: str) -> str:
+    """``data`` in a uniquely named, fsynced file under ``scratch_dir``, and ``path``'s folder made."""
     os.makedirs(scratch_dir, exist_ok=True)
     scratch = os.path.join(scratch_dir, f"{os.path.basename(path)}.{uuid.uuid4().hex}")
     with open(scratch, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    os.replace(scratch, path)
-    # The rename itself must survive a power loss too, or a marker could outlive its part's rename.
-    fd = os.open(folder, os.O_RDONLY)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return scratch
+
+
+def _sync_folder(path: str) -> None:
+    """A rename or link into ``path``'s folder must survive a power loss too, or a marker could
+    outlive its part's rename."""
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -60,20 +69,15 @@ def create_exclusive(fs, path: str, data: bytes, scratch_dir: str) -> bool:
     within that window can both pass.
     """
     if is_local(fs):
-        os.makedirs(scratch_dir, exist_ok=True)
-        scratch = os.path.join(scratch_dir, f"{os.path.basename(path)}.{uuid.uuid4().hex}")
-        with open(scratch, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        scratch = _scratch_copy(data, path, scratch_dir)
         try:
             os.link(scratch, path)
-            return True
         except FileExistsError:
             return False
         finally:
             os.unlink(scratch)
+        _sync_folder(path)
+        return True
     if "s3" in _protocols(fs):
         try:
             fs.pipe_file(path, data, IfNoneMatch="*")
