@@ -18,7 +18,7 @@ from transforms.checkpoint import UnitStore
 from transforms.commit import CommitUnit
 from transforms.dedup import FindDuplicates
 from transforms.embed import EmbedUnit
-from transforms.read import ReadUnit, expand_plan
+from transforms.read import ReadUnit
 from transforms.records import EmbedSettings
 
 
@@ -29,7 +29,7 @@ def build_graph(pipeline: beam.Pipeline, shards: list[str], settings: EmbedSetti
     units = (
         pipeline
         | "PlanShards" >> beam.Create(shards, reshuffle=False)
-        | "ExpandPlan" >> beam.FlatMap(lambda shard: expand_plan(store, shard))
+        | "ExpandPlan" >> beam.FlatMap(store.plan_units)
         | "SpreadUnits" >> beam.Reshuffle()
     )
     duplicates = units | "FindDuplicates" >> FindDuplicates(settings)

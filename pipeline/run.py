@@ -82,11 +82,10 @@ def dry_run(argv: list[str]) -> dict:
     """What a run would do, read without writing anything: the plan, what is already done, the
     settings; the same checks as a run (fingerprint, numerics, unit boundaries) raise the same errors."""
     options, opts, output, plan, settings = prepare(argv)
-    markers = {} if opts.overwrite else output.done_markers()
-    if not opts.overwrite:
-        check_fingerprint(output, settings)
-        settings = adopt_numerics(output, settings)
-    todo, done, superseded = split_done(plan, markers)
+    if opts.overwrite:  # the run would delete everything first
+        settings, (todo, done, superseded) = settings, split_done(plan, {})
+    else:
+        settings, markers, (todo, done, superseded) = guard(output, plan, settings)
     runner = options.get_all_options().get("runner") or "DirectRunner"
     return {"settings": settings, "runner": runner, "files": len(plan.files), "skipped_files": list(plan.skipped),
             "units": len(plan.units), "rows": plan.rows, "text_bytes": sum(u.text_bytes for u in plan.units),
@@ -100,11 +99,17 @@ def _workers(options) -> int:
     return all_options.get("direct_num_workers") or 1 if opts_mod.is_local_runner(options) else 0
 
 
-def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipeline, stop: StopOnSignal) -> dict:
+def guard(output: OutputAdmin, plan, settings: EmbedSettings):
+    """(settings with the output's numerics adopted, the done-markers, (to do, done, superseded)),
+    after refusing an output made with other settings or numerics, or with other unit boundaries."""
     check_fingerprint(output, settings)
     settings = adopt_numerics(output, settings)
     markers = output.done_markers()
-    todo, done, superseded = split_done(plan, markers)
+    return settings, markers, split_done(plan, markers)
+
+
+def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipeline, stop: StopOnSignal) -> dict:
+    settings, markers, (todo, done, superseded) = guard(output, plan, settings)
     for marker in superseded:  # a changed input file: its old rows go, its new units are to do
         output.remove_unit(marker)
         del markers[marker["unit_id"]]

@@ -48,8 +48,8 @@ def load_embedder(settings: EmbedSettings, resolved: dict) -> Embedder:
         materialize(settings.model_ref), resolved["device"], resolved["precision"], settings.normalize,
         settings.max_seq_length, settings.prefix, settings.threads,
     )
-    expected = ModelCard(settings.dim, settings.max_seq_length, settings.pooling, embedder.has_normalize, 0)
-    differences = embedder.card().differences(expected)
+    described = ModelCard(settings.dim, settings.max_seq_length, settings.pooling, settings.normalize, 0)
+    differences = embedder.card().differences(described)
     if differences:
         raise ModelError(f"worker {resolved['host']}: the model {settings.model} it loaded is not the one the "
                          f"launcher described ({'; '.join(differences)}); workers and launcher must run the "

@@ -50,8 +50,9 @@ class ModelCard:
         return self.max_seq_length - self.overhead
 
     def differences(self, other: "ModelCard") -> list[str]:
+        """The fingerprint's fields (dimension, window, pooling) in which two cards differ."""
         return [f"{f}: {getattr(self, f)!r} != {getattr(other, f)!r}"
-                for f in ("dim", "max_seq_length", "pooling", "has_normalize") if getattr(self, f) != getattr(other, f)]
+                for f in ("dim", "max_seq_length", "pooling") if getattr(self, f) != getattr(other, f)]
 
 
 def describe(folder: str | Path, max_seq_length: int | None = None, prefix: str = "") -> ModelCard:

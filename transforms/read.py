@@ -104,12 +104,6 @@ def _as_text(column: pa.Array) -> tuple[pa.Array, pa.Array]:
     return pa.array(values, pa.string()), pa.array(bad, pa.bool_())
 
 
-def expand_plan(store: UnitStore, shard: str):
-    """A plan shard's name -> its work units: the plan reaches the workers through the output
-    folder, not the job graph, so the graph stays small however many units there are."""
-    yield from store.plan_units(shard)
-
-
 class ReadUnit(beam.DoFn):
     """WorkUnit (+ the side input of repeated ids, ``dedup``) -> UnitRows (with its rejections).
     Units already done are skipped here, so a retried bundle or a second runner of the same unit
