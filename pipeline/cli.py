@@ -76,6 +76,9 @@ def _run(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         parser = argparse.ArgumentParser(prog="docembed run")
         EmbedOptions._add_argparse_args(parser)
+        parser.add_argument("--dry-run", action="store_true",
+                            help="print the plan (files, units, rows, text bytes), what is already done and to "
+                                 "do, the pinned model and the requested device and precision; write and run nothing")
         parser.print_help()
         return 0
     from pipeline.jobs import expand_job
