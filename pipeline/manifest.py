@@ -32,7 +32,8 @@ def started(settings: EmbedSettings, plan: Plan, checkpoint_every: int) -> dict:
             "device": settings.device,  # as asked (or adopted from the output); workers resolve auto
             "precision": settings.precision,
         },
-        "libraries": {name: _version(name) for name in _LIBRARIES},
+        # The launcher's; the workers' are in each done-marker's numerics.
+        "launcher_libraries": {name: _version(name) for name in _LIBRARIES},
         "inputs": [f.to_json() for f in plan.files],
         "skipped_files": list(plan.skipped),
         "plan": {"files": len(plan.files), "units": len(plan.units), "rows": plan.rows,

@@ -22,11 +22,11 @@ import os
 from pathlib import Path
 
 from transforms.errors import UsageError
-from transforms.model_ref import DEFAULT_MODEL, ModelRef, content_hash, fetch_folder, hub_snapshot, packaged_default
+from transforms.model_ref import (DEFAULT_MODEL, OTHER_FORMATS, ModelRef, content_hash, fetch_folder, hub_snapshot,
+                                  packaged_default)
 
 # Weight files the launcher leaves to the workers when it fetches a hub model's configuration.
-WEIGHTS = ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ot", "*.onnx", "*.gguf",
-           "onnx/*", "openvino/*"]
+WEIGHTS = ["*.safetensors", "*.bin", "*.pt", "*.pth", *OTHER_FORMATS]
 
 
 def pin_model(name: str, revision: str | None, local_runner: bool) -> tuple[ModelRef, Path]:

