@@ -69,6 +69,10 @@ class EmbedOptions(PipelineOptions):
         add("--on-duplicate-id", default="error", choices=["error", "keep-first"],
             help="a repeated id: fail at planning with examples (error), or embed the first occurrence "
                  "and reject the others as duplicate_id (keep-first)")
+        add("--max-model-errors", type=float, default=0.01,
+            help="the share of a unit's documents the model may fail on alone (rejected as model_error) before "
+                 "the unit fails instead, uncommitted, for a rerun to retry (default 0.01; at least one "
+                 "document is always allowed)")
         add("--skip-bad-files", action="store_true",
             help="leave out files that are not readable Parquet (recorded in the manifest and summary) "
                  "instead of failing")
@@ -111,6 +115,8 @@ def validate(opts: EmbedOptions) -> list[str]:
         problems.append(f"--checkpoint-every must be >= 1, got {opts.checkpoint_every}")
     if opts.cost_per_hour is not None and opts.cost_per_hour < 0:
         problems.append(f"--cost-per-hour must be >= 0, got {opts.cost_per_hour}")
+    if not 0 <= opts.max_model_errors <= 1:
+        problems.append(f"--max-model-errors is a share of a unit's documents, 0 to 1; got {opts.max_model_errors}")
     if opts.lock_ttl <= 0:
         problems.append(f"--lock-ttl must be > 0 seconds, got {opts.lock_ttl}")
     problems += _long_docs_problems(opts)

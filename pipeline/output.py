@@ -16,7 +16,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from transforms import storage
+from transforms import faults, storage
 from transforms.checkpoint import (ATTEMPTS, CHECKPOINTS, LOCK, MANIFEST, NUMERICS, PLANS, PROGRESS, REJECTS,
                                    STOP, UnitStore, dumps, unit_id_of_part)
 from transforms.records import WorkUnit
@@ -106,10 +106,12 @@ class OutputAdmin(UnitStore):
 
     # --- the lock (pipeline/lock.py) and the stop request (pipeline/interrupt.py) ----------
     def create_lock(self, record: dict) -> bool:
+        faults.hit("publish:lock")
         return storage.create_exclusive(self.fs, self.path(LOCK), json.dumps(record).encode(), self.path(ATTEMPTS))
 
     def write_lock(self, record: dict) -> None:
-        self.publish(LOCK, json.dumps(record).encode())
+        """The heartbeat: the lock record again, with a fresh time."""
+        self.publish(LOCK, json.dumps(record).encode(), kind="heartbeat")
 
     def remove_lock(self) -> None:
         self.remove(LOCK)

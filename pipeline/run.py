@@ -211,6 +211,7 @@ def resolve_settings(opts: EmbedOptions, passthrough_schema=None, threads: int =
         min_batch_size=opts.min_batch_size, max_batch_size=opts.max_batch_size, max_batch_tokens=budget,
         run_id=f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}",
         skip_bad_files=opts.skip_bad_files, on_duplicate_id=opts.on_duplicate_id,
+        max_model_errors=opts.max_model_errors,
         passthrough_schema=passthrough_schema, threads=threads,
         **opts_mod.window_settings(opts, card.window_size),
     )

@@ -223,7 +223,7 @@ def test_a_batch_the_model_fails_on_is_split_and_only_the_failing_documents_are_
     ids = [f"s{i}" for i in range(40)] + ["l0", "l1", "l2"]
     write_docs(tmp_path / "in.parquet", ids, short + long)
     summary = _run(tmp_path / "in.parquet", tmp_path / "out", "--model", tiny_model, "--max-seq-length", "64",
-                   "--min-batch-size", "8", "--max-batch-size", "32", "--long-docs", mode)
+                   "--min-batch-size", "8", "--max-batch-size", "32", "--long-docs", mode, "--max-model-errors", "0.1")
     assert sorted(read_output(tmp_path / "out").column("id").to_pylist()) == sorted(ids[:40])  # one window each
     rejected = pq.read_table(tmp_path / "out" / "_rejects").to_pylist()
     assert sorted(r["id"] for r in rejected) == ["l0", "l1", "l2"]

@@ -27,7 +27,7 @@ import json
 import posixpath
 import time
 
-from transforms import numerics, storage
+from transforms import faults, numerics, storage
 from transforms.errors import NumericsMismatch
 from transforms.records import WorkUnit
 
@@ -109,8 +109,12 @@ class UnitStore:
         self.publish(posixpath.join(PROGRESS, f"{unit_id}.json"), dumps(record))
 
     # --- committing ----------------------------------------------------------------------
-    def publish(self, relative: str, data: bytes) -> None:
+    def publish(self, relative: str, data: bytes, kind: str | None = None) -> None:
+        """Make ``data`` appear at ``relative`` whole or not at all (``storage.publish``)."""
+        kind = kind or faults.kind(relative)
+        faults.hit(f"publish:{kind}")
         storage.publish(self.fs, self.path(relative), data, self.path(ATTEMPTS))
+        faults.hit(f"published:{kind}")
 
     def write_part(self, unit_id: str, data: bytes) -> str:
         name = part_name(unit_id)
@@ -128,7 +132,9 @@ class UnitStore:
             return
         output = self.read_numerics()
         if output is None:
+            faults.hit("publish:numerics")
             storage.create_exclusive(self.fs, self.path(NUMERICS), dumps(mine), self.path(ATTEMPTS))
+            faults.hit("published:numerics")
             output = self.read_numerics()
         if output is None or not numerics.same(output, mine):
             raise NumericsMismatch(

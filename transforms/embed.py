@@ -23,7 +23,7 @@ from apache_beam.utils import shared
 from transforms import chunk, metrics, numerics, rejects
 from transforms.checkpoint import UnitStore
 from transforms.errors import ModelError
-from transforms.inference import embed_rows, embed_windows
+from transforms.inference import check_model_errors, embed_rows, embed_windows
 from transforms.model import Embedder, ModelCard
 from transforms.model_ref import materialize
 from transforms.records import EmbedSettings, UnitEmbeddings, UnitRows
@@ -98,6 +98,9 @@ def embed_unit(embedder: Embedder, rows: UnitRows, settings: EmbedSettings, on_b
                 "char_start": pa.array(windows.char_start[kept], pa.int64()),
                 "char_end": pa.array(windows.char_end[kept], pa.int64()),
             })
+    unit = rows.unit
+    check_model_errors(embedded.failed, len(texts), settings.max_model_errors,
+                       f"unit {unit.unit_id} ({unit.source} rows {unit.row_start}-{unit.row_end})")
     seconds = {**rows.seconds, "tokenize": embedded.tokenize_s, "forward": embedded.forward_s}
     stats = [[d, t, p, round(s, 6)] for d, t, p, s in embedded.batch_stats]
     return UnitEmbeddings(rows.unit, table, rejected, vectors, embedded.truncated, embedded.tokens,

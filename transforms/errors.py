@@ -40,6 +40,14 @@ class ModelError(DocembedError):
     """The model cannot be found or loaded."""
 
 
+class ModelFailed(DocembedError):
+    """On a worker: the model failed in a way that is not one document's doing (it fails on a
+    known-good probe text too, or on more of a unit's documents than --max-model-errors allows). The
+    unit raises, so nothing of it is committed; Beam retries the bundle and in the end fails the job."""
+
+    exit_code = 1
+
+
 class JobFailed(DocembedError):
     """The Beam job itself failed (a write error, a worker crash): exit code 1. What was committed
     stays committed, and rerunning the same command resumes from it."""

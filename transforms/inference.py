@@ -4,13 +4,17 @@ Two ways in: ``embed_rows`` embeds each text's first window (tokens counted by `
 ``embed_windows`` embeds every window of every text (cut by ``chunk``). Either way, batches are
 planned (``batch``) and each is tokenized in a helper thread while the model runs on the one before.
 A batch the model fails on (an out-of-memory error, say) is split in halves and retried down to
-single items; a document that still fails is returned as failed, with the error, and the rest go on.
+single items. A document that still fails alone is the document's fault only if the model still embeds
+a known-good probe text: then it is returned as failed, with the error, and the rest go on. If the
+probe fails too, the model or its device is broken and ``ModelFailed`` is raised; so it is when more of
+a unit's documents fail than ``--max-model-errors`` allows (``check_model_errors``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,11 +22,16 @@ import numpy as np
 
 from transforms import chunk
 from transforms.batch import padded_tokens, plan_batches
+from transforms.errors import ModelFailed
 from transforms.model import Embedder
 from transforms.records import EmbedSettings
 from transforms.tokens import count_tokens, full_lengths
 
 log = logging.getLogger(__name__)
+
+# A plain sentence any working model embeds, a few tokens long so that it fits any window: the model
+# is tried on it when a document fails alone.
+PROBE = "A plain sentence."
 
 
 @dataclasses.dataclass
@@ -154,10 +163,37 @@ def _embed_or_split(embedder: Embedder, prepare, batch: np.ndarray, vectors, fai
     except Exception as exc:  # any model failure: torch raises OutOfMemoryError, RuntimeError, IndexError...
         embedder.release_memory()
         if len(batch) == 1:
-            failed[int(batch[0])] = f"{type(exc).__name__}: {exc}"[:2000]
-            log.warning("model failed on one document, rejected as model_error: %s", failed[int(batch[0])])
+            message = f"{type(exc).__name__}: {exc}"[:2000]
+            check_health(embedder, message)
+            failed[int(batch[0])] = message
+            log.warning("model failed on one document, rejected as model_error: %s", message)
             return
         log.info("model failed on a batch of %d documents; retrying it in halves", len(batch))
     half = len(batch) // 2
     _embed_or_split(embedder, prepare, batch[:half], vectors, failed)
     _embed_or_split(embedder, prepare, batch[half:], vectors, failed)
+
+
+def check_health(embedder: Embedder, error: str) -> None:
+    """After a document failed alone with ``error``: raise ModelFailed unless the model still embeds
+    the probe text (the document, not the model, is at fault)."""
+    try:
+        embedder.embed([PROBE])
+    except Exception as exc:  # noqa: BLE001 - whatever the probe raises, the model is broken
+        raise ModelFailed(
+            f"worker {socket.gethostname()}: the model fails on a known-good probe text too ({type(exc).__name__}: "
+            f"{str(exc)[:300]}), after a document failed with {error[:300]}: the model or its device is broken, "
+            "so the unit is not committed; fix the cause and rerun to resume"
+        ) from exc
+
+
+def check_model_errors(failed: dict[int, str], documents: int, share: float, where: str) -> None:
+    """Raise ModelFailed when more than max(1, share x documents) of a unit's documents failed."""
+    allowed = max(1, int(share * documents))
+    if len(failed) > allowed:
+        raise ModelFailed(
+            f"worker {socket.gethostname()}: the model failed on {len(failed)} of the {documents} documents of "
+            f"{where}, more than --max-model-errors {share} allows ({allowed}); the first: "
+            f"{next(iter(failed.values()))[:300]}. The unit is not committed: fix the cause (a smaller "
+            "--max-batch-tokens, more memory, another device) or raise --max-model-errors, and rerun to resume"
+        )

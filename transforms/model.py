@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transforms import faults
 from transforms.errors import ModelError
 from transforms.quantize import quantize_int8
 
@@ -246,6 +247,7 @@ class Embedder:
 
     def forward(self, features: dict) -> np.ndarray:
         """float32 (batch, dim) for prepared inputs, row order preserved."""
+        faults.hit("forward")
         with self._torch.inference_mode():
             features = {k: (v.to(self.device, non_blocking=True) if hasattr(v, "to") else v)
                         for k, v in features.items()}

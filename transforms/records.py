@@ -43,6 +43,7 @@ class EmbedSettings:
     run_id: str
     skip_bad_files: bool = False
     on_duplicate_id: str = "error"  # a repeated id fails the job (error) or is rejected (keep-first)
+    max_model_errors: float = 0.01  # a unit whose documents fail more often than this raises instead
     threads: int = 0  # CPU threads for the model per worker process; 0 leaves torch's default
     lock_token: str = ""  # the output lock this run holds; commits check it before each marker
     # Pass-through column types unified across input files at planning; parts are cast to them.

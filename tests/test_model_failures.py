@@ -1,0 +1,53 @@
+"""Failures that are not the document's fail the unit: a model that fails on a known-good probe text
+too, or on more of a unit's documents than --max-model-errors allows, commits nothing of that unit,
+and a rerun retries it. Only documents that fail while the probe passes are rejected as model_error."""
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.output import OutputAdmin
+from pipeline.run import run
+from tests.conftest import by_id, cosine, read_output, write_docs
+from transforms.errors import JobFailed
+
+FLAGS = ["--no-progress", "--checkpoint-every", "20"]
+
+
+def test_a_broken_model_or_device_fails_the_unit_and_a_rerun_after_the_fix_embeds_everything(
+        tmp_path, docs, reference_model, monkeypatch):
+    """The forward pass raises on every batch, as a GPU with Xid errors or a wrong driver would: every
+    document fails alone and so does the probe. Before, all 40 were rejected and the run exited 0."""
+    ids, texts = docs
+    write_docs(tmp_path / "in.parquet", ids[:40], texts[:40])
+    argv = ["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), *FLAGS]
+    monkeypatch.setenv("DOCEMBED_FAULT", "forward@*:raise")
+    with pytest.raises(JobFailed, match="the model fails on a known-good probe text too .*fault injected at forward"):
+        run(argv)
+    assert OutputAdmin(str(tmp_path / "out")).done_ids() == set()  # nothing of either unit committed
+    assert not list((tmp_path / "out").glob("part-*")) and not (tmp_path / "out" / "_rejects").exists()
+    monkeypatch.delenv("DOCEMBED_FAULT")  # the device is fixed
+    summary = run(argv)
+    assert (summary["embedded"], summary["rejected"], summary["units_committed"]) == (40, 0, 2)
+    got = by_id(read_output(tmp_path / "out"))
+    assert cosine(got[ids[0]], reference_model.encode([texts[0]])[0]) >= 0.9999
+
+
+def test_more_model_errors_than_the_bound_fail_the_unit_and_fewer_are_rejected(tmp_path, tiny_model):
+    """The tiny model fails on documents over 16 tokens while the probe (under 16) passes: each such
+    document is the model's limit, not a broken device. Half of a unit failing is past the default
+    bound (1%); with the bound raised, exactly those documents are rejected."""
+    short = [f"doc {i}" for i in range(10)]
+    long = [f"a much longer document number {i} " * 4 for i in range(10)]
+    ids = [f"s{i}" for i in range(10)] + [f"l{i}" for i in range(10)]
+    write_docs(tmp_path / "in.parquet", ids, short + long)
+    argv = ["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), *FLAGS,
+            "--model", tiny_model, "--max-seq-length", "64", "--min-batch-size", "4", "--max-batch-size", "8"]
+    with pytest.raises(JobFailed, match=r"failed on 10 of the 20 documents of unit \w+ .* more than "
+                                        r"--max-model-errors 0.01 allows \(1\)"):
+        run(argv)
+    assert OutputAdmin(str(tmp_path / "out")).done_ids() == set()
+    summary = run(argv + ["--max-model-errors", "0.5"])
+    assert (summary["embedded"], summary["rejected"]) == (10, 10)
+    rejected = pq.read_table(tmp_path / "out" / "_rejects").to_pylist()
+    assert sorted(r["id"] for r in rejected) == sorted(ids[10:])
+    assert {r["reason"] for r in rejected} == {"model_error"}

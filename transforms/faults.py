@@ -1,0 +1,56 @@
+"""Faults: named points where tests make docembed crash or fail, deterministically.
+
+Armed only by the environment variable ``DOCEMBED_FAULT``, a comma-separated list of
+``POINT@N[:ACTION]``: at the N-th time this process passes POINT (``*`` for every time), do ACTION:
+``crash`` (the default: ``os._exit(97)``, as a SIGKILL or a lost VM would stop it, with no cleanup) or
+``raise`` (a RuntimeError, as a broken device would raise). Unarmed, a point costs one dictionary
+lookup. The points:
+
+- ``publish:KIND`` before, and ``published:KIND`` after, the store makes a file appear, where KIND
+  is what the file is: ``part``, ``rejects``, ``marker``, ``manifest``, ``plan``, ``lock``,
+  ``heartbeat``, ``numerics``, ``progress``, ``report`` or ``probe``;
+- ``forward``: each batch the model runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import posixpath
+
+CRASH_EXIT = 97
+_passed: collections.Counter = collections.Counter()
+
+
+def _armed() -> dict[str, list[tuple[str, str]]]:
+    armed: dict[str, list[tuple[str, str]]] = {}
+    for item in filter(None, os.environ.get("DOCEMBED_FAULT", "").split(",")):
+        point, _, rest = item.partition("@")
+        count, _, action = rest.partition(":")
+        armed.setdefault(point, []).append((count, action or "crash"))
+    return armed
+
+
+def hit(point: str) -> None:
+    """Pass ``point``: crash or raise here if the environment asks for it."""
+    if "DOCEMBED_FAULT" not in os.environ:
+        return
+    _passed[point] += 1
+    for count, action in _armed().get(point, []):
+        if count in ("*", str(_passed[point])):
+            if action == "raise":
+                raise RuntimeError(f"fault injected at {point} (DOCEMBED_FAULT)")
+            os._exit(CRASH_EXIT)
+
+
+def kind(relative: str) -> str:
+    """What a bookkeeping name in the output folder is, for ``publish:KIND`` points."""
+    base, top = posixpath.basename(relative), relative.split("/")[0]
+    by_folder = {"_checkpoints": "marker", "_rejects": "rejects", "_plans": "plan", "_progress": "progress",
+                 "_reports": "report"}
+    if top in by_folder:
+        return by_folder[top]
+    if base.startswith("part-"):
+        return "part"
+    return {"_manifest.json": "manifest", "_lock.json": "lock", "_numerics.json": "numerics"}.get(
+        base, "probe" if base.startswith("_probe") else "other")
