@@ -22,7 +22,7 @@ def diff_fingerprints(stored: dict, current: dict) -> list[str]:
 
 def stored_fingerprint(output: OutputAdmin) -> dict | None:
     """From ``_manifest.json``, or from a part's Parquet metadata if the manifest is gone."""
-    manifest = output.read_manifest()
+    manifest = output.readable_manifest()
     if manifest and "fingerprint" in manifest:
         return manifest["fingerprint"]
     for name in output.part_files()[:1]:
@@ -36,7 +36,7 @@ def check_layout(output: OutputAdmin, settings: EmbedSettings) -> None:
     """The id column, pass-through columns and ``--chunk-text`` decide the parts' schema (and the id
     column the duplicate check):
     a resume must keep them, or the dataset would mix schemas."""
-    manifest = output.read_manifest() or {}
+    manifest = output.readable_manifest() or {}
     stored = manifest.get("settings")
     if not stored:
         return
@@ -74,7 +74,7 @@ def output_numerics(output: OutputAdmin) -> dict | None:
     pinned = output.read_numerics()
     if pinned is not None:
         return pinned
-    manifest = output.read_manifest() or {}
+    manifest = output.readable_manifest() or {}
     device, precision = (manifest.get("settings") or {}).get("device"), (manifest.get("fingerprint") or {}).get("precision")
     return {"device": device, "precision": precision} if device and precision and output.done_ids() else None
 

@@ -14,6 +14,7 @@ and a run that finds it was taken over stops committing (``lost`` is set).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -22,6 +23,24 @@ import uuid
 
 from pipeline.output import OutputAdmin
 from transforms.errors import LockHeld
+
+log = logging.getLogger(__name__)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process here. A zombie (killed, never reaped: on hosts whose init
+    does not reap orphans it stays in the process table) is dead, though signal 0 still reaches it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 class OutputLock:
@@ -63,17 +82,17 @@ class OutputLock:
         return self.output.create_lock(self.record)
 
     def _is_stale(self, lock: dict) -> bool:
-        """Its heartbeat is older than the TTL, or its holder ran on this host and is gone (a run
-        killed here is restarted at once, with no TTL to wait out)."""
+        """It cannot be read (docembed writes it whole, so it is no run's), its heartbeat is older than
+        the TTL, or its holder ran on this host and is gone (a run killed here is restarted at once,
+        with no TTL to wait out)."""
+        if "unreadable" in lock:
+            log.warning("%s/_lock.json cannot be read (%s): it is no run's lock; taking it over",
+                        self.output.url, lock["unreadable"])
+            return True
         if time.time() - lock.get("heartbeat", 0) >= self.ttl_s:
             return True
         if lock.get("host") == socket.gethostname() and isinstance(lock.get("pid"), int):
-            try:
-                os.kill(lock["pid"], 0)
-            except ProcessLookupError:
-                return True
-            except PermissionError:
-                return False
+            return not process_alive(lock["pid"])
         return False
 
     def _beat(self):

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from transforms import faults, storage
 from transforms.checkpoint import (ATTEMPTS, CHECKPOINTS, LOCK, MANIFEST, NUMERICS, PLANS, PROGRESS, REJECTS,
                                    STOP, UnitStore, dumps, unit_id_of_part)
+from transforms.errors import DamagedRecord
 from transforms.records import WorkUnit
 
 REPORTS = "_reports"
@@ -38,15 +39,55 @@ class OutputAdmin(UnitStore):
         return {posixpath.basename(p)[: -len(".json")] for p in self._ls(self.path(CHECKPOINTS)) if p.endswith(".json")}
 
     def done_markers(self) -> dict[str, dict]:
-        """unit_id -> marker record, for every committed unit."""
-        return {rec["unit_id"]: rec for rec in self._read_json_dir(CHECKPOINTS)}
+        """unit_id -> marker record, for every committed unit whose marker can be read."""
+        return self.read_markers()[0]
+
+    def read_markers(self) -> tuple[dict[str, dict], dict[str, str]]:
+        """(unit_id -> marker record, unit_id -> why its marker cannot be read)."""
+        records, unreadable = self._read_json_dir(CHECKPOINTS)
+        markers = {}
+        for name, record in records.items():
+            if isinstance(record, dict) and record.get("unit_id") == name:
+                markers[name] = record
+            else:
+                unreadable[name] = "not a done-marker of this unit"
+        return markers, unreadable
 
     def progress(self) -> dict[str, dict]:
         """unit_id -> latest progress record of units still running (or interrupted)."""
-        return {rec["unit_id"]: rec for rec in self._read_json_dir(PROGRESS)}
+        return {name: rec for name, rec in self._read_json_dir(PROGRESS)[0].items() if isinstance(rec, dict)}
 
     def read_manifest(self) -> dict | None:
-        return self._read_json(self.path(MANIFEST))
+        """The manifest, None when there is none; DamagedRecord when it cannot be read."""
+        manifest, damage = self._manifest()
+        if damage:
+            raise DamagedRecord(f"{self.url}/{damage}; rerun the same `docembed run` command, which rewrites it")
+        return manifest
+
+    def readable_manifest(self) -> dict | None:
+        """The manifest, or None when there is none or it is damaged (a run rewrites it)."""
+        return self._manifest()[0]
+
+    def manifest_damage(self) -> str | None:
+        """What is wrong with the manifest, or None."""
+        return self._manifest()[1]
+
+    def _manifest(self) -> tuple[dict | None, str | None]:
+        try:
+            manifest = self._read_json(self.path(MANIFEST))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return None, f"{MANIFEST} is damaged ({type(exc).__name__}: {exc})"
+        if manifest is not None and not isinstance(manifest, dict):
+            return None, f"{MANIFEST} is damaged (not a record)"
+        return manifest, None
+
+    def sizes(self, sub: str = "") -> dict[str, int]:
+        """name -> size of the files in the folder (or in ``sub``), from one listing."""
+        try:
+            entries = self.fs.ls(self.path(sub) if sub else self.root, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {posixpath.basename(e["name"]): int(e.get("size") or 0) for e in entries if e.get("type") != "directory"}
 
     def part_metadata(self, name: str) -> dict:
         """A part's Parquet key-value metadata (fingerprint, unit, numerics)."""
@@ -157,20 +198,23 @@ class OutputAdmin(UnitStore):
                 self.fs.rm(path, recursive=True)
 
     # --- helpers -------------------------------------------------------------------------
-    def _read_json_dir(self, sub: str) -> list[dict]:
-        """Every JSON record under ``sub``, fetched concurrently where the store allows (one round
-        trip per file is what makes reading thousands of markers slow on object stores)."""
+    def _read_json_dir(self, sub: str) -> tuple[dict[str, object], dict[str, str]]:
+        """(name -> JSON record, name -> why it cannot be parsed) for every ``NAME.json`` under ``sub``,
+        fetched concurrently where the store allows (one round trip per file is what makes reading
+        thousands of markers slow on object stores)."""
         paths = [p for p in self._ls(self.path(sub)) if p.endswith(".json")]
-        if not paths:
-            return []
-        records = []
-        for content in self.fs.cat(paths, on_error="return").values():
+        records, unreadable = {}, {}
+        for path, content in (self.fs.cat(paths, on_error="return") if paths else {}).items():
+            name = posixpath.basename(path)[: -len(".json")]
             if isinstance(content, FileNotFoundError):  # removed since the listing (a unit finished)
                 continue
             if isinstance(content, Exception):
                 raise content
-            records.append(json.loads(content))
-        return records
+            try:
+                records[name] = json.loads(content)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                unreadable[name] = f"{type(exc).__name__}: {exc}"
+        return records, unreadable
 
 
 def marker_totals(markers) -> dict:

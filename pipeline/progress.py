@@ -85,6 +85,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  rejected   {reasons}; rows and messages in {s['output'].rstrip('/')}/_rejects/")
     for skipped in s["skipped_files"]:
         lines.append(f"  skipped    {skipped['url']} (--skip-bad-files): {skipped['error']}")
+    lines += [f"  repaired   {r}; redone by this run" if r.startswith("unit ") else f"  repaired   {r}"
+              for r in s.get("repairs", [])]
     return "\n".join(lines)
 
 
@@ -104,4 +106,5 @@ def format_dry_run(d: dict) -> str:
     ]
     for skipped in d["skipped_files"]:
         lines.append(f"  skipped    {skipped['url']} (--skip-bad-files): {skipped['error']}")
+    lines += [f"  damaged    {r}; a run would redo it" for r in d["repairs"]]
     return "\n".join(lines)

@@ -20,7 +20,7 @@ import uuid
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 
-from pipeline import manifest, options as opts_mod, report
+from pipeline import manifest, options as opts_mod, repair, report
 from pipeline.graph import build_graph
 from pipeline.guard import adopt_numerics, check_fingerprint
 from pipeline.interrupt import StopOnSignal
@@ -83,15 +83,18 @@ def dry_run(argv: list[str]) -> dict:
     settings; the same checks as a run (fingerprint, numerics, unit boundaries) raise the same errors."""
     options, opts, output, plan, settings = prepare(argv)
     if opts.overwrite:  # the run would delete everything first
-        settings, (todo, done, superseded) = settings, split_done(plan, {})
+        resume = Resume(settings, {}, [], [], *split_done(plan, {}))
     else:
-        settings, markers, (todo, done, superseded) = guard(output, plan, settings)
+        resume = guard(output, plan, settings)
+    todo, done = resume.todo, resume.done
     runner = options.get_all_options().get("runner") or "DirectRunner"
-    return {"settings": settings, "runner": runner, "files": len(plan.files), "skipped_files": list(plan.skipped),
-            "units": len(plan.units), "rows": plan.rows, "text_bytes": sum(u.text_bytes for u in plan.units),
+    return {"settings": resume.settings, "runner": runner, "files": len(plan.files),
+            "skipped_files": list(plan.skipped), "units": len(plan.units), "rows": plan.rows,
+            "text_bytes": sum(u.text_bytes for u in plan.units),
             "units_done": len(done), "rows_done": sum(u.rows for u in done),
             "units_todo": len(todo), "rows_todo": sum(u.rows for u in todo),
-            "text_bytes_todo": sum(u.text_bytes for u in todo), "superseded_units": len(superseded)}
+            "text_bytes_todo": sum(u.text_bytes for u in todo), "superseded_units": len(resume.superseded),
+            "repairs": resume.repairs()}
 
 
 def _workers(options) -> int:
@@ -99,17 +102,39 @@ def _workers(options) -> int:
     return all_options.get("direct_num_workers") or 1 if opts_mod.is_local_runner(options) else 0
 
 
-def guard(output: OutputAdmin, plan, settings: EmbedSettings):
-    """(settings with the output's numerics adopted, the done-markers, (to do, done, superseded)),
-    after refusing an output made with other settings or numerics, or with other unit boundaries."""
+@dataclasses.dataclass
+class Resume:
+    """Where a run starts from: its settings (the output's numerics adopted), the markers of units
+    really done, the damaged units to redo, what is wrong with the manifest (if anything), and the
+    plan's units to do, done, and superseded (their input file changed)."""
+
+    settings: EmbedSettings
+    markers: dict
+    damage: list
+    manifest_damage: list
+    todo: list
+    done: list
+    superseded: list
+
+    def repairs(self) -> list[str]:
+        return self.manifest_damage + [d.describe() for d in self.damage]
+
+
+def guard(output: OutputAdmin, plan, settings: EmbedSettings) -> Resume:
+    """After refusing an output made with other settings or numerics, or with other unit boundaries:
+    where the run starts from. Damaged bookkeeping is found here (``repair``), not yet mended."""
     check_fingerprint(output, settings)
     settings = adopt_numerics(output, settings)
-    markers = output.done_markers()
-    return settings, markers, split_done(plan, markers)
+    manifest_damage = [f"{d}: this run rewrites it" for d in [output.manifest_damage()] if d]
+    markers, damage = repair.find(output)
+    return Resume(settings, markers, damage, manifest_damage, *split_done(plan, markers))
 
 
 def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipeline, stop: StopOnSignal) -> dict:
-    settings, markers, (todo, done, superseded) = guard(output, plan, settings)
+    resume = guard(output, plan, settings)
+    settings, markers, todo, done, superseded = (resume.settings, resume.markers, resume.todo, resume.done,
+                                                 resume.superseded)
+    repair.take_back(output, resume.damage)
     for marker in superseded:  # a changed input file: its old rows go, its new units are to do
         output.remove_unit(marker)
         del markers[marker["unit_id"]]
@@ -131,7 +156,8 @@ def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipelin
     markers = output.done_markers()
     output.write_manifest(manifest.completed(record, markers, plan, output.read_numerics()))
     summary = summarize(settings, plan, markers, todo, done, 0.0)
-    summary.update(superseded_units=len(superseded), run_id=settings.run_id, settings=settings,
+    summary.update(superseded_units=len(superseded), repairs=resume.repairs(), run_id=settings.run_id,
+                   settings=settings,
                    metrics=beam_metrics if todo else {})
     return summary
 

@@ -5,6 +5,7 @@ Works while a run is going (from done-markers and running units' progress record
 
 from __future__ import annotations
 
+from pipeline import repair
 from pipeline.output import OutputAdmin, marker_totals
 from transforms.errors import OutputError
 
@@ -14,7 +15,7 @@ def status(output_url: str) -> dict:
     manifest = output.read_manifest()
     if manifest is None:
         raise OutputError(f"{output_url} has no _manifest.json: no docembed run has started there")
-    markers = output.done_markers()
+    markers, damage = repair.find(output)
     running = {uid: p for uid, p in output.progress().items() if uid not in markers}
     plan = manifest.get("plan", {})
     return {
@@ -28,6 +29,7 @@ def status(output_url: str) -> dict:
         "docs_total": plan.get("rows"),
         **{k: v for k, v in marker_totals(markers.values()).items() if k in ("embedded", "rejected")},
         "units_running": len(running),
+        "damaged": [d.describe() for d in damage],
     }
 
 
@@ -60,4 +62,5 @@ def format_status(s: dict) -> str:
         f"           {s['embedded']} embedded, {s['rejected']} rejected",
         f"text       {s['text_bytes_done'] / 1e6:.1f}/{s['text_bytes_total'] / 1e6:.1f} MB"
         + (f", about {s['eta_s'] / 60:.1f} min left at the recent rate" if s.get("eta_s") is not None else ""),
+        *(f"damaged    {d}; the next run redoes it" for d in s["damaged"]),
     ])

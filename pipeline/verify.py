@@ -16,6 +16,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from pipeline import repair
 from pipeline.output import OutputAdmin
 from pipeline.plan import expand_input
 from transforms import numerics
@@ -45,6 +46,7 @@ def verify(output_url: str, input_url: str | None = None) -> Report:
     if manifest.get("status") != "complete":
         report.problems.append("the last run into this output did not complete (_manifest.json status "
                                f"{manifest.get('status')!r}); rerun it to finish")
+    report.problems += [f"{d.describe()}; rerun to redo it" for d in repair.find(output)[1]]
     ids, chunks = _check_parts(output, manifest, report)
     rejects = output.read_rejects()
     report.rejected = rejects.num_rows

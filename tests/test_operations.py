@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -160,15 +161,40 @@ def test_a_run_that_lost_its_lock_refuses_to_commit(tmp_path):
     check_lock(output, settings)
 
 
-def test_an_unreadable_lock_file_goes_stale_instead_of_blocking_forever(tmp_path):
+def test_a_garbage_lock_file_is_taken_over_at_once_instead_of_blocking(tmp_path):
+    """docembed writes its lock whole (an exclusive create of a complete file), so a lock file that
+    cannot be read is no run's: it is taken over at once, with no TTL to wait out."""
     from pipeline.lock import OutputLock
     from pipeline.output import OutputAdmin
 
-    (tmp_path / "_lock.json").write_text("")  # its writer was killed mid-write
-    old = time.time() - 120
-    os.utime(tmp_path / "_lock.json", (old, old))
+    (tmp_path / "_lock.json").write_text('{"token": "x", "host"')
+    started = time.monotonic()
     with OutputLock(OutputAdmin(str(tmp_path)), ttl_s=60):
         assert json.loads((tmp_path / "_lock.json").read_text())["pid"] == os.getpid()
+    assert time.monotonic() - started < 5
+
+
+def test_the_lock_of_a_zombie_process_is_taken_over_at_once(tmp_path):
+    """A killed run whose parent never reaps it stays a zombie: signal 0 still reaches its pid, but it
+    is dead, and its lock is taken over at once."""
+    from pipeline.lock import OutputLock, process_alive
+    from pipeline.output import OutputAdmin
+
+    zombie = subprocess.Popen(["sleep", "60"])
+    zombie.kill()
+    deadline = time.monotonic() + 5
+    while open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        assert not process_alive(zombie.pid) and process_alive(os.getpid())
+        held = {"token": "t", "host": socket.gethostname(), "pid": zombie.pid, "since": time.time(),
+                "heartbeat": time.time()}
+        (tmp_path / "_lock.json").write_text(json.dumps(held))
+        with OutputLock(OutputAdmin(str(tmp_path)), ttl_s=60):
+            assert json.loads((tmp_path / "_lock.json").read_text())["pid"] == os.getpid()
+    finally:
+        zombie.wait()  # reap it
 
 
 def test_resuming_with_other_columns_is_refused(tmp_path, docs):

@@ -148,14 +148,13 @@ class UnitStore:
         return self._read_json(self.path(NUMERICS))
 
     def read_lock(self) -> dict | None:
-        """The lock record; for a lock file that cannot be parsed (its writer was killed while writing
-        it), a record without a token whose heartbeat is the file's modification time, so it goes stale."""
+        """The lock record; for a lock file that cannot be parsed (docembed writes it whole, so it is
+        not docembed's), a record that says so and holds no token."""
         try:
-            return self._read_json(self.path(LOCK))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            mtime = storage.modified_time(self.fs.info(self.path(LOCK)))
-            return {"host": "unknown (unreadable lock file)", "pid": None, "since": 0,
-                    "heartbeat": float(mtime or 0)}
+            record = self._read_json(self.path(LOCK))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return {"unreadable": f"{type(exc).__name__}: {exc}"}
+        return record if record is None or isinstance(record, dict) else {"unreadable": "not a lock record"}
 
     def mark_done(self, unit_id: str, record: dict) -> None:
         """Written last, after the part is published: from here on the unit counts as done."""

@@ -73,9 +73,10 @@ def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStore
     started = time.perf_counter()
     unit_id = done.unit.unit_id
     output.check_numerics(done.numerics)
-    part = None  # a unit whose every row was rejected has no part
+    part, part_bytes = None, None  # a unit whose every row was rejected has no part
     if done.table.num_rows:
-        part = output.write_part(unit_id, parquet_bytes(output_table(done, settings)))
+        data = parquet_bytes(output_table(done, settings))
+        part, part_bytes = output.write_part(unit_id, data), len(data)
     else:  # an earlier attempt of this unit may have published one: it must not outlive this commit
         output.remove(part_name(unit_id))
     rejects = f"{REJECTS}/{unit_id}.parquet"
@@ -88,6 +89,7 @@ def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStore
     record = {
         **done.unit.to_json(),
         "part": part,
+        "part_bytes": part_bytes,  # so that a resume can tell its part from another file of that name
         "rejects": rejects,
         "embedded": done.table.num_rows,
         "rejected": done.rejects.num_rows,

@@ -19,6 +19,10 @@ class OutputError(DocembedError):
     """The output folder cannot be used: not writable, or holding an incompatible plan."""
 
 
+class DamagedRecord(OutputError):
+    """A bookkeeping file of the output folder cannot be read (cut short, or not docembed's)."""
+
+
 class CommitError(OutputError):
     """Publishing a unit's part, rejections or marker failed (disk full, permission, object store)."""
 

@@ -1,0 +1,58 @@
+"""Repair: committed units whose bookkeeping is damaged, found so that a run redoes them and says so,
+and ``status`` and ``verify`` report them the same way.
+
+A unit counts as done only while its done-marker can be read and the files it names are there as it
+committed them. A marker cut short or not docembed's, a part deleted, a part replaced by another file
+(its size is not the one the marker recorded: a part of another output, say), or rejections gone: each
+makes the unit one to redo. All of it comes from the markers the launcher reads anyway and one
+listing of the folder and of ``_rejects/``, never a read per part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pipeline.output import OutputAdmin
+from transforms.checkpoint import CHECKPOINTS, REJECTS, part_name
+
+
+@dataclasses.dataclass(frozen=True)
+class Damage:
+    unit_id: str
+    reason: str
+    marker: dict | None = None  # None when the marker itself cannot be read
+
+    def describe(self) -> str:
+        return f"unit {self.unit_id}: {self.reason}"
+
+
+def find(output: OutputAdmin) -> tuple[dict[str, dict], list[Damage]]:
+    """(the markers of units that are really done, the damaged units)."""
+    markers, unreadable = output.read_markers()
+    damage = [Damage(uid, f"its marker {CHECKPOINTS}/{uid}.json cannot be read ({why})")
+              for uid, why in sorted(unreadable.items())]
+    parts, rejects = output.sizes(), output.sizes(REJECTS)
+    for uid, marker in sorted(markers.items()):
+        reason = _missing(marker, parts, rejects)
+        if reason:
+            damage.append(Damage(uid, reason, marker))
+    broken = {d.unit_id for d in damage}
+    return {uid: m for uid, m in markers.items() if uid not in broken}, damage
+
+
+def _missing(marker: dict, parts: dict[str, int], rejects: dict[str, int]) -> str | None:
+    part, committed = marker.get("part"), marker.get("part_bytes")
+    if part and part not in parts:
+        return f"its part {part} is gone"
+    if part and committed is not None and parts[part] != committed:
+        return f"its part {part} is not the file it committed ({parts[part]} bytes, not {committed})"
+    if marker.get("rejects") and marker["rejects"].split("/")[-1] not in rejects:
+        return f"its rejections {marker['rejects']} are gone"
+    return None
+
+
+def take_back(output: OutputAdmin, damage: list[Damage]) -> None:
+    """Make the damaged units units to do: their markers first, then whatever of their files is left."""
+    for d in damage:
+        output.remove_unit(d.marker or {"unit_id": d.unit_id, "part": part_name(d.unit_id),
+                                        "rejects": f"{REJECTS}/{d.unit_id}.parquet"})
