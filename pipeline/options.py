@@ -77,6 +77,9 @@ class EmbedOptions(PipelineOptions):
             help="leave out files that are not readable Parquet (recorded in the manifest and summary) "
                  "instead of failing")
         add("--overwrite", action="store_true", help="delete the output folder and start afresh")
+        add("--prune-removed", action="store_true",
+            help="delete the parts and markers of input files that are gone since they were embedded (without "
+                 "it they stay, and the run names them); refused when it would delete every unit")
         add("--wait-for-lock", type=float, default=0.0,
             help="seconds to wait for another run's lock on the output folder (default: fail at once)")
         add("--lock-ttl", type=float, default=60.0,

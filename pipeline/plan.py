@@ -235,3 +235,24 @@ def split_done(plan: Plan, markers: dict[str, dict]) -> tuple[list[WorkUnit], li
                 )
         todo.append(unit)
     return todo, done, superseded
+
+
+def outside_plan(markers: dict[str, dict], sources: set[str]) -> list[dict]:
+    """Committed units whose file is not an input of this plan, by file: whether the file is gone
+    (deleted since it was embedded) or only outside ``--input``, with its units and rows."""
+    groups: dict[str, list[dict]] = {}
+    for marker in markers.values():
+        if marker["source"] not in sources:
+            groups.setdefault(marker["source"], []).append(marker)
+    found = []
+    for source, mine in sorted(groups.items()):
+        fs, path = storage.filesystem(source)
+        found.append({"source": source, "gone": not fs.exists(path), "units": len(mine),
+                      "rows": sum(m["row_end"] - m["row_start"] for m in mine), "unit_ids": [m["unit_id"] for m in mine]})
+    return found
+
+
+def describe_outside(group: dict) -> str:
+    where = "is gone since it was embedded" if group["gone"] else "is not in --input"
+    units = f"{group['units']} unit{'s' if group['units'] != 1 else ''}"
+    return f"{group['source']} {where}: its {units} ({group['rows']} rows)"

@@ -10,6 +10,7 @@ import threading
 
 from tqdm import tqdm
 
+from pipeline.plan import describe_outside
 from pipeline.report import coverage
 from pipeline.output import OutputAdmin
 
@@ -87,6 +88,17 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  skipped    {skipped['url']} (--skip-bad-files): {skipped['error']}")
     lines += [f"  repaired   {r}; redone by this run" if r.startswith("unit ") else f"  repaired   {r}"
               for r in s.get("repairs", [])]
+    for group in s.get("outside_inputs", []):
+        if group.get("pruned"):
+            lines.append(f"  pruned     {describe_outside(group)} were deleted (--prune-removed)")
+        else:
+            advice = "; --prune-removed deletes them" if group["gone"] else ""
+            lines.append(f"  {'removed' if group['gone'] else 'elsewhere':<10} {describe_outside(group)} stay in "
+                         f"the output{advice}")
+    if s.get("cleaned"):
+        names = ", ".join(c.rsplit("/", 1)[-1] for c in s["cleaned"][:5]) + (" ..." if len(s["cleaned"]) > 5 else "")
+        lines.append(f"  cleaned    {len(s['cleaned'])} files without a done-marker removed (left by interrupted "
+                     f"attempts, or not docembed's): {names}")
     return "\n".join(lines)
 
 

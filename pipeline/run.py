@@ -28,9 +28,10 @@ from pipeline.lock import OutputLock
 from pipeline.options import EmbedOptions
 from pipeline.output import OutputAdmin, marker_totals
 from pipeline.pin import pin_model
-from pipeline.plan import plan_input, split_done
+from pipeline.plan import outside_plan, plan_input, split_done
 from pipeline.progress import ProgressBar
 from transforms import metrics as metrics_mod
+from transforms.checkpoint import REJECTS, unit_id_of_part
 from transforms.errors import DocembedError, JobFailed, OutputError, UsageError
 from transforms.model import describe
 from transforms.numerics import check_request
@@ -138,7 +139,10 @@ def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipelin
     for marker in superseded:  # a changed input file: its old rows go, its new units are to do
         output.remove_unit(marker)
         del markers[marker["unit_id"]]
-    output.clean_leftovers(markers)  # before the id check: unmarked parts must not count as "in the output"
+    outside = outside_plan(markers, {f.url for f in plan.files})
+    if opts.prune_removed:
+        prune(output, markers, outside)
+    cleaned = output.clean_leftovers(markers)  # before the id check: unmarked parts are not "in the output"
     record = manifest.started(settings, plan, opts.checkpoint_every)
     output.write_manifest(record)
     if todo:
@@ -156,10 +160,25 @@ def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipelin
     markers = output.done_markers()
     output.write_manifest(manifest.completed(record, markers, plan, output.read_numerics()))
     summary = summarize(settings, plan, markers, todo, done, 0.0)
-    summary.update(superseded_units=len(superseded), repairs=resume.repairs(), run_id=settings.run_id,
+    summary.update(superseded_units=len(superseded), repairs=resume.repairs(), outside_inputs=outside,
+                   cleaned=[c for c in cleaned if unit_id_of_part(c) or f"/{REJECTS}/" in c], run_id=settings.run_id,
                    settings=settings,
                    metrics=beam_metrics if todo else {})
     return summary
+
+
+def prune(output: OutputAdmin, markers: dict, outside: list[dict]) -> None:
+    """``--prune-removed``: take back the units of input files that are gone, marker first, as a
+    changed file's are. Refused when it would take back every unit: a mistyped --input must not
+    erase an output."""
+    gone = [g for g in outside if g["gone"]]
+    if gone and sum(g["units"] for g in gone) == len(markers):
+        raise UsageError(f"--prune-removed would delete every unit of {output.url} (none of its input files is "
+                         "there any more): check --input, or use --overwrite to start afresh")
+    for group in gone:
+        for unit_id in group["unit_ids"]:
+            output.remove_unit(markers.pop(unit_id))
+        group["pruned"] = True
 
 
 def run_graph(pipeline: beam.Pipeline, shards: list[str], settings: EmbedSettings, local: bool = True):

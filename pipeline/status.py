@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pipeline import repair
 from pipeline.output import OutputAdmin, marker_totals
+from pipeline.plan import describe_outside, outside_plan
 from transforms.errors import OutputError
 
 
@@ -16,6 +17,8 @@ def status(output_url: str) -> dict:
     if manifest is None:
         raise OutputError(f"{output_url} has no _manifest.json: no docembed run has started there")
     markers, damage = repair.find(output)
+    outside = outside_plan(markers, {i["url"] for i in manifest.get("inputs", [])})
+    markers = {uid: m for uid, m in markers.items() if uid not in {u for g in outside for u in g["unit_ids"]}}
     running = {uid: p for uid, p in output.progress().items() if uid not in markers}
     plan = manifest.get("plan", {})
     return {
@@ -30,6 +33,8 @@ def status(output_url: str) -> dict:
         **{k: v for k, v in marker_totals(markers.values()).items() if k in ("embedded", "rejected")},
         "units_running": len(running),
         "damaged": [d.describe() for d in damage],
+        "outside_inputs": [describe_outside(g) + (" stay; `docembed run --prune-removed` deletes them" if g["gone"]
+                                                  else " stay") for g in outside],
     }
 
 
@@ -63,4 +68,5 @@ def format_status(s: dict) -> str:
         f"text       {s['text_bytes_done'] / 1e6:.1f}/{s['text_bytes_total'] / 1e6:.1f} MB"
         + (f", about {s['eta_s'] / 60:.1f} min left at the recent rate" if s.get("eta_s") is not None else ""),
         *(f"damaged    {d}; the next run redoes it" for d in s["damaged"]),
+        *(f"elsewhere  {o}" for o in s["outside_inputs"]),
     ])

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from pipeline import repair
 from pipeline.output import OutputAdmin
-from pipeline.plan import expand_input
+from pipeline.plan import describe_outside, expand_input, outside_plan
 from transforms import numerics
 from transforms.commit import CHUNK_COLUMNS, FINGERPRINT_KEY, NUMERICS_KEY
 from transforms.dedup import read_ids
@@ -35,6 +35,7 @@ class Report:
     parts: int = 0
     rejected: int = 0
     problems: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)  # true of the output, and not a fault of it
 
 
 def verify(output_url: str, input_url: str | None = None) -> Report:
@@ -46,7 +47,11 @@ def verify(output_url: str, input_url: str | None = None) -> Report:
     if manifest.get("status") != "complete":
         report.problems.append("the last run into this output did not complete (_manifest.json status "
                                f"{manifest.get('status')!r}); rerun it to finish")
-    report.problems += [f"{d.describe()}; rerun to redo it" for d in repair.find(output)[1]]
+    markers, damage = repair.find(output)
+    report.problems += [f"{d.describe()}; rerun to redo it" for d in damage]
+    outside = outside_plan(markers, {i["url"] for i in manifest.get("inputs", [])})
+    report.notes += [f"{describe_outside(g)} stay in the output" + ("; `docembed run --prune-removed` deletes them"
+                                                                    if g["gone"] else "") for g in outside]
     ids, chunks = _check_parts(output, manifest, report)
     rejects = output.read_rejects()
     report.rejected = rejects.num_rows
@@ -55,13 +60,14 @@ def verify(output_url: str, input_url: str | None = None) -> Report:
         ids = _check_chunks(ids, chunks, report)
     _check_duplicates(ids, report)
     if input_url:
-        _check_against_input(input_url, manifest, ids, rejects, report)
+        _check_against_input(input_url, manifest, ids, rejects, report, outside)
     return report
 
 
 def _check_parts(output: OutputAdmin, manifest: dict, report: Report) -> tuple[list[str], list | None]:
     """Every part's ids, and with ``--long-docs chunks`` each row's chunk index (else None)."""
-    listed, present = set(manifest.get("parts", [])), set(output.part_files())
+    elsewhere = {u["part"] for u in manifest.get("units_from_other_inputs", []) if u.get("part")}
+    listed, present = set(manifest.get("parts", [])) | elsewhere, set(output.part_files())
     for name in sorted(listed - present):
         report.problems.append(f"part {name} is listed in the manifest but missing")
     for name in sorted(present - listed):
@@ -157,7 +163,7 @@ def _check_duplicates(ids: list[str], report: Report) -> None:
 
 
 def _check_against_input(input_url: str, manifest: dict, ids: list[str], rejects: pa.Table,
-                         report: Report) -> None:
+                         report: Report, outside: list[dict]) -> None:
     id_column = manifest["settings"]["id_column"]
     rejected_rows = set(zip(rejects.column("source").to_pylist(), rejects.column("row_index").to_pylist()))
     expected: collections.Counter = collections.Counter()
@@ -170,13 +176,15 @@ def _check_against_input(input_url: str, manifest: dict, ids: list[str], rejects
         report.problems.append(f"{sum(missing.values())} input ids are neither embedded nor rejected, "
                                f"e.g. {sorted(missing)[:EXAMPLES]}")
     if unexpected:
+        why = f" ({sum(g['rows'] for g in outside)} rows come from files no longer in the input, above)" if outside else ""
         report.problems.append(f"{sum(unexpected.values())} embedded ids are not in the input (or not "
-                               f"once), e.g. {sorted(unexpected)[:EXAMPLES]}")
+                               f"once){why}, e.g. {sorted(unexpected)[:EXAMPLES]}")
 
 
 def format_report(output_url: str, report: Report) -> str:
     head = (f"verify {output_url}: {report.rows} rows in {report.parts} parts, "
             f"{report.rejected} rejected rows")
+    notes = [f"  note: {n}" for n in report.notes]
     if not report.problems:
-        return f"{head}: OK"
-    return "\n".join([f"{head}: {len(report.problems)} problems"] + [f"  - {p}" for p in report.problems])
+        return "\n".join([f"{head}: OK", *notes])
+    return "\n".join([f"{head}: {len(report.problems)} problems"] + [f"  - {p}" for p in report.problems] + notes)

@@ -124,3 +124,46 @@ def test_markers_and_parts_of_a_repaired_unit_match_an_untouched_output(finished
     diff = np.abs(after.column("embedding").combine_chunks().flatten().to_numpy()
                   - before.column("embedding").combine_chunks().flatten().to_numpy())
     assert diff.max() < 1e-5
+
+
+def test_an_input_file_deleted_between_runs_is_named_by_run_status_and_verify_and_pruned_only_when_asked(
+        tmp_path, docs, capsys):
+    ids, texts = docs
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_docs(inp / "day1.parquet", ids[:30], texts[:30])
+    write_docs(inp / "day2.parquet", ids[30:50], texts[30:50])
+    argv = ["run", "--input", str(inp), "--output", str(out), *FLAGS]
+    assert main(argv) == 0
+    (inp / "day1.parquet").unlink()
+    (out / "part-foreign.parquet").write_bytes(b"not docembed's")
+    assert main(argv) == 0
+    said = f"{inp}/day1.parquet is gone since it was embedded: its 1 unit (30 rows)"
+    summary = capsys.readouterr().out
+    assert f"removed    {said} stay in the output; --prune-removed deletes them" in summary
+    assert "cleaned    1 files without a done-marker removed" in summary and "part-foreign.parquet" in summary
+    assert main(["status", "--output", str(out)]) == 0
+    status = capsys.readouterr().out
+    assert "documents  20/20 done (100.0%)" in status and f"elsewhere  {said} stay" in status
+    assert main(["verify", "--output", str(out)]) == 0  # the output is whole; the note says what is in it
+    assert f"note: {said} stay in the output" in capsys.readouterr().out
+    assert main(["verify", "--output", str(out), "--input", str(inp)]) == 1
+    assert "30 embedded ids are not in the input (or not once) (30 rows come from files no longer" in \
+        capsys.readouterr().out
+
+    assert main(argv + ["--prune-removed"]) == 0
+    assert f"pruned     {said} were deleted (--prune-removed)" in capsys.readouterr().out
+    assert sorted(read_output(out).column("id").to_pylist()) == sorted(ids[30:50])
+    assert main(["verify", "--output", str(out), "--input", str(inp)]) == 0
+
+
+def test_prune_removed_refuses_to_delete_every_unit(tmp_path, docs, capsys):
+    """A mistyped --input, or all inputs moved elsewhere: pruning would erase the output, so it is refused."""
+    ids, texts = docs
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_docs(inp / "day1.parquet", ids[:10], texts[:10])
+    assert main(["run", "--input", str(inp), "--output", str(out), *FLAGS]) == 0
+    (inp / "day1.parquet").unlink()
+    write_docs(inp / "day2.parquet", ids[10:20], texts[10:20])
+    assert main(["run", "--input", str(inp), "--output", str(out), *FLAGS, "--prune-removed"]) == 2
+    assert "--prune-removed would delete every unit" in capsys.readouterr().err
+    assert len(OutputAdmin(str(out)).done_markers()) == 1  # nothing was deleted
