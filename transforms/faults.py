@@ -2,8 +2,11 @@
 
 Armed only by the environment variable ``DOCEMBED_FAULT``, a comma-separated list of
 ``POINT@N[:ACTION]``: at the N-th time this process passes POINT (``*`` for every time), do ACTION:
-``crash`` (the default: ``os._exit(97)``, as a SIGKILL or a lost VM would stop it, with no cleanup) or
-``raise`` (a RuntimeError, as a broken device would raise). Unarmed, a point costs one dictionary
+``crash`` (the default: ``os._exit(97)``, as a SIGKILL or a lost VM would stop it, with no cleanup),
+``raise`` (a RuntimeError, as a broken device would raise), or ``pause``: create the file
+``$DOCEMBED_FAULT_GATE.arrived.PID.K`` and wait until ``$DOCEMBED_FAULT_GATE.K`` exists, K being how
+many times the point was passed, so that a test can hold several processes at the same point and
+release them together (a race run the same way every time). Unarmed, a point costs one dictionary
 lookup. The points:
 
 - ``publish:KIND`` before, and ``published:KIND`` after, the store makes a file appear, where KIND
@@ -17,6 +20,7 @@ from __future__ import annotations
 import collections
 import os
 import posixpath
+import time
 
 CRASH_EXIT = 97
 _passed: collections.Counter = collections.Counter()
@@ -40,7 +44,17 @@ def hit(point: str) -> None:
         if count in ("*", str(_passed[point])):
             if action == "raise":
                 raise RuntimeError(f"fault injected at {point} (DOCEMBED_FAULT)")
+            if action == "pause":
+                _pause(_passed[point])
+                continue
             os._exit(CRASH_EXIT)
+
+
+def _pause(passage: int) -> None:
+    gate = os.environ["DOCEMBED_FAULT_GATE"]
+    open(f"{gate}.arrived.{os.getpid()}.{passage}", "w").close()
+    while not os.path.exists(f"{gate}.{passage}"):
+        time.sleep(0.005)
 
 
 def kind(relative: str) -> str:

@@ -64,9 +64,10 @@ def create_exclusive(fs, path: str, data: bytes, scratch_dir: str) -> bool:
     """Create ``path`` holding ``data`` unless it exists; True when this call created it.
 
     Local disks: a scratch file hard-linked into place (``link`` fails when the name exists, and the
-    file is whole when it appears). S3: a conditional PUT (``If-None-Match: *``), so the store lets
-    exactly one creator win. Other stores: a PUT then a read-back after ``SETTLE_S``; two creators
-    within that window can both pass.
+    file is whole when it appears). S3 and GCS: fsspec's exclusive write (``mode="create"``): a
+    conditional PUT (``If-None-Match: *``) on S3, the generation precondition (``ifGenerationMatch=0``)
+    on GCS, so the store itself lets exactly one creator win. Other stores: a PUT then a read-back
+    after ``SETTLE_S``; two creators within that window can both pass.
     """
     if is_local(fs):
         scratch = _scratch_copy(data, path, scratch_dir)
@@ -78,9 +79,9 @@ def create_exclusive(fs, path: str, data: bytes, scratch_dir: str) -> bool:
             os.unlink(scratch)
         _sync_folder(path)
         return True
-    if "s3" in _protocols(fs):
+    if {"s3", "gs", "gcs"} & set(_protocols(fs)):
         try:
-            fs.pipe_file(path, data, IfNoneMatch="*")
+            fs.pipe_file(path, data, mode="create")
             return True
         except FileExistsError:
             return False
