@@ -87,7 +87,10 @@ class OutputAdmin(UnitStore):
             entries = self.fs.ls(self.path(sub) if sub else self.root, detail=True)
         except FileNotFoundError:
             return {}
-        return {posixpath.basename(e["name"]): int(e.get("size") or 0) for e in entries if e.get("type") != "directory"}
+        # An object store may list a folder's own placeholder object (name ending in "/"): not a file.
+        return {posixpath.basename(e["name"]): int(e.get("size") or 0) for e in entries
+                if e.get("type") != "directory" and posixpath.basename(e["name"].rstrip("/")) != posixpath.basename(sub)
+                and not e["name"].endswith("/")}
 
     def part_metadata(self, name: str) -> dict:
         """A part's Parquet key-value metadata (fingerprint, unit, numerics)."""

@@ -1,0 +1,98 @@
+"""Every crash point of a unit's commit, deterministically: the process is killed (``os._exit``) just
+before and just after each file of the commit appears (part, rejections, the numerics pin, the marker),
+of the manifest at the start and at the end, of the plan, of the report, and at a heartbeat; then the
+same command is rerun. After each: the exact output of an uninterrupted run, `verify` passes, and no
+orphan is left (no part or rejections file that no marker names, no scratch file, plan, progress record,
+lock or stop request). On local disk and on S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.output import OutputAdmin
+from pipeline.run import run
+from pipeline.verify import verify
+from tests.conftest import BUCKET, REPO, by_id, read_output, write_docs
+
+COMMIT = [f"{when}:{kind}@1" for kind in ("part", "rejects", "numerics", "marker") for when in ("publish", "published")]
+AROUND = ["publish:plan@1", "publish:manifest@1", "published:manifest@1", "published:marker@2",
+          "publish:manifest@2", "published:manifest@2", "publish:report@1", "publish:heartbeat@1"]
+FAULTS = COMMIT + AROUND
+CRASH_EXIT = 97
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, docs):
+    """20 documents in 2 units of 10, each unit with one empty text (so each commits rejections)."""
+    tmp = tmp_path_factory.mktemp("crash")
+    ids, texts = docs
+    texts = list(texts[:20])
+    texts[3], texts[14] = "", "  "
+    write_docs(tmp / "in.parquet", ids[:20], texts, row_group_size=10)
+    return tmp
+
+
+def _argv(corpus, model) -> list[str]:
+    return ["run", "--input", str(corpus / "in.parquet"), "--checkpoint-every", "10", "--no-progress",
+            "--model", model, "--lock-ttl", "2"]
+
+
+def _walk(corpus, model, outputs: dict[str, str], tmp_path) -> dict:
+    spec = {"argv": _argv(corpus, model), "outputs": outputs, "faults": FAULTS, "logs": str(tmp_path)}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "tests.crash_walk", str(tmp_path / "spec.json")], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _check(url: str, reference: dict, fault: str, codes: list[int], logs) -> None:
+    log = (logs / f"{fault.replace(':', '_').replace('@', '_')}.log").read_text()[-2000:]
+    assert codes == [CRASH_EXIT, 0], f"{fault}: {codes}\n{log}"
+    output = OutputAdmin(url)
+    markers = output.done_markers()
+    named = {m["part"] for m in markers.values() if m["part"]} | {m["rejects"].split("/")[-1]
+                                                                  for m in markers.values() if m["rejects"]}
+    left = {name for name in list(output.sizes()) + list(output.sizes("_rejects")) if name not in named}
+    left |= set(output.sizes("_attempts")) | set(output.sizes("_progress"))
+    assert left <= {"_manifest.json", "_numerics.json"}, f"{fault}: orphans {left}"
+    assert not output.fs.exists(output.path("_plans")) or not output.sizes("_plans"), fault
+    assert output.read_lock() is None and not output.stop_requested(), fault
+    assert verify(url).problems == [], fault
+    got = by_id(read_output(url) if "://" not in url else _s3_table(url))
+    assert sorted(got) == sorted(reference), fault
+    assert max(np.abs(got[i] - reference[i]).max() for i in reference) < 1e-5, fault
+
+
+def _s3_table(url: str):
+    import pyarrow.dataset as ds
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    return ds.dataset(url.split("://", 1)[1], format="parquet", filesystem=fs).to_table()
+
+
+def test_every_crash_point_on_local_disk(corpus, tiny_window_model, tmp_path):
+    run(_argv(corpus, tiny_window_model)[1:] + ["--output", str(tmp_path / "reference")])
+    reference = by_id(read_output(tmp_path / "reference"))
+    outputs = {fault: str(tmp_path / f"out-{k}") for k, fault in enumerate(FAULTS)}
+    results = _walk(corpus, tiny_window_model, outputs, tmp_path)
+    for fault in FAULTS:
+        _check(outputs[fault], reference, fault, results[fault], tmp_path)
+
+
+def test_every_crash_point_on_s3(s3, corpus, tiny_window_model, tmp_path):
+    run(_argv(corpus, tiny_window_model)[1:] + ["--output", str(tmp_path / "reference")])
+    reference = by_id(read_output(tmp_path / "reference"))
+    outputs = {fault: f"s3://{BUCKET}/crash/{k}" for k, fault in enumerate(FAULTS)}
+    results = _walk(corpus, tiny_window_model, outputs, tmp_path)
+    for fault in FAULTS:
+        _check(outputs[fault], reference, fault, results[fault], tmp_path)
