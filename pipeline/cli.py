@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_drop_gcp_client_notice)
+        handler.addFilter(_drop_worker_start_notice)
         handler.addFilter(_drop_traceback_of_known_errors)
     try:
         if command == "run":
@@ -58,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
 def _drop_gcp_client_notice(record: logging.LogRecord) -> bool:
     """Beam warns at import that Google's API clients are absent; docembed does not use them."""
     return not str(record.msg).startswith("apitools not found")
+
+
+def _drop_worker_start_notice(record: logging.LogRecord) -> bool:
+    """Beam relays each local worker's start-up warning that it has no staging folder; docembed
+    stages nothing there."""
+    return "No semi_persistent_directory found" not in record.getMessage()
 
 
 def _drop_traceback_of_known_errors(record: logging.LogRecord) -> bool:

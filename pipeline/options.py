@@ -91,10 +91,22 @@ class EmbedOptions(PipelineOptions):
             help="what the machines of this run cost per hour, for the report's cost per 1000 documents")
         add("--progress", action=argparse.BooleanOptionalAction, default=True,
             help="show a progress bar (local runners)")
+        add("--verbose", action="store_true",
+            help="let workers print Beam's INFO lines too (by default they print warnings and errors only)")
+
+
+# Worker processes print warnings and errors, not Beam's INFO lines, nor its warning that a worker
+# discarded the docembed flags it has no parser for (every flag, on every worker): unless --verbose,
+# or the user sets these Beam flags.
+QUIET_WORKERS = ["--default_sdk_harness_log_level=WARNING",
+                 '--sdk_harness_log_level_overrides={"apache_beam.options.pipeline_options": "ERROR"}']
 
 
 def parse(argv: list[str]) -> PipelineOptions:
     """PipelineOptions for ``argv``; raises UsageError naming every problem found."""
+    own = [flag.split("=")[0] for flag in QUIET_WORKERS]
+    if "--verbose" not in argv and not any(a.split("=")[0] in own for a in argv):
+        argv = [*argv, *QUIET_WORKERS]
     options = PipelineOptions(argv)
     unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
     problems = [f"unknown flag --{name}" for name in sorted(unknown)]

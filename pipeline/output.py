@@ -160,8 +160,9 @@ class OutputAdmin(UnitStore):
     def remove_lock(self) -> None:
         self.remove(LOCK)
 
-    def request_stop(self) -> None:
-        self.publish(STOP, b"")
+    def request_stop(self, deadline: float) -> None:
+        """Ask the workers to take no new unit, and to abandon the unit in hand at ``deadline``."""
+        self.publish(STOP, json.dumps({"deadline": deadline}).encode())
 
     def clear_stop(self) -> None:
         self.remove(STOP)

@@ -152,7 +152,7 @@ def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipelin
         bar = ProgressBar(output, units, [u.unit_id for u in done]) if opts.progress and local \
             else contextlib.nullcontext()
         with bar:
-            result = run_graph(test_pipeline or beam.Pipeline(options=options), shards, settings, local)
+            result = run_graph(test_pipeline or beam.Pipeline(options=options), shards, settings, local, stop)
         output.remove_plan()
         counters = result.metrics().query(MetricsFilter().with_namespace(metrics_mod.NAMESPACE))["counters"]
         beam_metrics = {c.key.metric.name: c.committed for c in counters}
@@ -181,22 +181,28 @@ def prune(output: OutputAdmin, markers: dict, outside: list[dict]) -> None:
         group["pruned"] = True
 
 
-def run_graph(pipeline: beam.Pipeline, shards: list[str], settings: EmbedSettings, local: bool = True):
+def run_graph(pipeline: beam.Pipeline, shards: list[str], settings: EmbedSettings, local: bool = True,
+              stop: StopOnSignal | None = None):
     """Runs the graph to the end; returns the PipelineResult (its metrics: the docembed namespace).
     On a remote runner, Beam's own lines naming the submitted job (its id, console URL, state
-    changes) are shown, and the job id is printed as soon as it is known."""
+    changes) are shown, and the job id is printed as soon as it is known; ``stop`` gets the job, to
+    cancel it if the launcher is interrupted."""
     build_graph(pipeline, shards, settings)
     if not local:
         for name in SUBMISSION_LOGGERS:
             logging.getLogger(name).setLevel(logging.INFO)
     try:
         result = pipeline.run()
+        if stop is not None:
+            stop.job = None if local else result
         if not local:
             print(f"docembed: submitted job {_job_id(result)} to {type(pipeline.runner).__name__}; waiting for it "
                   "(Ctrl-C stops taking new units; the job's committed units are kept)", file=sys.stderr, flush=True)
         result.wait_until_finish()
         return result
     except Exception as exc:  # Beam re-raises worker errors, sometimes wrapped: report the cause
+        if stop is not None:
+            stop.check()  # the workers failed because a signal stopped them: that is the news
         raise JobFailed(
             f"the job failed: {_cause(exc)}. Units committed so far are kept: fix the cause and "
             "rerun the same command to resume"

@@ -147,6 +147,57 @@ def test_multiprocess_direct_runner_kill_and_resume(tmp_path, docs):
     assert sorted(got) == sorted(ids[:160]) and len(got) == len(set(got))
 
 
+def test_sigterm_holds_the_grace_period_in_a_long_unit_on_worker_processes(tmp_path, docs):
+    """SIGTERM to the launcher alone while its 2 worker processes are each deep in a 300-row unit (a
+    full 256-token window per row): the workers look for the stop request between batches, abandon
+    their units at the deadline, and the job ends; before, they finished their units however long
+    those took."""
+    _, texts = docs
+    ids = [f"d{i}" for i in range(600)]
+    long = [t for t in texts if len(t) > 4000]
+    write_docs(tmp_path / "in.parquet", ids, [long[i % len(long)] + f" {i}" for i in range(600)], row_group_size=300)
+    out = tmp_path / "out"
+    multi = ["--direct_running_mode=multi_processing", "--direct_num_workers=2", "--grace-period", "2",
+             "--checkpoint-every", "300", "--max-batch-size", "8", "--min-batch-size", "8"]
+    proc = _start(tmp_path / "in.parquet", out, *multi)
+    _wait_for(lambda: list(out.glob("_progress/*.json")), proc, timeout=300)  # 5 s into a unit
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and time.monotonic() - signalled < 2 + 8
+    assert "docembed: error: interrupted; rerun to resume (committed units are kept)" in err
+    assert _done(out) < 2  # a unit was abandoned at the deadline, not finished
+    summary = _run(tmp_path / "in.parquet", out, "--checkpoint-every", "300")
+    assert summary["units_committed"] + summary["units_skipped"] == 2
+    got = read_output(out).column("id").to_pylist()
+    assert sorted(got) == sorted(ids) and len(got) == len(set(got))
+
+
+def test_ctrl_c_on_a_multiprocess_run_exits_at_once_with_one_line(tmp_path, docs):
+    """Ctrl-C reaches the whole process group: the worker processes die at once, so the launcher does
+    not wait out the grace period, and says so in one line, not with the runner's tracebacks (the
+    workers' own KeyboardInterrupt, printed as they die, is Beam's worker's)."""
+    ids, texts = docs
+    write_docs(tmp_path / "in.parquet", ids[:160], texts[:160], row_group_size=10)
+    out = tmp_path / "out"
+    multi = ["--direct_running_mode=multi_processing", "--direct_num_workers=2", "--grace-period", "60"]
+    proc = _start(tmp_path / "in.parquet", out, *multi)
+    _wait_for(lambda: _done(out) >= 1, proc, timeout=300)
+    signalled = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and time.monotonic() - signalled < 20
+    assert "Worker subprocess exited" not in err  # the runner's own error about the lost workers
+    said = [line for line in err.splitlines() if line.startswith("docembed:")]
+    assert said[-1] == ("docembed: error: interrupted; rerun to resume (the local workers stopped with the "
+                        "signal; the units in hand were abandoned)") and len(said) == 2
+    at_stop = _done(out)
+    summary = _run(tmp_path / "in.parquet", out)
+    assert summary["units_skipped"] == at_stop and summary["units_committed"] == 16 - at_stop
+    got = read_output(out).column("id").to_pylist()
+    assert sorted(got) == sorted(ids[:160]) and len(got) == len(set(got))
+
+
 def test_a_run_that_lost_its_lock_refuses_to_commit(tmp_path):
     from transforms.checkpoint import UnitStore
     from transforms.commit import check_lock

@@ -236,3 +236,37 @@ def test_a_local_model_folder_is_refused_for_a_cluster_with_how_to_stage_it(tmp_
     err = capsys.readouterr().err
     assert code == 2 and "is a folder on this machine, which the workers of a cluster cannot read" in err
     assert "aws s3 sync" in err and "--model gs://... or s3://..." in err
+
+
+def test_an_interrupted_launcher_cancels_its_remote_job(s3, docs, job_service, worker_venv, tmp_path):
+    """The worker hangs in its first forward pass (held at a fault gate that never opens, as a stuck
+    GPU would hold it), so it never gets to look for the stop request: past the grace period the
+    launcher cancels the job it submitted and exits. (Beam's local job service records the cancel but
+    does not stop its workers; Dataflow, Flink and Spark do.)"""
+    import grpc
+    from apache_beam.portability.api import beam_job_api_pb2, beam_job_api_pb2_grpc
+
+    fs, s3_env = s3
+    ids, texts = docs
+    put_docs(fs, "cancel/in/a.parquet", ids[:20], texts[:20])
+    gate = tmp_path / "gate"
+    stuck = Pool(worker_venv, {**s3_env, "DOCEMBED_FAULT": "forward@1:pause", "DOCEMBED_FAULT_GATE": str(gate)},
+                 tmp_path / "pool.log").start()
+    try:
+        cmd = _command(job_service, stuck, "cancel", "--grace-period", "1")
+        launcher = subprocess.Popen(cmd, cwd=REPO, env=_launcher_env(s3_env, tmp_path), start_new_session=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("gate.arrived.*")):
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+            time.sleep(0.2)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=120)
+        assert launcher.returncode == 143, err[-2000:]
+        assert "docembed: cancelled the submitted job" in err
+        with grpc.insecure_channel(f"localhost:{job_service}") as channel:
+            jobs = beam_job_api_pb2_grpc.JobServiceStub(channel).GetJobs(beam_job_api_pb2.GetJobsRequest()).job_info
+        assert beam_job_api_pb2.JobState.CANCELLED in {job.state for job in jobs}
+        assert s3_markers(fs, "cancel/out") == []
+    finally:
+        stuck.stop()

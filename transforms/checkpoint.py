@@ -97,6 +97,17 @@ class UnitStore:
     def stop_requested(self) -> bool:
         return self.fs.exists(self.path(STOP))
 
+    def stop_deadline(self) -> float | None:
+        """When a stop was asked for: the time by which the unit in hand must be finished or abandoned
+        (the signal's time plus the grace period); None when no stop was asked for."""
+        try:
+            record = self._read_json(self.path(STOP))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return 0.0  # a stop request that cannot be read: stop at once
+        if record is None:
+            return 0.0 if self.stop_requested() else None
+        return float(record.get("deadline", 0.0)) if isinstance(record, dict) else 0.0
+
     def part_files(self) -> list[str]:
         """Names of the published part files, relative to the output folder."""
         return sorted(posixpath.basename(p) for p in self._ls(self.root) if unit_id_of_part(p) is not None)

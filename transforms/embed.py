@@ -22,13 +22,14 @@ from apache_beam.utils import shared
 
 from transforms import chunk, metrics, numerics, rejects
 from transforms.checkpoint import UnitStore
-from transforms.errors import ModelError
+from transforms.errors import ModelError, UnitAbandoned
 from transforms.inference import check_model_errors, embed_rows, embed_windows
 from transforms.model import Embedder, ModelCard
 from transforms.model_ref import materialize
 from transforms.records import EmbedSettings, UnitEmbeddings, UnitRows
 
 PROGRESS_EVERY_S = 5.0
+STOP_CHECK_S = 1.0  # how often, at most, a worker looks for a stop request between batches
 
 # One model per process: DoFn instances, bundles and retries all acquire the same loaded model
 # through this handle, which lives as long as someone holds it.
@@ -121,18 +122,30 @@ class EmbedUnit(beam.DoFn):
 
     def process(self, rows: UnitRows):
         unit = rows.unit
-        last = [time.monotonic()]
+        last = {"progress": time.monotonic(), "stop": time.monotonic()}
 
-        def report(done: int):
-            if time.monotonic() - last[0] >= PROGRESS_EVERY_S:
-                last[0] = time.monotonic()
+        def after_batch(done: int):
+            """Progress every few seconds; and the stop request checked between batches, not only
+            between units, so that --grace-period holds however long a unit is."""
+            now = time.monotonic()
+            if now - last["stop"] >= STOP_CHECK_S:
+                last["stop"] = now
+                deadline = self._output.stop_deadline()
+                if deadline is not None and time.time() >= deadline:
+                    raise UnitAbandoned(unit.unit_id)
+            if now - last["progress"] >= PROGRESS_EVERY_S:
+                last["progress"] = now
                 try:
                     self._output.write_progress(unit.unit_id, done + rows.rejects.num_rows, unit.rows,
                                                unit.text_bytes)
                 except OSError:  # progress is best-effort; the unit's work is not
                     pass
 
-        done = embed_unit(self._embedder, rows, self._settings, report)
+        try:
+            done = embed_unit(self._embedder, rows, self._settings, after_batch)
+        except UnitAbandoned:  # told to stop, and out of grace: the rerun does this unit
+            metrics.UNITS_LEFT.inc()
+            return
         done.numerics = self._numerics
         for items, tokens, _, seconds in done.batch_stats:
             metrics.BATCH_LATENCY_MS.update(int(seconds * 1000))

@@ -66,6 +66,11 @@ class LockHeld(DocembedError):
     exit_code = 75
 
 
+class UnitAbandoned(Exception):
+    """On a worker: the run was told to stop and the grace period is over; the unit in hand is left
+    uncommitted for the rerun. Not an error: the DoFn catches it."""
+
+
 class Interrupted(DocembedError):
     """The run got SIGTERM or SIGINT and stopped after the unit in hand (or abandoned it)."""
 
