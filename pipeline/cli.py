@@ -8,6 +8,7 @@ import logging
 import sys
 
 from transforms.errors import DocembedError
+from transforms.storage import redact_text
 
 USAGE = """usage: docembed run --input URL --output URL [options] [Beam flags]
        docembed run --job jobs/FILE.yaml [flags that override the file's] [--dry-run]
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
+        handler.addFilter(_redact)
         handler.addFilter(_drop_gcp_client_notice)
         handler.addFilter(_drop_worker_start_notice)
         handler.addFilter(_drop_traceback_of_known_errors)
@@ -50,10 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         if command == "report":
             return _report(rest)
     except DocembedError as exc:
-        print(f"docembed: error: {exc}", file=sys.stderr)
+        print(f"docembed: error: {redact_text(str(exc))}", file=sys.stderr)
         return exc.exit_code
     print(f"docembed: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def _redact(record: logging.LogRecord) -> bool:
+    """No credential carried in a URL reaches the log (``storage.redact``), tracebacks included."""
+    record.msg, record.args = redact_text(record.getMessage()), ()
+    if record.exc_info and not record.exc_text:
+        record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
+    return True
 
 
 def _drop_gcp_client_notice(record: logging.LogRecord) -> bool:
@@ -96,13 +106,13 @@ def _run(argv: list[str]) -> int:
         from pipeline.progress import format_dry_run
         from pipeline.run import dry_run
 
-        print(format_dry_run(dry_run([a for a in argv if a not in DRY_RUN])))
+        print(redact_text(format_dry_run(dry_run([a for a in argv if a not in DRY_RUN]))))
         return 0
     summary = run(argv)
-    print(format_summary(summary))
+    print(redact_text(format_summary(summary)))
     if "report" in summary:
-        print(format_report(summary["report"], counts=False))
-        print(f"  report     {summary['output'].rstrip('/')}/{summary['report_file']}")
+        print(redact_text(format_report(summary["report"], counts=False)))
+        print(redact_text(f"  report     {summary['output'].rstrip('/')}/{summary['report_file']}"))
     return 0
 
 

@@ -21,6 +21,7 @@ import json
 import os
 from pathlib import Path
 
+from transforms import storage
 from transforms.errors import UsageError
 from transforms.model_ref import (DEFAULT_MODEL, OTHER_FORMATS, ModelRef, content_hash, fetch_folder, hub_snapshot,
                                   packaged_default)
@@ -39,7 +40,7 @@ def pin_model(name: str, revision: str | None, local_runner: bool) -> tuple[Mode
     if _is_url(name):
         _no_revision(name, revision)
         folder = fetch_folder(name)
-        return ModelRef(name, "store", "sha256:" + content_hash(folder), name.rstrip("/")), folder
+        return ModelRef(storage.redact(name), "store", "sha256:" + content_hash(folder), name.rstrip("/")), folder
     if os.path.isdir(name):
         _no_revision(name, revision)
         if not local_runner:

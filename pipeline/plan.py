@@ -34,7 +34,7 @@ class InputFile:
     text_bytes: tuple[int, ...] = ()  # uncompressed size of the text column per row group (for ETAs)
 
     def to_json(self) -> dict:
-        return {"url": self.url, "size": self.size, "fingerprint": self.fingerprint, "rows": self.rows}
+        return {"url": storage.redact(self.url), "size": self.size, "fingerprint": self.fingerprint, "rows": self.rows}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,16 @@ class Plan:
     @property
     def rows(self) -> int:
         return sum(f.rows for f in self.files)
+
+    @property
+    def sources(self) -> set[str]:
+        """The input files as units, markers and the manifest name them (``storage.redact``)."""
+        return {storage.redact(f.url) for f in self.files}
+
+    @property
+    def locations(self) -> dict[str, str]:
+        """Recorded name -> the URL to read, for the input files whose URL carries credentials."""
+        return {storage.redact(f.url): f.url for f in self.files if storage.redact(f.url) != f.url}
 
 
 class BadFile(InputError):
@@ -61,7 +71,8 @@ def plan_input(url: str, columns: dict[str, str], rows_per_unit: int, skip_bad_f
     with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
         inspected = list(pool.map(lambda u: _inspect_or_skip(u, columns, skip_bad_files), urls))
     files = [f for f, _ in inspected if f is not None]
-    skipped = tuple({"url": u, "error": str(e)} for u, (f, e) in zip(urls, inspected) if f is None)
+    skipped = tuple({"url": storage.redact(u), "error": storage.redact_text(str(e))}
+                    for u, (f, e) in zip(urls, inspected) if f is None)
     passthrough = [name for role, name in columns.items() if role not in ("id", "text")]
     schema = unify_passthrough([(f.url, f.schema) for f in files], passthrough)
     units = [u for f in files for u in units_for_file(f, rows_per_unit)]
@@ -185,7 +196,8 @@ def plan_ranges(row_groups: tuple[int, ...], rows_per_unit: int) -> list[tuple[i
 
 def units_for_file(file: InputFile, rows_per_unit: int) -> list[WorkUnit]:
     return [
-        WorkUnit(file.url, file.fingerprint, a, b, groups, text_bytes=_unit_text_bytes(file, a, b, groups))
+        WorkUnit(storage.redact(file.url), file.fingerprint, a, b, groups,
+                 text_bytes=_unit_text_bytes(file, a, b, groups))
         for a, b, groups in plan_ranges(file.row_groups, rows_per_unit)
     ]
 
@@ -213,7 +225,7 @@ def split_done(plan: Plan, markers: dict[str, dict]) -> tuple[list[WorkUnit], li
     modification time) is superseded: its rows are to be replaced by the file's new units. A resume
     that would embed a row twice is refused: unit boundaries that moved (--checkpoint-every changed).
     """
-    fingerprints = {f.url: f.fingerprint for f in plan.files}
+    fingerprints = {storage.redact(f.url): f.fingerprint for f in plan.files}
     superseded = [m for m in markers.values()
                   if fingerprints.get(m["source"], m["file_fingerprint"]) != m["file_fingerprint"]]
     gone = {m["unit_id"] for m in superseded}

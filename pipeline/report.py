@@ -15,6 +15,7 @@ import resource
 import numpy as np
 
 from pipeline.output import REPORTS, OutputAdmin, marker_totals
+from transforms import storage
 from transforms.errors import OutputError
 
 STAGES = ("read", "tokenize", "forward", "write")
@@ -82,7 +83,7 @@ def build(run_id: str, markers: dict[str, dict], wall_s: float, started_at: floa
     made_at = next((m["numerics"] for m in mine if m.get("numerics")), {})  # as the workers resolved them
     report = {
         "run_id": run_id,
-        "output": settings.output,
+        "output": storage.redact(settings.output),
         "wall_s": wall_s,
         # From the first unit's start to the last commit: what the four stages account for.
         "processing_s": (mine[-1]["committed_at"] - min(m["started_at"] for m in mine)) if mine else 0.0,

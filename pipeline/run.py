@@ -75,7 +75,7 @@ def prepare(argv: list[str]):
     columns.update({f"pass-through {c}": c for c in opts_mod.passthrough(opts)})
     plan = plan_input(opts.input, columns, opts.checkpoint_every, opts.skip_bad_files)
     settings = resolve_settings(opts, plan.passthrough_schema, opts_mod.threads_per_worker(options),
-                                opts_mod.is_local_runner(options))
+                                opts_mod.is_local_runner(options), plan.locations)
     return options, opts, OutputAdmin(opts.output), plan, settings
 
 
@@ -139,7 +139,7 @@ def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipelin
     for marker in superseded:  # a changed input file: its old rows go, its new units are to do
         output.remove_unit(marker)
         del markers[marker["unit_id"]]
-    outside = outside_plan(markers, {f.url for f in plan.files})
+    outside = outside_plan(markers, plan.sources)
     if opts.prune_removed:
         prune(output, markers, outside)
     cleaned = output.clean_leftovers(markers)  # before the id check: unmarked parts are not "in the output"
@@ -241,7 +241,7 @@ def check_writable(output: OutputAdmin) -> None:
 
 
 def resolve_settings(opts: EmbedOptions, passthrough_schema=None, threads: int = 0,
-                     local_runner: bool = True) -> EmbedSettings:
+                     local_runner: bool = True, locations: dict | None = None) -> EmbedSettings:
     """EmbedSettings for this run: the model pinned to a reference every worker resolves, and
     described from its configuration files (dimension, window, pooling) without loading its weights.
     Device and precision stay as asked; each worker resolves them on its own hardware."""
@@ -261,7 +261,7 @@ def resolve_settings(opts: EmbedOptions, passthrough_schema=None, threads: int =
         text_column=opts.text_column, passthrough_columns=opts_mod.passthrough(opts),
         min_batch_size=opts.min_batch_size, max_batch_size=opts.max_batch_size, max_batch_tokens=budget,
         run_id=f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}",
-        skip_bad_files=opts.skip_bad_files, on_duplicate_id=opts.on_duplicate_id,
+        skip_bad_files=opts.skip_bad_files, on_duplicate_id=opts.on_duplicate_id, locations=locations,
         max_model_errors=opts.max_model_errors,
         passthrough_schema=passthrough_schema, threads=threads,
         **opts_mod.window_settings(opts, card.window_size),

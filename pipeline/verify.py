@@ -19,7 +19,7 @@ import pyarrow as pa
 from pipeline import repair
 from pipeline.output import OutputAdmin
 from pipeline.plan import describe_outside, expand_input, outside_plan
-from transforms import numerics
+from transforms import numerics, storage
 from transforms.commit import CHUNK_COLUMNS, FINGERPRINT_KEY, NUMERICS_KEY
 from transforms.dedup import read_ids
 from transforms.errors import OutputError
@@ -169,7 +169,8 @@ def _check_against_input(input_url: str, manifest: dict, ids: list[str], rejects
     expected: collections.Counter = collections.Counter()
     for url in expand_input(input_url):
         file_ids = read_ids(url, id_column, skip_bad_files=True).to_pylist()
-        expected.update(i for row, i in enumerate(file_ids) if (url, row) not in rejected_rows)
+        source = storage.redact(url)  # as rejections name it
+        expected.update(i for row, i in enumerate(file_ids) if (source, row) not in rejected_rows)
     got = collections.Counter(ids)
     missing, unexpected = expected - got, got - expected
     if missing:

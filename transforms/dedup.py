@@ -42,9 +42,10 @@ def read_ids(url: str, id_column: str, skip_bad_files: bool) -> pa.ChunkedArray:
         return _group_ids(parquet, url, range(parquet.num_row_groups), id_column, skip_bad_files)
 
 
-def unit_ids(unit: WorkUnit, id_column: str, skip_bad_files: bool):
+def unit_ids(unit: WorkUnit, settings: EmbedSettings):
     """``(id, (source, row))`` for each row of ``unit`` that has an id."""
-    fs, path = storage.filesystem(unit.source)
+    id_column, skip_bad_files = settings.id_column, settings.skip_bad_files
+    fs, path = storage.filesystem(settings.locate(unit.source))
     with fs.open(path, "rb") as handle:
         parquet = pq.ParquetFile(handle)
         ids = _group_ids(parquet, unit.source, unit.row_groups, id_column, skip_bad_files)
@@ -125,7 +126,7 @@ class FindDuplicates(beam.PTransform):
 
     def expand(self, units):
         store, s = UnitStore(self._settings.output), self._settings
-        in_input = units | "ReadIds" >> beam.FlatMap(unit_ids, s.id_column, s.skip_bad_files)
+        in_input = units | "ReadIds" >> beam.FlatMap(unit_ids, s)
         in_output = (units.pipeline
                      | "OutputParts" >> beam.Create([None], reshuffle=False)
                      | "ListParts" >> beam.FlatMap(lambda _: store.part_files())

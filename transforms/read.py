@@ -30,7 +30,7 @@ def read_unit(unit: WorkUnit, settings: EmbedSettings, duplicates: dict[int, str
               ) -> tuple[pa.Table, pa.Table]:
     """(rows to embed, rejections) for ``unit``; columns as in the module docstring. ``duplicates``:
     {row: message} of the unit's rows whose id repeats an earlier one."""
-    fs, path = storage.filesystem(unit.source)
+    fs, path = storage.filesystem(settings.locate(unit.source))
     if storage.file_fingerprint(fs.info(path)) != unit.file_fingerprint:
         raise InputError(f"{unit.source} changed after it was planned; rerun to plan it again")
     try:

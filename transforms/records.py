@@ -44,6 +44,9 @@ class EmbedSettings:
     skip_bad_files: bool = False
     on_duplicate_id: str = "error"  # a repeated id fails the job (error) or is rejected (keep-first)
     max_model_errors: float = 0.01  # a unit whose documents fail more often than this raises instead
+    # Input files whose URL carries credentials: the name units and records use -> the URL to read.
+    # Records (markers, manifest, rejections, plan shards) and messages only ever hold the name.
+    locations: dict = dataclasses.field(default_factory=dict)
     threads: int = 0  # CPU threads for the model per worker process; 0 leaves torch's default
     lock_token: str = ""  # the output lock this run holds; commits check it before each marker
     # Pass-through column types unified across input files at planning; parts are cast to them.
@@ -67,6 +70,10 @@ class EmbedSettings:
         "prefix",
         "text_column",
     )
+
+    def locate(self, source: str) -> str:
+        """The URL to read a unit's file from."""
+        return self.locations.get(source, source)
 
     @property
     def model(self) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import time
+import urllib.parse
 import uuid
 
 import fsspec
@@ -102,6 +104,33 @@ def create_exclusive(fs, path: str, data: bytes, scratch_dir: str) -> bool:
 def _protocols(fs) -> tuple:
     protocol = fs.protocol
     return protocol if isinstance(protocol, tuple) else (protocol,)
+
+
+# Query parameters that carry credentials in signed or token URLs.
+_SECRET_PARAMS = re.compile(r"key|token|secret|sig|password|passwd|credential|auth|x-amz-|x-goog-", re.I)
+_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact(url: str) -> str:
+    """``url`` as docembed records and prints it: without a user and password (``user:pass@``) and
+    with the values of credential-like query parameters (signatures, tokens, keys) replaced. Paths
+    and URLs that carry none are returned unchanged."""
+    if "://" not in url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = parts.query
+    params = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    if any(_SECRET_PARAMS.search(k) for k, _ in params):
+        query = urllib.parse.urlencode([(k, "REDACTED" if _SECRET_PARAMS.search(k) else v) for k, v in params])
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL in it redacted (``redact``)."""
+    return _URL.sub(lambda m: redact(m.group(0)), text)
 
 
 def file_fingerprint(info: dict) -> str:
