@@ -79,7 +79,10 @@ class OutputLock:
         if current:  # stale: its run was killed; remove it and race for a fresh one
             self.output.remove_lock()  # another run may have removed it first; the exclusive create decides
         self.record["heartbeat"] = time.time()
-        return self.output.create_lock(self.record)
+        if self.output.create_lock(self.record):
+            return True
+        # A retried create whose first attempt took effect (its answer was lost) finds its own lock.
+        return (self._read() or {}).get("token") == self.token
 
     def _is_stale(self, lock: dict) -> bool:
         """It cannot be read (docembed writes it whole, so it is no run's), its heartbeat is older than

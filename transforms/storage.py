@@ -12,6 +12,15 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 
+# Retries with backoff on an object store's transient faults (connection resets, 500, 503, SlowDown),
+# set through the backends' own settings as defaults that a user's fsspec configuration overrides:
+# botocore's adaptive retries for S3 (s3fs adds its own for SlowDown); gcsfs retries 5xx and 429 itself.
+STORE_DEFAULTS = {"s3": {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "adaptive"}}}}
+for _protocol, _options in STORE_DEFAULTS.items():
+    for _key, _value in _options.items():
+        fsspec.config.conf.setdefault(_protocol, {}).setdefault(_key, _value)
+
+
 def filesystem(url: str):
     """The fsspec filesystem and the protocol-free root path for ``url``."""
     fs, path = fsspec.core.url_to_fs(url)
