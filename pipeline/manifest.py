@@ -7,6 +7,7 @@ import time
 
 from pipeline.plan import Plan
 from pipeline.output import marker_totals
+from transforms.checkpoint import REJECTS, files_of
 from transforms.records import EmbedSettings
 
 _LIBRARIES = ("apache-beam", "torch", "transformers", "sentence-transformers", "pyarrow")
@@ -54,9 +55,10 @@ def completed(manifest: dict, markers: dict[str, dict], plan: Plan, numerics: di
         "finished_at": time.time(),
         "numerics": numerics,  # the device and precision the output's vectors were made at
         "counts": counts,
-        "parts": [m["part"] for m in mine if m.get("part")],
+        "parts": [name for m in mine for name in files_of(m) if not name.startswith(f"{REJECTS}/")],
         "rejects": [m["rejects"] for m in mine if m.get("rejects")],
-        "units_from_other_inputs": [{"unit_id": m["unit_id"], "source": m["source"], "part": m["part"]}
+        "units_from_other_inputs": [{"unit_id": m["unit_id"], "source": m["source"],
+                                     "parts": [n for n in files_of(m) if not n.startswith(f"{REJECTS}/")]}
                                     for m in earlier],
     }
 

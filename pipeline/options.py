@@ -73,6 +73,9 @@ class EmbedOptions(PipelineOptions):
             help="the share of a unit's documents the model may fail on alone (rejected as model_error) before "
                  "the unit fails instead, uncommitted, for a rerun to retry (default 0.01; at least one "
                  "document is always allowed)")
+        add("--retry-rejects", default="",
+            help="comma-separated rejection reasons (model_error, unreadable_file) whose rows in done units "
+                 "are embedded again, after their cause was fixed; they move from _rejects/ into the output")
         add("--skip-bad-files", action="store_true",
             help="leave out files that are not readable Parquet (recorded in the manifest and summary) "
                  "instead of failing")
@@ -130,6 +133,10 @@ def validate(opts: EmbedOptions) -> list[str]:
         problems.append(f"--checkpoint-every must be >= 1, got {opts.checkpoint_every}")
     if opts.cost_per_hour is not None and opts.cost_per_hour < 0:
         problems.append(f"--cost-per-hour must be >= 0, got {opts.cost_per_hour}")
+    retry = {r.strip() for r in (opts.retry_rejects or "").split(",") if r.strip()}
+    if retry - RETRYABLE:
+        problems.append(f"--retry-rejects {', '.join(sorted(retry - RETRYABLE))}: only {', '.join(sorted(RETRYABLE))} "
+                        "can turn out otherwise on another try; the other reasons are the input's")
     if not 0 <= opts.max_model_errors <= 1:
         problems.append(f"--max-model-errors is a share of a unit's documents, 0 to 1; got {opts.max_model_errors}")
     if opts.lock_ttl <= 0:
@@ -149,6 +156,9 @@ def validate(opts: EmbedOptions) -> list[str]:
 
 
 CHUNK_OVERLAP, BOUNDARY_LOOKBACK = 32, 64
+# Rejection reasons another try can change (a fixed device, a file readable again); the others
+# (empty text, invalid UTF-8, a null or repeated id) are the input's and would come out the same.
+RETRYABLE = {"model_error", "unreadable_file"}
 
 
 def _long_docs_problems(opts: EmbedOptions) -> list[str]:

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from transforms import faults, storage
 from transforms.checkpoint import (ATTEMPTS, CHECKPOINTS, LOCK, MANIFEST, NUMERICS, PLANS, PROGRESS, REJECTS,
-                                   STOP, UnitStore, dumps, unit_id_of_part)
+                                   STOP, UnitStore, dumps, files_of)
 from transforms.errors import DamagedRecord
 from transforms.records import WorkUnit
 
@@ -101,11 +101,12 @@ class OutputAdmin(UnitStore):
         with self.open(name) as handle:
             return pq.read_table(handle)
 
-    def read_rejects(self) -> pa.Table:
+    def read_rejects(self, markers: dict[str, dict]) -> pa.Table:
+        """The rejections the done-markers name."""
         tables = []
-        for path in self._ls(self.path(REJECTS)):
-            if path.endswith(".parquet"):
-                with self.fs.open(path, "rb") as handle:
+        for marker in markers.values():
+            if marker.get("rejects"):
+                with self.open(marker["rejects"]) as handle:
                     tables.append(pq.read_table(handle))
         return pa.concat_tables(tables) if tables else pa.table({"id": [], "source": [], "row_index": []})
 
@@ -168,18 +169,19 @@ class OutputAdmin(UnitStore):
         self.remove(STOP)
 
     # --- resume housekeeping -------------------------------------------------------------
-    def clean_leftovers(self, done_ids: Iterable[str]) -> list[str]:
+    def clean_leftovers(self, markers: dict[str, dict]) -> list[str]:
         """Remove what interrupted attempts left: scratch files, progress records, plan shards, and
-        parts whose unit has no done-marker (published, then killed before the marker). Returns what
-        was removed."""
-        done = set(done_ids)
+        parts and rejections that no done-marker names (published, then killed before the marker; or
+        replaced by a later commit of the unit). Returns what was removed."""
+        named = {name for marker in markers.values() for name in files_of(marker)}
         removed = []
         for sub in (ATTEMPTS, PROGRESS, PLANS):
             for path in self._ls(self.path(sub)):
                 self.fs.rm(path, recursive=True)
                 removed.append(path)
-        orphans = [self.path(n) for n in self.part_files() if unit_id_of_part(n) not in done]
-        orphans += [p for p in self._ls(self.path(REJECTS)) if posixpath.basename(p).split(".")[0] not in done]
+        orphans = [self.path(n) for n in self.part_files() if n not in named]
+        orphans += [p for p in self._ls(self.path(REJECTS))
+                    if posixpath.join(REJECTS, posixpath.basename(p)) not in named]
         for path in orphans:
             self._remove_quietly(path)
         return removed + orphans
@@ -188,9 +190,8 @@ class OutputAdmin(UnitStore):
         """Take a committed unit back (its file changed): the marker first, so that a kill midway
         leaves at worst an unmarked part, which the next run's cleanup removes."""
         self._remove_quietly(self.path(CHECKPOINTS, f"{marker['unit_id']}.json"))
-        for relative in (marker.get("part"), marker.get("rejects")):
-            if relative:
-                self._remove_quietly(self.path(relative))
+        for relative in files_of(marker):
+            self._remove_quietly(self.path(relative))
 
     def remove_all(self) -> None:
         """``--overwrite``: delete everything in the output folder but the lock of the run doing it."""

@@ -95,6 +95,10 @@ def format_summary(summary: dict) -> str:
             advice = "; --prune-removed deletes them" if group["gone"] else ""
             lines.append(f"  {'removed' if group['gone'] else 'elsewhere':<10} {describe_outside(group)} stay in "
                          f"the output{advice}")
+    if s.get("retried"):
+        r = s["retried"]
+        lines.append(f"  retried    {r['tried']} rejected rows ({', '.join(r['reasons'])}) of {r['units']} units: "
+                     f"{r['embedded']} embedded now, {r['tried'] - r['embedded']} rejected again")
     if s.get("cleaned"):
         names = ", ".join(c.rsplit("/", 1)[-1] for c in s["cleaned"][:5]) + (" ..." if len(s["cleaned"]) > 5 else "")
         lines.append(f"  cleaned    {len(s['cleaned'])} files without a done-marker removed (left by interrupted "

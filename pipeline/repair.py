@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from pipeline.output import OutputAdmin
-from transforms.checkpoint import CHECKPOINTS, REJECTS, part_name
+from transforms.checkpoint import CHECKPOINTS, REJECTS, files_of, part_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,13 +41,14 @@ def find(output: OutputAdmin) -> tuple[dict[str, dict], list[Damage]]:
 
 
 def _missing(marker: dict, parts: dict[str, int], rejects: dict[str, int]) -> str | None:
-    part, committed = marker.get("part"), marker.get("part_bytes")
-    if part and part not in parts:
-        return f"its part {part} is gone"
-    if part and committed is not None and parts[part] != committed:
-        return f"its part {part} is not the file it committed ({parts[part]} bytes, not {committed})"
-    if marker.get("rejects") and marker["rejects"].split("/")[-1] not in rejects:
-        return f"its rejections {marker['rejects']} are gone"
+    for name, committed in files_of(marker).items():
+        if name.startswith(f"{REJECTS}/"):
+            if name.split("/")[-1] not in rejects:
+                return f"its rejections {name} are gone"
+        elif name not in parts:
+            return f"its part {name} is gone"
+        elif committed is not None and parts[name] != committed:
+            return f"its part {name} is not the file it committed ({parts[name]} bytes, not {committed})"
     return None
 
 

@@ -35,7 +35,7 @@ from transforms.checkpoint import REJECTS, unit_id_of_part
 from transforms.errors import DocembedError, JobFailed, OutputError, UsageError
 from transforms.model import describe
 from transforms.numerics import check_request
-from transforms.records import EmbedSettings
+from transforms.records import EmbedSettings, WorkUnit
 
 # Beam's loggers that print a remote job's id, console URL and state changes.
 SUBMISSION_LOGGERS = ("apache_beam.runners.dataflow.dataflow_runner", "apache_beam.runners.dataflow.internal.apiclient",
@@ -143,10 +143,12 @@ def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipelin
     if opts.prune_removed:
         prune(output, markers, outside)
     cleaned = output.clean_leftovers(markers)  # before the id check: unmarked parts are not "in the output"
+    retried = retry_units(markers, plan, opts.retry_rejects)
+    before_retry = {u.unit_id: markers[u.unit_id] for u in retried}
     record = manifest.started(settings, plan, opts.checkpoint_every)
     output.write_manifest(record)
-    if todo:
-        shards = output.write_plan(settings.run_id, todo)
+    if todo or retried:
+        shards = output.write_plan(settings.run_id, todo + retried)
         units = {u.unit_id: (u.rows, u.text_bytes) for u in plan.units}
         local = opts_mod.is_local_runner(options)
         bar = ProgressBar(output, units, [u.unit_id for u in done]) if opts.progress and local \
@@ -160,11 +162,35 @@ def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipelin
     markers = output.done_markers()
     output.write_manifest(manifest.completed(record, markers, plan, output.read_numerics()))
     summary = summarize(settings, plan, markers, todo, done, 0.0)
-    summary.update(superseded_units=len(superseded), repairs=resume.repairs(), outside_inputs=outside,
+    summary.update(retried=retry_counts(retried, before_retry, markers), superseded_units=len(superseded), repairs=resume.repairs(),
+                   outside_inputs=outside,
                    cleaned=[c for c in cleaned if unit_id_of_part(c) or f"/{REJECTS}/" in c], run_id=settings.run_id,
                    settings=settings,
                    metrics=beam_metrics if todo else {})
     return summary
+
+
+def retry_units(markers: dict, plan, reasons: str) -> list[WorkUnit]:
+    """``--retry-rejects``: the done units of this plan holding rejections for these reasons, as units
+    whose rejections the job tries again (their markers, as they stand now, are kept in ``before``)."""
+    wanted = tuple(r.strip() for r in (reasons or "").split(",") if r.strip())
+    planned = {u.unit_id for u in plan.units}
+    return [dataclasses.replace(WorkUnit.from_json(m), retry=wanted) for uid, m in sorted(markers.items())
+            if wanted and uid in planned and set(m.get("rejected_by_reason", {})) & set(wanted)]
+
+
+def retry_counts(retried: list[WorkUnit], before: dict, after: dict) -> dict:
+    """Rows a retry of rejections tried, and embedded, from the units' markers before and after."""
+    if not retried:
+        return {}
+    reasons = set(retried[0].retry)
+
+    def standing(markers):
+        return sum(n for u in retried for r, n in markers[u.unit_id].get("rejected_by_reason", {}).items()
+                   if r in reasons)
+
+    tried = standing(before)
+    return {"units": len(retried), "reasons": sorted(reasons), "tried": tried, "embedded": tried - standing(after)}
 
 
 def prune(output: OutputAdmin, markers: dict, outside: list[dict]) -> None:

@@ -53,7 +53,7 @@ def verify(output_url: str, input_url: str | None = None) -> Report:
     report.notes += [f"{describe_outside(g)} stay in the output" + ("; `docembed run --prune-removed` deletes them"
                                                                     if g["gone"] else "") for g in outside]
     ids, chunks = _check_parts(output, manifest, report)
-    rejects = output.read_rejects()
+    rejects = output.read_rejects(markers)
     report.rejected = rejects.num_rows
     _check_counts(manifest, report)
     if chunks is not None:
@@ -66,7 +66,8 @@ def verify(output_url: str, input_url: str | None = None) -> Report:
 
 def _check_parts(output: OutputAdmin, manifest: dict, report: Report) -> tuple[list[str], list | None]:
     """Every part's ids, and with ``--long-docs chunks`` each row's chunk index (else None)."""
-    elsewhere = {u["part"] for u in manifest.get("units_from_other_inputs", []) if u.get("part")}
+    elsewhere = {p for u in manifest.get("units_from_other_inputs", [])
+                 for p in u.get("parts", [u["part"]] if u.get("part") else [])}
     listed, present = set(manifest.get("parts", [])) | elsewhere, set(output.part_files())
     for name in sorted(listed - present):
         report.problems.append(f"part {name} is listed in the manifest but missing")

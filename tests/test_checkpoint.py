@@ -29,10 +29,10 @@ def test_clean_leftovers_removes_scratch_progress_and_unmarked_parts(tmp_path):
     out.write_part("done", b"x")
     out.write_part("orphan", b"x")
     out.publish("_rejects/orphan.parquet", b"x")
-    out.mark_done("done", {"unit_id": "done"})
+    out.mark_done("done", {"unit_id": "done", "part": part_name("done")})
     out.write_progress("orphan", 3, 10)
     (tmp_path / "_attempts" / "part-orphan.parquet.123").write_bytes(b"partial")
-    out.clean_leftovers(out.done_ids())
+    out.clean_leftovers(out.done_markers())
     assert out.part_files() == [part_name("done")]
     assert not list((tmp_path / "_attempts").iterdir())
     assert not (tmp_path / "_rejects" / "orphan.parquet").exists()

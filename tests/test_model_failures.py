@@ -51,3 +51,47 @@ def test_more_model_errors_than_the_bound_fail_the_unit_and_fewer_are_rejected(t
     rejected = pq.read_table(tmp_path / "out" / "_rejects").to_pylist()
     assert sorted(r["id"] for r in rejected) == sorted(ids[10:])
     assert {r["reason"] for r in rejected} == {"model_error"}
+
+
+def test_retry_rejects_moves_rows_from_the_rejections_into_the_output_once_the_cause_is_fixed(
+        tmp_path, docs, monkeypatch, capsys):
+    """A device that fails on any batch over 60 padded tokens, as one short of memory would: short
+    documents get through one by one, the long ones are rejected as model_error. With the device fixed,
+    --retry-rejects model_error embeds exactly those, through the same atomic commit, and the output
+    equals an uninterrupted run's."""
+    from pipeline.cli import main
+    from pipeline.verify import verify
+
+    ids, texts = docs
+    short = [t for t in texts if len(t) < 60][:20]
+    long = sorted(texts, key=len)[-4:]  # the four longest: each over 60 tokens alone
+    chosen_ids = [f"s{i}" for i in range(len(short))] + [f"l{i}" for i in range(len(long))]
+    write_docs(tmp_path / "in.parquet", chosen_ids, short + long)
+    argv = ["--input", str(tmp_path / "in.parquet"), *FLAGS, "--checkpoint-every", "100"]
+    run(argv + ["--output", str(tmp_path / "reference")])
+    monkeypatch.setenv("DOCEMBED_FAULT", "forward@*:raise>60")
+    first = run(argv + ["--output", str(tmp_path / "out"), "--max-model-errors", "0.3"])
+    assert (first["embedded"], first["rejected"], first["rejected_by_reason"]) == (len(short), 4, {"model_error": 4})
+    monkeypatch.delenv("DOCEMBED_FAULT")
+
+    assert main(["run", *argv, "--output", str(tmp_path / "out"), "--retry-rejects", "model_error"]) == 0
+    printed = capsys.readouterr().out
+    assert "retried    4 rejected rows (model_error) of 1 units: 4 embedded now, 0 rejected again" in printed
+    assert f"accounted  {len(chosen_ids)} input rows = {len(chosen_ids)} embedded + 0 rejected" in printed
+    out = tmp_path / "out"
+    assert not list((out / "_rejects").glob("*.parquet")) and len(list(out.glob("part-*-retry-1.parquet"))) == 1
+    assert verify(str(out), str(tmp_path / "in.parquet")).problems == []
+    got, want = by_id(read_output(out)), by_id(read_output(tmp_path / "reference"))
+    assert sorted(got) == sorted(want) == sorted(chosen_ids)
+    assert min(cosine(got[i], want[i]) for i in want) >= 0.9999
+    again = run(argv + ["--output", str(out), "--retry-rejects", "model_error"])
+    assert again["retried"] == {} and again["units_committed"] == 0  # nothing left to retry
+
+
+def test_retry_rejects_refuses_reasons_that_are_the_inputs(tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["run", "--input", "jobs/sample/docs.parquet", "--output", str(tmp_path / "o"),
+                 "--retry-rejects", "empty_text,model_error"]) == 2
+    assert "--retry-rejects empty_text: only model_error, unreadable_file can turn out otherwise" in \
+        capsys.readouterr().err

@@ -3,10 +3,12 @@
 Layout of an output folder::
 
     part-<unit_id>.parquet        the data: one part per committed work unit
-    _checkpoints/<unit_id>.json   done-markers, written after the part; the source of truth
+    part-<unit_id>-retry-<k>.parquet  rows of the unit's rejections embedded by a later run (--retry-rejects)
+    _checkpoints/<unit_id>.json   done-markers, written after the part; the source of truth; each names
+                                  the files its unit holds (``files_of``)
     _attempts/                    scratch files of in-flight attempts (local disks only)
     _progress/<unit_id>.json      documents embedded so far in a unit that is running
-    _rejects/<unit_id>.parquet    rows that could not be embedded, with their reasons
+    _rejects/<unit_id>[-retry-<k>].parquet  rows that could not be embedded, with their reasons
     _plans/<run_id>/units-N.jsonl the running run's work units, read by the job (not in its graph)
     _numerics.json                the device and precision of the output's vectors (``numerics``)
     _manifest.json                the run's fingerprint, plan and, when complete, counts and parts
@@ -27,6 +29,10 @@ import json
 import posixpath
 import time
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from transforms import faults, numerics, storage
 from transforms.errors import NumericsMismatch
 from transforms.records import WorkUnit
@@ -44,15 +50,34 @@ LOCK = "_lock.json"
 STOP = "_stop"
 
 
-def part_name(unit_id: str) -> str:
-    return f"{PART_PREFIX}{unit_id}{PART_SUFFIX}"
+RETRY = "-retry-"
+
+
+def part_name(unit_id: str, retry: int = 0) -> str:
+    """The unit's part, or with ``retry`` the part of the rows its k-th retry of rejections embedded."""
+    return f"{PART_PREFIX}{unit_id}{f'{RETRY}{retry}' if retry else ''}{PART_SUFFIX}"
+
+
+def rejects_name(unit_id: str, retry: int = 0) -> str:
+    return f"{REJECTS}/{unit_id}{f'{RETRY}{retry}' if retry else ''}.parquet"
 
 
 def unit_id_of_part(name: str) -> str | None:
     base = posixpath.basename(name)
     if base.startswith(PART_PREFIX) and base.endswith(PART_SUFFIX):
-        return base[len(PART_PREFIX) : -len(PART_SUFFIX)]
+        return base[len(PART_PREFIX) : -len(PART_SUFFIX)].split(RETRY)[0]
     return None
+
+
+def files_of(marker: dict) -> dict[str, int | None]:
+    """The files a done-marker says its unit holds, relative to the output folder, with the sizes it
+    recorded for parts (None where it recorded none): its part, the parts of retried rejections, and
+    its rejections."""
+    files = {marker["part"]: marker.get("part_bytes")} if marker.get("part") else {}
+    files.update({p["name"]: p.get("bytes") for p in marker.get("retry_parts", [])})
+    if marker.get("rejects"):
+        files[marker["rejects"]] = None
+    return files
 
 
 class UnitStore:
@@ -127,10 +152,23 @@ class UnitStore:
         storage.publish(self.fs, self.path(relative), data, self.path(ATTEMPTS))
         faults.hit(f"published:{kind}")
 
-    def write_part(self, unit_id: str, data: bytes) -> str:
-        name = part_name(unit_id)
+    def write_part(self, unit_id: str, data: bytes, retry: int = 0) -> str:
+        name = part_name(unit_id, retry)
         self.publish(name, data)
         return name
+
+    def read_marker(self, unit_id: str) -> dict | None:
+        return self._read_json(self.path(CHECKPOINTS, f"{unit_id}.json"))
+
+    def rejections_to_retry(self, unit_id: str, reasons: tuple[str, ...]):
+        """(the unit's marker, its rejections to keep, the rows to retry) for ``--retry-rejects``."""
+        marker = self.read_marker(unit_id)
+        if marker is None or not marker.get("rejects"):
+            return marker, None, set()
+        with self.open(marker["rejects"]) as handle:
+            table = pq.read_table(handle)
+        retry = pc.is_in(table.column("reason"), pa.array(list(reasons)))
+        return marker, table.filter(pc.invert(retry)), set(table.filter(retry).column("row_index").to_pylist())
 
     def remove(self, relative: str) -> None:
         self._remove_quietly(self.path(relative))

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from transforms import metrics
-from transforms.checkpoint import REJECTS, UnitStore, part_name
+from transforms.checkpoint import REJECTS, UnitStore, part_name, rejects_name
 from transforms.errors import CommitError
 from transforms.records import EmbedSettings, UnitEmbeddings
 
@@ -115,6 +115,49 @@ def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStore
     return record
 
 
+# Marker counts a retry of rejections adds its own to.
+ADDED_COUNTS = ("windows", "truncated", "tokens", "text_tokens", "dropped_tokens", "padded_tokens", "batches")
+
+
+def commit_retry(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStore) -> dict:
+    """A retry of a done unit's rejections (``--retry-rejects``): the rows embedded now go to a part of
+    their own (``part-<unit>-retry-<k>``), so no row is ever in two parts; the rejections still
+    standing (those not retried, and those that failed again) to a new rejections file; then the
+    marker, rewritten to name both, with its counts moved; the old rejections file goes last. A
+    crash before the marker leaves files no marker names, which the next run removes; the retried
+    rows are then still rejections, and are retried again."""
+    old, unit_id = done.retry["marker"], done.unit.unit_id
+    output.check_numerics(done.numerics)
+    retry = len(old.get("retry_parts", [])) + 1
+    parts = list(old.get("retry_parts", []))
+    if done.table.num_rows:
+        data = parquet_bytes(output_table(done, settings))
+        parts.append({"name": output.write_part(unit_id, data, retry), "bytes": len(data)})
+    standing = pa.concat_tables([done.retry["kept"], done.rejects]).sort_by("row_index")
+    rejects = rejects_name(unit_id, retry) if standing.num_rows else None
+    if rejects:
+        output.publish(rejects, parquet_bytes(standing))
+    check_lock(output, settings)
+    old_embedded = old.get("embedded", 0)
+    record = {
+        **old,
+        **{k: old.get(k, old_embedded if k == "windows" else 0) + getattr(done, k) for k in ADDED_COUNTS},
+        "retry_parts": parts,
+        "rejects": rejects,
+        "embedded": old_embedded + done.table.num_rows,
+        "rejected": standing.num_rows,
+        "rejected_by_reason": dict(collections.Counter(standing.column("reason").to_pylist())),
+        "rows": old.get("rows", old_embedded) + output_rows(done),
+        "retries": [*old.get("retries", []), {"run_id": settings.run_id, "committed_at": time.time(),
+                                             "tried": done.table.num_rows + done.rejects.num_rows,
+                                             "embedded": done.table.num_rows, "numerics": done.numerics}],
+    }
+    output.mark_done(unit_id, record)
+    if old.get("rejects") and old["rejects"] != rejects:
+        output.remove(old["rejects"])
+    return record
+
+
 def output_rows(done: UnitEmbeddings) -> int:
     """Rows the unit's part holds: its documents, or with ``--long-docs chunks`` their windows."""
     return done.chunks.num_rows if done.chunks is not None else done.table.num_rows
@@ -145,9 +188,9 @@ def worker_stats() -> dict:
     return stats
 
 
-def commit_or_fail(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStore) -> dict:
+def commit_or_fail(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStore, commit=None) -> dict:
     try:
-        return commit_unit(done, settings, output)
+        return (commit or commit_unit)(done, settings, output)
     except OSError as exc:  # nothing partial is visible: publish is whole-or-nothing, the marker last
         raise CommitError(f"unit {done.unit.unit_id}: writing to {output.url} failed: {exc}") from exc
 
@@ -160,8 +203,9 @@ class CommitUnit(beam.DoFn):
         self._output = UnitStore(settings.output)
 
     def process(self, done: UnitEmbeddings):
-        record = commit_or_fail(done, self._settings, self._output)
-        metrics.DOCS_EMBEDDED.inc(record["embedded"])
-        metrics.DOCS_REJECTED.inc(record["rejected"])
-        metrics.UNITS_COMMITTED.inc()
+        commit = commit_retry if done.retry else commit_unit
+        record = commit_or_fail(done, self._settings, self._output, commit)
+        metrics.DOCS_EMBEDDED.inc(done.table.num_rows)
+        metrics.DOCS_REJECTED.inc(done.rejects.num_rows)
+        (metrics.REJECTS_RETRIED if done.retry else metrics.UNITS_COMMITTED).inc()
         yield record

@@ -43,15 +43,17 @@ def read_ids(url: str, id_column: str, skip_bad_files: bool) -> pa.ChunkedArray:
 
 
 def unit_ids(unit: WorkUnit, settings: EmbedSettings):
-    """``(id, (source, row))`` for each row of ``unit`` that has an id."""
+    """``(id, (source, row))`` for each row of ``unit`` that has an id (of a retry of rejections: each
+    row to retry, whose id may have been embedded from another file since it was rejected)."""
     id_column, skip_bad_files = settings.id_column, settings.skip_bad_files
+    only = UnitStore(settings.output).rejections_to_retry(unit.unit_id, unit.retry)[2] if unit.retry else None
     fs, path = storage.filesystem(settings.locate(unit.source))
     with fs.open(path, "rb") as handle:
         parquet = pq.ParquetFile(handle)
         ids = _group_ids(parquet, unit.source, unit.row_groups, id_column, skip_bad_files)
         first_row = sum(parquet.metadata.row_group(i).num_rows for i in range(unit.row_groups[0]))
     for offset, ident in enumerate(ids.slice(unit.row_start - first_row, unit.rows).to_pylist()):
-        if ident is not None:
+        if ident is not None and (only is None or unit.row_start + offset in only):
             yield ident, (unit.source, unit.row_start + offset)
 
 

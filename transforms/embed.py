@@ -100,13 +100,15 @@ def embed_unit(embedder: Embedder, rows: UnitRows, settings: EmbedSettings, on_b
                 "char_end": pa.array(windows.char_end[kept], pa.int64()),
             })
     unit = rows.unit
-    check_model_errors(embedded.failed, len(texts), settings.max_model_errors,
+    documents = unit.rows if rows.retry else len(texts)  # the bound is a share of the unit's documents
+    check_model_errors(embedded.failed, documents, settings.max_model_errors,
                        f"unit {unit.unit_id} ({unit.source} rows {unit.row_start}-{unit.row_end})")
     seconds = {**rows.seconds, "tokenize": embedded.tokenize_s, "forward": embedded.forward_s}
     stats = [[d, t, p, round(s, 6)] for d, t, p, s in embedded.batch_stats]
     return UnitEmbeddings(rows.unit, table, rejected, vectors, embedded.truncated, embedded.tokens,
                           embedded.padded_tokens, embedded.batches, seconds, stats, rows.started_at, chunks,
-                          window_count, embedded.text_tokens, sum(n for i, n in embedded.dropped.items() if keep[i]))
+                          window_count, embedded.text_tokens, sum(n for i, n in embedded.dropped.items() if keep[i]),
+                          retry=rows.retry)
 
 
 class EmbedUnit(beam.DoFn):

@@ -3,7 +3,8 @@
 Armed only by the environment variable ``DOCEMBED_FAULT``, a comma-separated list of
 ``POINT@N[:ACTION]``: at the N-th time this process passes POINT (``*`` for every time), do ACTION:
 ``crash`` (the default: ``os._exit(97)``, as a SIGKILL or a lost VM would stop it, with no cleanup),
-``raise`` (a RuntimeError, as a broken device would raise), or ``pause``: create the file
+``raise`` (a RuntimeError, as a broken device would raise; ``raise>V`` only where the point's value
+exceeds V, as a device short of memory fails only on large batches), or ``pause``: create the file
 ``$DOCEMBED_FAULT_GATE.arrived.PID.K`` and wait until ``$DOCEMBED_FAULT_GATE.K`` exists, K being how
 many times the point was passed, so that a test can hold several processes at the same point and
 release them together (a race run the same way every time). Unarmed, a point costs one dictionary
@@ -12,7 +13,7 @@ lookup. The points:
 - ``publish:KIND`` before, and ``published:KIND`` after, the store makes a file appear, where KIND
   is what the file is: ``part``, ``rejects``, ``marker``, ``manifest``, ``plan``, ``lock``,
   ``heartbeat``, ``numerics``, ``progress``, ``report`` or ``probe``;
-- ``forward``: each batch the model runs.
+- ``forward``: each batch the model runs; its value is the batch's padded tokens.
 """
 
 from __future__ import annotations
@@ -35,15 +36,17 @@ def _armed() -> dict[str, list[tuple[str, str]]]:
     return armed
 
 
-def hit(point: str) -> None:
+def hit(point: str, value: float = 0) -> None:
     """Pass ``point``: crash or raise here if the environment asks for it."""
     if "DOCEMBED_FAULT" not in os.environ:
         return
     _passed[point] += 1
     for count, action in _armed().get(point, []):
         if count in ("*", str(_passed[point])):
-            if action == "raise":
+            if action == "raise" or (action.startswith("raise>") and value > float(action[6:])):
                 raise RuntimeError(f"fault injected at {point} (DOCEMBED_FAULT)")
+            if action.startswith("raise>"):
+                continue
             if action == "pause":
                 _pause(_passed[point])
                 continue

@@ -16,6 +16,7 @@ BATCHES = Metrics.counter(NAMESPACE, "batches")
 UNITS_COMMITTED = Metrics.counter(NAMESPACE, "units_committed")
 UNITS_SKIPPED = Metrics.counter(NAMESPACE, "units_skipped")
 UNITS_LEFT = Metrics.counter(NAMESPACE, "units_left_on_stop")
+REJECTS_RETRIED = Metrics.counter(NAMESPACE, "units_rejects_retried")  # --retry-rejects commits
 BATCH_DOCS = Metrics.distribution(NAMESPACE, "batch_docs")
 BATCH_TOKENS = Metrics.distribution(NAMESPACE, "batch_tokens")
 BATCH_LATENCY_MS = Metrics.distribution(NAMESPACE, "batch_latency_ms")

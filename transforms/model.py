@@ -247,7 +247,8 @@ class Embedder:
 
     def forward(self, features: dict) -> np.ndarray:
         """float32 (batch, dim) for prepared inputs, row order preserved."""
-        faults.hit("forward")
+        ids = features.get("input_ids")
+        faults.hit("forward", ids.numel() if hasattr(ids, "numel") else 0)
         with self._torch.inference_mode():
             features = {k: (v.to(self.device, non_blocking=True) if hasattr(v, "to") else v)
                         for k, v in features.items()}

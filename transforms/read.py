@@ -26,22 +26,25 @@ from transforms.records import EmbedSettings, UnitRows, WorkUnit
 ROW = "_row"
 
 
-def read_unit(unit: WorkUnit, settings: EmbedSettings, duplicates: dict[int, str] | None = None
-              ) -> tuple[pa.Table, pa.Table]:
+def read_unit(unit: WorkUnit, settings: EmbedSettings, duplicates: dict[int, str] | None = None,
+              only: set[int] | None = None) -> tuple[pa.Table, pa.Table]:
     """(rows to embed, rejections) for ``unit``; columns as in the module docstring. ``duplicates``:
-    {row: message} of the unit's rows whose id repeats an earlier one."""
+    {row: message} of the unit's rows whose id repeats an earlier one; ``only``: read these rows of
+    the unit and no others (a retry of its rejections)."""
     fs, path = storage.filesystem(settings.locate(unit.source))
     if storage.file_fingerprint(fs.info(path)) != unit.file_fingerprint:
         raise InputError(f"{unit.source} changed after it was planned; rerun to plan it again")
+    wanted = range(unit.row_start, unit.row_end) if only is None else sorted(only)
     try:
         table = _read_rows(fs, path, unit, settings)
     except DECODE_ERRORS as exc:
         if not settings.skip_bad_files:
             raise InputError(f"{unit.source}: rows {unit.row_start}-{unit.row_end} cannot be read: {exc}") from exc
-        rows = pa.array(range(unit.row_start, unit.row_end), pa.int64())
-        reasons = ["unreadable_file"] * unit.rows
-        return None, rejects.rejections(pa.nulls(unit.rows, pa.string()), rows, unit.source, reasons,
-                                        [f"cannot read these rows: {exc}"] * unit.rows)
+        reasons = ["unreadable_file"] * len(wanted)
+        return None, rejects.rejections(pa.nulls(len(wanted), pa.string()), pa.array(wanted, pa.int64()), unit.source,
+                                        reasons, [f"cannot read these rows: {exc}"] * len(wanted))
+    if only is not None:
+        table = table.filter(pc.is_in(table.column(ROW), pa.array(wanted, pa.int64())))
     return split_rejections(table, unit, settings, duplicates or {})
 
 
@@ -114,7 +117,13 @@ class ReadUnit(beam.DoFn):
         self._output = UnitStore(settings.output)
 
     def process(self, unit: WorkUnit, duplicates=None):
-        if self._output.is_done(unit.unit_id):
+        retry, only = None, None
+        if unit.retry:  # a done unit whose rejections for these reasons are tried again
+            marker, kept, only = self._output.rejections_to_retry(unit.unit_id, unit.retry)
+            if not only:  # retried already (a retried bundle), or nothing to retry
+                return
+            retry = {"marker": marker, "kept": kept}
+        elif self._output.is_done(unit.unit_id):
             metrics.UNITS_SKIPPED.inc()
             return
         if self._output.stop_requested():  # the run was told to stop: leave this unit for the rerun
@@ -123,10 +132,10 @@ class ReadUnit(beam.DoFn):
         started_at, start = time.time(), time.perf_counter()
         repeated = duplicates[unit.source] if duplicates is not None else ()  # a MultiMap: [] when none
         mine = {row: message for row, message in repeated if unit.row_start <= row < unit.row_end}
-        rows, rejected = read_unit(unit, self._settings, mine)
+        rows, rejected = read_unit(unit, self._settings, mine, only)
         seconds = {"read": time.perf_counter() - start}
-        metrics.DOCS_READ.inc(unit.rows)
+        metrics.DOCS_READ.inc(unit.rows if only is None else len(only))
         if rows is None:  # the whole unit was unreadable and --skip-bad-files is on
             rows = pa.table({"id": pa.array([], pa.string()), self._settings.text_column: pa.array([], pa.string()),
                              ROW: pa.array([], pa.int64())})
-        yield UnitRows(unit, rows, rejected, seconds, started_at)
+        yield UnitRows(unit, rows, rejected, seconds, started_at, retry)

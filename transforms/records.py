@@ -126,6 +126,8 @@ class WorkUnit:
     row_end: int
     row_groups: tuple[int, ...]
     text_bytes: int = 0  # estimated text size, for progress and ETAs; not part of the identity
+    # --retry-rejects: a done unit whose rejections for these reasons are to be embedded again.
+    retry: tuple[str, ...] = ()
 
     @property
     def rows(self) -> int:
@@ -146,6 +148,7 @@ class WorkUnit:
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in fields}
         kwargs["row_groups"] = tuple(kwargs["row_groups"])
+        kwargs["retry"] = tuple(kwargs.get("retry", ()))
         return cls(**kwargs)
 
 
@@ -164,6 +167,8 @@ class UnitRows:
     rejects: pa.Table
     seconds: dict = dataclasses.field(default_factory=dict)  # time per stage so far: {"read": s}
     started_at: float = 0.0  # wall clock when the unit's reading began
+    # A retry of rejections: {"marker": the unit's done-marker, "kept": its rejections not retried}.
+    retry: Optional[dict] = None
 
 
 @dataclasses.dataclass
@@ -189,3 +194,4 @@ class UnitEmbeddings:
     text_tokens: int = 0  # tokens of the embedded documents' whole texts (special tokens excluded)
     dropped_tokens: int = 0  # truncate: of those, the tokens beyond the window that no vector covers
     numerics: dict = dataclasses.field(default_factory=dict)  # the worker's resolution (transforms.numerics)
+    retry: Optional[dict] = None  # as UnitRows.retry
