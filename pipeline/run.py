@@ -133,25 +133,18 @@ def guard(output: OutputAdmin, plan, settings: EmbedSettings) -> Resume:
 
 def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipeline, stop: StopOnSignal) -> dict:
     resume = guard(output, plan, settings)
-    settings, markers, todo, done, superseded = (resume.settings, resume.markers, resume.todo, resume.done,
-                                                 resume.superseded)
-    repair.take_back(output, resume.damage)
-    for marker in superseded:  # a changed input file: its old rows go, its new units are to do
-        output.remove_unit(marker)
-        del markers[marker["unit_id"]]
-    outside = outside_plan(markers, plan.sources)
-    if opts.prune_removed:
-        prune(output, markers, outside)
-    cleaned = output.clean_leftovers(markers)  # before the id check: unmarked parts are not "in the output"
+    settings, markers, todo = resume.settings, resume.markers, resume.todo
+    outside, cleaned = _tidy(output, opts, plan, resume)
     retried = retry_units(markers, plan, opts.retry_rejects)
     before_retry = {u.unit_id: markers[u.unit_id] for u in retried}
     record = manifest.started(settings, plan, opts.checkpoint_every)
     output.write_manifest(record)
+    beam_metrics = {}
     if todo or retried:
         shards = output.write_plan(settings.run_id, todo + retried)
         units = {u.unit_id: (u.rows, u.text_bytes) for u in plan.units}
         local = opts_mod.is_local_runner(options)
-        bar = ProgressBar(output, units, [u.unit_id for u in done]) if opts.progress and local \
+        bar = ProgressBar(output, units, [u.unit_id for u in resume.done]) if opts.progress and local \
             else contextlib.nullcontext()
         with bar:
             result = run_graph(test_pipeline or beam.Pipeline(options=options), shards, settings, local, stop)
@@ -161,18 +154,31 @@ def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipelin
     stop.check()
     markers = output.done_markers()
     output.write_manifest(manifest.completed(record, markers, plan, output.read_numerics()))
-    summary = summarize(settings, plan, markers, todo, done, 0.0)
-    summary.update(retried=retry_counts(retried, before_retry, markers), superseded_units=len(superseded), repairs=resume.repairs(),
-                   outside_inputs=outside,
-                   cleaned=[c for c in cleaned if unit_id_of_part(c) or f"/{REJECTS}/" in c], run_id=settings.run_id,
-                   settings=settings,
-                   metrics=beam_metrics if todo else {})
+    summary = summarize(settings, plan, markers, todo, resume.done, 0.0)
+    summary.update(retried=retry_counts(retried, before_retry, markers), superseded_units=len(resume.superseded),
+                   repairs=resume.repairs(), outside_inputs=outside, run_id=settings.run_id, settings=settings,
+                   cleaned=[c for c in cleaned if unit_id_of_part(c) or f"/{REJECTS}/" in c], metrics=beam_metrics)
     return summary
+
+
+def _tidy(output: OutputAdmin, opts, plan, resume: Resume) -> tuple[list[dict], list[str]]:
+    """Before the job: take back damaged units and those of changed input files, prune gone files'
+    units when asked, and remove what no marker names. Returns (units of files outside the plan, what
+    was removed). ``resume.markers`` is kept up to date."""
+    markers = resume.markers
+    repair.take_back(output, resume.damage)
+    for marker in resume.superseded:  # a changed input file: its old rows go, its new units are to do
+        output.remove_unit(marker)
+        del markers[marker["unit_id"]]
+    outside = outside_plan(markers, plan.sources)
+    if opts.prune_removed:
+        prune(output, markers, outside)
+    return outside, output.clean_leftovers(markers)  # before the id check: unmarked parts are not "in the output"
 
 
 def retry_units(markers: dict, plan, reasons: str) -> list[WorkUnit]:
     """``--retry-rejects``: the done units of this plan holding rejections for these reasons, as units
-    whose rejections the job tries again (their markers, as they stand now, are kept in ``before``)."""
+    whose rejections the job tries again."""
     wanted = tuple(r.strip() for r in (reasons or "").split(",") if r.strip())
     planned = {u.unit_id for u in plan.units}
     return [dataclasses.replace(WorkUnit.from_json(m), retry=wanted) for uid, m in sorted(markers.items())
