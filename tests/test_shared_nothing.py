@@ -37,14 +37,14 @@ WORKER_VENVS = Path("/var/tmp/docembed-test-worker-venvs")  # outside the checko
 @pytest.fixture(scope="session")
 def worker_venv(tmp_path_factory) -> Path:
     """A venv with docembed installed from its sdist and nothing else. Building one takes about a
-    minute, so the dependencies are kept between sessions under a key of setup.py's bytes; docembed
-    itself is reinstalled from a fresh sdist every session."""
+    minute, so the dependencies are kept between test runs under a key of setup.py's bytes; docembed
+    itself is reinstalled from a fresh sdist every run."""
     dist = tmp_path_factory.mktemp("sdist")
     subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(dist)], cwd=REPO, check=True,
                    capture_output=True)
     sdist = next(dist.glob("docembed-*.tar.gz"))
     venv = WORKER_VENVS / hashlib.sha256((REPO / "setup.py").read_bytes()).hexdigest()[:16]
-    if not (venv / ".complete").exists():  # built whole, or not at all (a session killed midway)
+    if not (venv / ".complete").exists():  # built whole, or not at all (a test run killed midway)
         shutil.rmtree(venv, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         _pip(venv, "install", "--quiet", str(sdist))
