@@ -20,9 +20,8 @@ def diff_fingerprints(stored: dict, current: dict) -> list[str]:
     ]
 
 
-def stored_fingerprint(output: OutputAdmin) -> dict | None:
+def stored_fingerprint(output: OutputAdmin, manifest: dict | None) -> dict | None:
     """From ``_manifest.json``, or from a part's Parquet metadata if the manifest is gone."""
-    manifest = output.readable_manifest()
     if manifest and "fingerprint" in manifest:
         return manifest["fingerprint"]
     for name in output.part_files()[:1]:
@@ -32,12 +31,11 @@ def stored_fingerprint(output: OutputAdmin) -> dict | None:
     return None
 
 
-def check_layout(output: OutputAdmin, settings: EmbedSettings) -> None:
+def check_layout(output: OutputAdmin, settings: EmbedSettings, manifest: dict | None) -> None:
     """The id column, pass-through columns and ``--chunk-text`` decide the parts' schema (and the id
     column the duplicate check):
     a resume must keep them, or the dataset would mix schemas."""
-    manifest = output.readable_manifest() or {}
-    stored = manifest.get("settings")
+    stored = (manifest or {}).get("settings")
     if not stored:
         return
     now = {"id_column": settings.id_column, "passthrough_columns": list(settings.passthrough_columns),
@@ -51,12 +49,13 @@ def check_layout(output: OutputAdmin, settings: EmbedSettings) -> None:
         )
 
 
-def check_fingerprint(output: OutputAdmin, settings: EmbedSettings) -> None:
-    """Vectors first (the more fundamental mismatch), then the parts' columns."""
-    stored = stored_fingerprint(output)
+def check_fingerprint(output: OutputAdmin, settings: EmbedSettings, manifest: dict | None) -> None:
+    """Vectors first (the more fundamental mismatch), then the parts' columns. ``manifest``: the
+    output's, as read once by the caller (None when there is none, or it is damaged)."""
+    stored = stored_fingerprint(output, manifest)
     if stored is not None:
         _check_vectors(output, stored, settings)
-    check_layout(output, settings)
+    check_layout(output, settings, manifest)
 
 
 def _check_vectors(output: OutputAdmin, stored: dict, settings: EmbedSettings) -> None:
@@ -68,21 +67,21 @@ def _check_vectors(output: OutputAdmin, stored: dict, settings: EmbedSettings) -
         )
 
 
-def output_numerics(output: OutputAdmin) -> dict | None:
+def output_numerics(output: OutputAdmin, manifest: dict | None) -> dict | None:
     """The device and precision of the output's vectors: ``_numerics.json``, pinned by the first
     commit; for outputs written before it existed, the manifest's device and fingerprint precision."""
     pinned = output.read_numerics()
     if pinned is not None:
         return pinned
-    manifest = output.readable_manifest() or {}
+    manifest = manifest or {}
     device, precision = (manifest.get("settings") or {}).get("device"), (manifest.get("fingerprint") or {}).get("precision")
     return {"device": device, "precision": precision} if device and precision and output.done_ids() else None
 
 
-def adopt_numerics(output: OutputAdmin, settings: EmbedSettings) -> EmbedSettings:
+def adopt_numerics(output: OutputAdmin, settings: EmbedSettings, manifest: dict | None) -> EmbedSettings:
     """``settings`` with the output's device and precision in place of ``auto``, so that its workers
     make vectors like the ones already there; an explicit request for others is refused."""
-    pinned = output_numerics(output)
+    pinned = output_numerics(output, manifest)
     if pinned is None:
         return settings
     clashes = [f"--{name} {asked} (the output's: {pinned[name]})"

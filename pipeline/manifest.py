@@ -7,7 +7,7 @@ import time
 
 from pipeline.plan import Plan
 from pipeline.output import marker_totals
-from transforms.checkpoint import REJECTS, files_of
+from transforms.checkpoint import parts_of
 from transforms.records import EmbedSettings
 
 _LIBRARIES = ("apache-beam", "torch", "transformers", "sentence-transformers", "pyarrow")
@@ -55,10 +55,10 @@ def completed(manifest: dict, markers: dict[str, dict], plan: Plan, numerics: di
         "finished_at": time.time(),
         "numerics": numerics,  # the device and precision the output's vectors were made at
         "counts": counts,
-        "parts": [name for m in mine for name in files_of(m) if not name.startswith(f"{REJECTS}/")],
+        "parts": [name for m in mine for name in parts_of(m)],
         "rejects": [m["rejects"] for m in mine if m.get("rejects")],
         "units_from_other_inputs": [{"unit_id": m["unit_id"], "source": m["source"],
-                                     "parts": [n for n in files_of(m) if not n.startswith(f"{REJECTS}/")]}
+                                     "parts": parts_of(m)}
                                     for m in earlier],
     }
 

@@ -59,20 +59,13 @@ class OutputAdmin(UnitStore):
 
     def read_manifest(self) -> dict | None:
         """The manifest, None when there is none; DamagedRecord when it cannot be read."""
-        manifest, damage = self._manifest()
+        manifest, damage = self.load_manifest()
         if damage:
             raise DamagedRecord(f"{self.url}/{damage}; rerun the same `docembed run` command, which rewrites it")
         return manifest
 
-    def readable_manifest(self) -> dict | None:
-        """The manifest, or None when there is none or it is damaged (a run rewrites it)."""
-        return self._manifest()[0]
-
-    def manifest_damage(self) -> str | None:
-        """What is wrong with the manifest, or None."""
-        return self._manifest()[1]
-
-    def _manifest(self) -> tuple[dict | None, str | None]:
+    def load_manifest(self) -> tuple[dict | None, str | None]:
+        """(the manifest, or None when there is none or it is damaged; what is wrong with it, or None)."""
         try:
             manifest = self._read_json(self.path(MANIFEST))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -89,8 +82,7 @@ class OutputAdmin(UnitStore):
             return {}
         # An object store may list a folder's own placeholder object (name ending in "/"): not a file.
         return {posixpath.basename(e["name"]): int(e.get("size") or 0) for e in entries
-                if e.get("type") != "directory" and posixpath.basename(e["name"].rstrip("/")) != posixpath.basename(sub)
-                and not e["name"].endswith("/")}
+                if e.get("type") != "directory" and not e["name"].endswith("/")}
 
     def part_metadata(self, name: str) -> dict:
         """A part's Parquet key-value metadata (fingerprint, unit, numerics)."""

@@ -124,9 +124,10 @@ class Resume:
 def guard(output: OutputAdmin, plan, settings: EmbedSettings) -> Resume:
     """After refusing an output made with other settings or numerics, or with other unit boundaries:
     where the run starts from. Damaged bookkeeping is found here (``repair``), not yet mended."""
-    check_fingerprint(output, settings)
-    settings = adopt_numerics(output, settings)
-    manifest_damage = [f"{d}: this run rewrites it" for d in [output.manifest_damage()] if d]
+    manifest, wrong = output.load_manifest()
+    check_fingerprint(output, settings, manifest)
+    settings = adopt_numerics(output, settings, manifest)
+    manifest_damage = [f"{wrong}: this run rewrites it"] if wrong else []
     markers, damage = repair.find(output)
     return Resume(settings, markers, damage, manifest_damage, *split_done(plan, markers))
 

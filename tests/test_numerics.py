@@ -50,7 +50,8 @@ def test_auto_adopts_the_outputs_numerics_and_an_explicit_other_request_is_refus
     marker = next(iter(OutputAdmin(str(tmp_path / "out")).done_markers().values()))
     assert (marker["numerics"]["device"], marker["numerics"]["precision"]) == ("cpu", "fp32")
     assert set(marker["numerics"]["libraries"]) == {"torch", "transformers", "sentence-transformers", "tokenizers"}
-    settings = adopt_numerics(OutputAdmin(str(tmp_path / "out")), first["settings"])
+    output = OutputAdmin(str(tmp_path / "out"))
+    settings = adopt_numerics(output, first["settings"], output.read_manifest())
     assert (settings.device, settings.precision) == ("cpu", "fp32")
     with pytest.raises(FingerprintMismatch, match=r"--precision bf16 \(the output's: fp32\): one output never mixes"):
         run(argv + ["--precision", "bf16"])
@@ -61,7 +62,7 @@ def test_an_output_written_before_numerics_were_pinned_is_read_from_its_manifest
     output = OutputAdmin(str(tmp_path))
     output.write_manifest({"fingerprint": {"precision": "fp32"}, "settings": {"device": "cpu"}})
     output.mark_done("u", {"unit_id": "u"})
-    adopted = adopt_numerics(output, bare_settings(str(tmp_path)))
+    adopted = adopt_numerics(output, bare_settings(str(tmp_path)), output.read_manifest())
     assert (adopted.device, adopted.precision) == ("cpu", "fp32")
 
 

@@ -69,6 +69,11 @@ def unit_id_of_part(name: str) -> str | None:
     return None
 
 
+def parts_of(marker: dict) -> list[str]:
+    """The part files a done-marker names: its part, and the parts of its retried rejections."""
+    return [name for name in files_of(marker) if not name.startswith(f"{REJECTS}/")]
+
+
 def files_of(marker: dict) -> dict[str, int | None]:
     """The files a done-marker says its unit holds, relative to the output folder, with the sizes it
     recorded for parts (None where it recorded none): its part, the parts of retried rejections, and
