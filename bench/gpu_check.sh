@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check, prepared to run as ONE call of under 8 minutes on a lent GPU machine:
-#   1. here:    python bench/prepare_gpu_assets.py          (model, corpus, CPU reference; ~47 MiB)
-#   2. device:  run command "bash bench/gpu_check.sh", carry ["bench/gpu_assets"], timeout_s 540
+# The GPU check, one command of under 8 minutes on a machine with a CUDA GPU:
+#   1. on any machine:  python bench/prepare_gpu_assets.py   (model, corpus, CPU reference; ~47 MiB)
+#   2. on the GPU host, with bench/gpu_assets copied there:  bash bench/gpu_check.sh
 # It checks cosine against the CPU fp32 reference (>= 0.999) and measures MiniLM and a BERT-base-sized
 # model at batch 64, 128 and 256: docs/s, tokens/s, model FLOP utilization. Results: $OUT/gpu_check.md.
 set -euo pipefail

@@ -52,7 +52,8 @@ def coverage(mode: str, docs: int, truncated: int, windows: int, text_tokens: in
 
 
 def hint(shares: dict[str, float]) -> str:
-    """The seed's optimisation priorities, applied to the stage shares of wall time."""
+    """Where to optimise first (the model, then preprocessing, then I/O, then start-up), from the
+    stage shares of wall time."""
     if shares.get("forward", 0) > 0.7:
         return ("model-bound (forward > 70%): quantize (--precision int8 on CPUs with VNNI, fp16/bf16 on a "
                 "GPU), a smaller model, or better hardware")
