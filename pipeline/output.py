@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import posixpath
 import uuid
-from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from transforms import faults, storage
 from transforms.checkpoint import (ATTEMPTS, CHECKPOINTS, LOCK, MANIFEST, NUMERICS, PLANS, PROGRESS, REJECTS,
                                    STOP, UnitStore, dumps, files_of)
 from transforms.errors import DamagedRecord
@@ -143,8 +141,7 @@ class OutputAdmin(UnitStore):
 
     # --- the lock (pipeline/lock.py) and the stop request (pipeline/interrupt.py) ----------
     def create_lock(self, record: dict) -> bool:
-        faults.hit("publish:lock")
-        return storage.create_exclusive(self.fs, self.path(LOCK), json.dumps(record).encode(), self.path(ATTEMPTS))
+        return self.create(LOCK, json.dumps(record).encode())
 
     def write_lock(self, record: dict) -> None:
         """The heartbeat: the lock record again, with a fresh time."""

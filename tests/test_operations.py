@@ -189,8 +189,9 @@ def test_ctrl_c_on_a_multiprocess_run_exits_at_once_with_one_line(tmp_path, docs
     assert proc.returncode == 143 and time.monotonic() - signalled < 20
     assert "Worker subprocess exited" not in err  # the runner's own error about the lost workers
     said = [line for line in err.splitlines() if line.startswith("docembed:")]
-    assert said[-1] == ("docembed: error: interrupted; rerun to resume (the local workers stopped with the "
-                        "signal; the units in hand were abandoned)") and len(said) == 2
+    # A dying worker's own last words can land on the same line, after ours: they share the terminal.
+    assert said[-1].startswith("docembed: error: interrupted; rerun to resume (the local workers stopped with "
+                               "the signal; the units in hand were abandoned)") and len(said) == 2
     at_stop = _done(out)
     summary = _run(tmp_path / "in.parquet", out)
     assert summary["units_skipped"] == at_stop and summary["units_committed"] == 16 - at_stop

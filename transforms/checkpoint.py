@@ -135,7 +135,7 @@ class UnitStore:
         except (json.JSONDecodeError, UnicodeDecodeError):
             return 0.0  # a stop request that cannot be read: stop at once
         if record is None:
-            return 0.0 if self.stop_requested() else None
+            return None
         return float(record.get("deadline", 0.0)) if isinstance(record, dict) else 0.0
 
     def part_files(self) -> list[str]:
@@ -156,6 +156,15 @@ class UnitStore:
         faults.hit(f"publish:{kind}")
         storage.publish(self.fs, self.path(relative), data, self.path(ATTEMPTS))
         faults.hit(f"published:{kind}")
+
+    def create(self, relative: str, data: bytes, kind: str | None = None) -> bool:
+        """Make ``data`` appear at ``relative`` unless something is there already; True when this
+        call made it (``storage.create_exclusive``)."""
+        kind = kind or faults.kind(relative)
+        faults.hit(f"publish:{kind}")
+        created = storage.create_exclusive(self.fs, self.path(relative), data, self.path(ATTEMPTS))
+        faults.hit(f"published:{kind}")
+        return created
 
     def write_part(self, unit_id: str, data: bytes, retry: int = 0) -> str:
         name = part_name(unit_id, retry)
@@ -186,9 +195,7 @@ class UnitStore:
             return
         output = self.read_numerics()
         if output is None:
-            faults.hit("publish:numerics")
-            storage.create_exclusive(self.fs, self.path(NUMERICS), dumps(mine), self.path(ATTEMPTS))
-            faults.hit("published:numerics")
+            self.create(NUMERICS, dumps(mine))
             output = self.read_numerics()
         if output is None or not numerics.same(output, mine):
             raise NumericsMismatch(
