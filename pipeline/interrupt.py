@@ -7,12 +7,11 @@ batch past it (its part is published whole or not at all, its marker last); the 
 launcher exits. If it has not shortly after the deadline (a batch that never ends, a remote job that
 does not stop), the launcher exits anyway, cancelling a remote job first.
 
-Ctrl-C reaches the whole process group, local worker processes included. They are started with SIGINT
-blocked (the launcher's main thread blocks it while the job runs, and child processes inherit the
-mask), so they do not each die printing a traceback; on SIGINT the launcher stops them itself
-(SIGTERM) and exits at once, as there is nothing left to wait for. Either way: one line,
-"interrupted; rerun to resume", and exit code 143; the runner's errors about the workers it lost are
-left out.
+Ctrl-C (SIGINT) means stop now: the launcher sends SIGTERM to its local worker processes (Ctrl-C at a
+terminal has usually reached them already) and exits as soon as they are gone, with nothing left to
+wait for. Beam starts those processes with a fixed command, so what they print as they die is theirs.
+Either way the launcher says one line, "interrupted; rerun to resume", exits with code 143, and leaves
+out the runner's errors about the workers it lost.
 """
 
 from __future__ import annotations
@@ -76,12 +75,14 @@ class StopOnSignal:
         print(f"docembed: {signal.Signals(signum).name}: finishing the unit in hand (up to "
               f"{self.grace_s:.0f}s), then stopping", file=sys.stderr, flush=True)
         self.output.request_stop(time.time() + self.grace_s)
-        children = _children()
+        threading.Thread(target=self._after_grace, daemon=True).start()
         if signum == signal.SIGINT:  # Ctrl-C: stop now; local workers are told to go at once
+            children = _children()
             for pid in children:
                 os.kill(pid, signal.SIGTERM)
-        for target, args in ((self._after_grace, ()), (self._when_workers_die, (children,))):
-            threading.Thread(target=target, args=args, daemon=True).start()
+            # Only here does a worker process ending mean the stop: after SIGTERM to the launcher alone,
+            # workers also end when the job ends normally, having abandoned their units in time.
+            threading.Thread(target=self._when_workers_die, args=(children,), daemon=True).start()
 
     def _after_grace(self):
         time.sleep(self.grace_s + OVERTIME_S)
