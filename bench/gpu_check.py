@@ -91,7 +91,7 @@ def throughput(name, path, texts, device, precision, window, batches, peak) -> l
         shapes = []
         for docs, _, padded, _ in out.batch_stats:
             shapes.append((docs, padded // docs))
-        flops = model_flops(embedder.model[0].auto_model.config, shapes)
+        flops = model_flops(embedder.model.config, shapes)
         rows.append({"model": name, "precision": precision, "batch": batch, "docs": len(texts),
                      "docs_per_s": len(texts) / seconds, "tokens_per_s": out.tokens / seconds,
                      "padding_share": (out.padded_tokens - out.tokens) / out.tokens,

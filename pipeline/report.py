@@ -78,6 +78,9 @@ def build(run_id: str, markers: dict[str, dict], wall_s: float, started_at: floa
     capacity = wall_s * max(1, len(workers))  # worker-seconds available to the stages
     stage_s["other"] = max(0.0, capacity - sum(stage_s.values()))
     shares = {k: (v / capacity if capacity else 0.0) for k, v in stage_s.items()}
+    # The host path (everything the CPU does around the model): the tokens/s it could feed a faster
+    # model or a GPU, were the forward pass free.
+    host_s = stage_s["read"] + stage_s["tokenize"] + stage_s["write"]
     peak_rss = max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
                    + [m["worker"]["peak_rss_mib"] for m in mine if m.get("worker")])
     gpu = [m["worker"]["gpu_peak_mib"] for m in mine if m.get("worker", {}).get("gpu_peak_mib") is not None]
@@ -105,6 +108,8 @@ def build(run_id: str, markers: dict[str, dict], wall_s: float, started_at: floa
         "batch_latency_ms": {k: v * 1000 for k, v in percentiles([b[3] for b in batches]).items()},
         "stage_s": stage_s,
         "stage_share": shares,
+        "host_s": host_s,
+        "host_tokens_per_s": tokens / host_s if host_s else None,
         "padding_share": (padded - tokens) / tokens if tokens else 0.0,
         "peak_rss_mib": peak_rss,
         "peak_gpu_mib": max(gpu) if gpu else None,
@@ -153,6 +158,9 @@ def format_report(r: dict, counts: bool = True) -> str:
         f"  batches    {r['batches']}; model latency p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f}, "
         f"p99 {lat['p99']:.0f}, p99.9 {lat['p99.9']:.0f}",
         f"  stages     {stages}",
+        *([f"  host path  read + tokenize + write {r['host_s']:.1f} s against forward {r['stage_s']['forward']:.1f} s: "
+           f"{r['host_tokens_per_s']:,.0f} tokens/s is what the host stages could feed a free model"]
+          if r.get("host_tokens_per_s") else []),
         f"  padding    {100 * r['padding_share']:.1f}% of real tokens",
         f"  memory     peak RSS {r['peak_rss_mib']:.0f} MiB{gpu}",
         f"  setup      {r['device']}, {r['precision']}, threads {r['threads'] or 'default'}, workers {r['workers']}",

@@ -14,7 +14,7 @@ def test_batches_respect_sizes_budget_and_cover_every_document_once(seed):
     flat = np.concatenate(batches)
     assert sorted(flat.tolist()) == list(range(len(lengths)))
     for b in batches[:-1]:
-        assert 64 <= len(b) <= 256
+        assert 64 <= len(b) <= 256 or len(lengths) < 64
     assert len(batches[-1]) <= 256
     for b in batches:
         assert len(b) * lengths[b].max() <= 64 * 256
@@ -33,6 +33,13 @@ def test_batches_are_sorted_longest_first_so_padding_is_small():
 def test_short_documents_fill_large_batches_and_long_ones_small_batches():
     assert sorted(len(b) for b in plan_batches(np.full(600, 10), 64, 256, 16384)) == [88, 256, 256]
     assert [len(b) for b in plan_batches(np.full(200, 256), 64, 256, 16384)] == [64, 64, 64, 8]
+
+
+def test_a_unit_smaller_than_one_batch_is_cut_by_length():
+    lengths = np.array([256, 250, 12, 10, 9, 9, 8, 8, 7, 5])  # two long documents, eight short ones
+    batches = plan_batches(lengths, 64, 256, 16384)
+    assert [sorted(b.tolist()) for b in batches] == [[0, 1], [2, 3, 4, 5, 6, 7, 8, 9]]
+    assert padded_tokens(lengths, batches) == 2 * 256 + 8 * 12  # not 10 x 256
 
 
 def test_cuts_are_chosen_to_pad_less_than_cutting_greedily():

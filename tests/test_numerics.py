@@ -49,7 +49,7 @@ def test_auto_adopts_the_outputs_numerics_and_an_explicit_other_request_is_refus
     first = run(argv)
     marker = next(iter(OutputAdmin(str(tmp_path / "out")).done_markers().values()))
     assert (marker["numerics"]["device"], marker["numerics"]["precision"]) == ("cpu", "fp32")
-    assert set(marker["numerics"]["libraries"]) == {"torch", "transformers", "sentence-transformers", "tokenizers"}
+    assert set(marker["numerics"]["libraries"]) == {"torch", "transformers", "tokenizers"}
     output = OutputAdmin(str(tmp_path / "out"))
     settings = adopt_numerics(output, first["settings"], output.read_manifest())
     assert (settings.device, settings.precision) == ("cpu", "fp32")

@@ -68,7 +68,7 @@ def test_int8_meets_its_floors_against_fp32(model_path):
     assert overlap >= 0.9
     import torch
 
-    layers = [m for m in int8_model.model[0].auto_model.modules()
+    layers = [m for m in int8_model.model.modules()
               if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
     assert len(layers) == 36  # really quantized: all Linear layers but one
 

@@ -1,23 +1,26 @@
-"""Token counting: bounded tokenizer input, exact truncation, long and odd texts."""
+"""First windows: one tokenization per text, bounded tokenizer input, exact truncation and dropped counts."""
 
 import numpy as np
 import pytest
 
-from transforms.tokens import CHARS_PER_TOKEN, cap_text, count_tokens
+from transforms.tokens import CHARS_PER_TOKEN, cap_text, dropped_tokens, first_windows
 
 
 @pytest.fixture(scope="module")
-def tokenizer_lengths(reference_model):
+def encoder(reference_model):
+    """The reference tokenizer's content ids (no special tokens), recording every text it is handed."""
     tok = reference_model.tokenizer
     seen = []
 
-    def lengths(texts, limit):
-        seen.append(max(len(t) for t in texts))
-        enc = tok(texts, truncation=True, max_length=limit)
-        return np.array([len(x) for x in enc["input_ids"]])
+    def encode(texts):
+        seen.extend(texts)
+        return tok(texts, add_special_tokens=False)["input_ids"]
 
-    lengths.seen = seen
-    return tok, lengths
+    def count(texts):
+        return np.array([len(ids) for ids in encode(texts)])
+
+    encode.seen, encode.count = seen, count
+    return tok, encode
 
 
 def test_cap_text_cuts_at_whitespace_in_the_second_half():
@@ -26,26 +29,39 @@ def test_cap_text_cuts_at_whitespace_in_the_second_half():
     assert cap_text("x" * 30, 12) == "x" * 12
 
 
-def test_a_5mb_document_is_truncated_exactly_without_tokenizing_megabytes(tokenizer_lengths):
-    tok, lengths = tokenizer_lengths
-    lengths.seen.clear()
+def test_a_5mb_document_is_truncated_exactly_without_tokenizing_megabytes(encoder):
+    tok, encode = encoder
+    encode.seen.clear()
     text = "The quick brown fox jumps over the lazy dog. " * 120_000  # ~5.4 MB
-    counted = count_tokens([text, "tiny"], 256, lengths)
-    assert counted.truncated.tolist() == [True, False]
-    assert counted.lengths[0] == 256
-    assert max(lengths.seen) <= CHARS_PER_TOKEN * 256
-    # The capped prefix gives the model exactly the first 256 tokens of the full text.
+    firsts = first_windows([text, "tiny"], 254, encode)
+    assert firsts.truncated.tolist() == [True, False]
+    assert firsts.lengths.tolist() == [254, 1]
+    assert max(len(t) for t in encode.seen) <= CHARS_PER_TOKEN * 254
+    # The window holds exactly what the tokenizer's own truncation gives the model.
     full = tok(text[:20_000], truncation=True, max_length=256)["input_ids"]
-    capped = tok(counted.texts[0], truncation=True, max_length=256)["input_ids"]
-    assert capped == full
+    assert [101, *firsts.ids[0].tolist(), 102] == full
+    assert firsts.ids[1].tolist() == tok("tiny", add_special_tokens=False)["input_ids"]
 
 
-def test_text_that_is_mostly_whitespace_is_widened_until_truncation_is_proven(tokenizer_lengths):
-    _, lengths = tokenizer_lengths
+def test_every_character_is_tokenized_once_and_the_dropped_count_is_exact(encoder):
+    tok, encode = encoder
+    text = "Tokenizers split words at whitespace; so do the pieces. " * 2_000
+    encode.seen.clear()
+    firsts = first_windows([text], 254, encode)
+    dropped = dropped_tokens([text], firsts, encode.count)
+    assert sum(len(t) for t in encode.seen) == len(text)  # the prefix, then the rest: no character twice
+    whole = len(tok(text, add_special_tokens=False)["input_ids"])
+    assert dropped == {0: whole - 254}
+
+
+def test_text_that_is_mostly_whitespace_is_widened_until_truncation_is_proven(encoder):
+    _, encode = encoder
     text = ("word" + " " * 40) * 400  # 400 tokens spread over 17,600 characters
-    counted = count_tokens([text], 256, lengths)
-    assert counted.truncated.tolist() == [True]
+    firsts = first_windows([text], 254, encode)
+    assert firsts.truncated.tolist() == [True]
+    assert dropped_tokens([text], firsts, encode.count) == {0: 400 - 254}
     short_but_wide = ("word" + " " * 40) * 100  # 100 tokens over 4,400 characters: not truncated
-    counted = count_tokens([short_but_wide], 256, lengths)
-    assert counted.truncated.tolist() == [False]
-    assert counted.lengths[0] == 102  # 100 words + [CLS] + [SEP]
+    firsts = first_windows([short_but_wide], 254, encode)
+    assert firsts.truncated.tolist() == [False]
+    assert firsts.lengths[0] == 100
+    assert dropped_tokens([short_but_wide], firsts, encode.count) == {}

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from transforms.batch import padded_tokens, plan_batches
 from transforms.errors import ModelFailed
 from transforms.model import Embedder
 from transforms.records import EmbedSettings
-from transforms.tokens import count_tokens, full_lengths
+from transforms.tokens import dropped_tokens, first_windows
 
 log = logging.getLogger(__name__)
 
@@ -58,32 +58,35 @@ def embed_rows(embedder: Embedder, texts: list[str], settings: EmbedSettings, on
     """Vectors for ``texts`` in order, each from its first window of tokens (``--long-docs truncate``).
     ``on_batch(docs_done)`` is called after each batch.
 
-    The tokens the window leaves out are counted too (``dropped_tokens``), so a run can say how much
-    of its corpus the model never saw.
+    Each text is tokenized once (``first_windows``): those ids give the lengths to sort by and the
+    model's inputs. The tokens the window leaves out are counted too (``dropped_tokens``), so a run can
+    say how much of its corpus the model never saw.
     """
     start = time.perf_counter()
-    counted = count_tokens(texts, embedder.max_seq_length, embedder.token_lengths)
-    batches = plan_batches(
-        counted.lengths, settings.min_batch_size, settings.max_batch_size, settings.max_batch_tokens
-    )
+    firsts = first_windows(texts, embedder.window_size, embedder.encode)
+    lengths = firsts.lengths + embedder.overhead
+    batches = plan_batches(lengths, settings.min_batch_size, settings.max_batch_size, settings.max_batch_tokens)
     out = Embedded(np.zeros((len(texts), embedder.dim), dtype=np.float32), {}, 0,
-                   int(counted.lengths.sum()), padded_tokens(counted.lengths, batches), len(batches))
-    out.tokenize_s = time.perf_counter() - start
-    cut = np.flatnonzero(counted.truncated)
-    prepare = lambda b: embedder.prepare([counted.texts[i] for i in b])  # noqa: E731
-    # Counting what truncation drops reads whole texts: done beside the model loop (the tokenizer
-    # releases the GIL), so that on a GPU host with idle cores it costs no wall time.
+                   int(lengths.sum()), padded_tokens(lengths, batches), len(batches))
+    prepare = lambda b: embedder.prepare_ids([firsts.ids[i] for i in b])  # noqa: E731
+    # Counting what truncation drops reads the rest of long texts, which no pass has read yet. Beside
+    # a GPU's model loop it runs in a thread on otherwise idle cores; on the CPU it runs first, because
+    # a tokenizer thread beside a multi-threaded CPU forward pass makes the model's threads wait on
+    # each other (measured on 2 cores: the model loop 20x slower), which costs far more than the count.
     with ThreadPoolExecutor(max_workers=1) as counter:
-        whole = counter.submit(full_lengths, [texts[i] for i in cut], embedder.count_tokens)
-        run_batches(embedder, prepare, counted.lengths, batches, out, on_batch)
+        if embedder.device == "cuda":
+            dropped = counter.submit(dropped_tokens, texts, firsts, embedder.count)
+        else:
+            dropped = Future()
+            dropped.set_result(dropped_tokens(texts, firsts, embedder.count))
+        out.tokenize_s = time.perf_counter() - start
+        run_batches(embedder, prepare, lengths, batches, out, on_batch)
         waited = time.perf_counter()
-        dropped = whole.result() + embedder.overhead - counted.lengths[cut]
-        out.dropped = dict(zip(cut.tolist(), dropped.tolist()))
+        out.dropped = dropped.result()
         out.tokenize_s += time.perf_counter() - waited
     kept = [i for i in range(len(texts)) if i not in out.failed]
-    out.truncated = int(counted.truncated[kept].sum())
-    out.text_tokens = int((counted.lengths[kept] - embedder.overhead).sum()) + sum(
-        n for i, n in out.dropped.items() if i not in out.failed)
+    out.truncated = int(firsts.truncated[kept].sum())
+    out.text_tokens = int(firsts.lengths[kept].sum()) + sum(n for i, n in out.dropped.items() if i not in out.failed)
     return out
 
 

@@ -2,37 +2,39 @@
 
 ``Embedder`` is all a stage sees of a model:
 
-- ``dim`` and ``max_seq_length``;
-- ``token_lengths(texts)``: tokens per text including special tokens, not capped at the window;
-  ``count_tokens(texts)``: whole texts' tokens, special tokens excluded, safe in a second thread;
-- ``embed(texts) -> float32 array (n, dim)``, row order preserved, L2-normalised when asked;
-  it is ``forward(prepare(texts))``, split so that tokenizing the next batch can overlap the model;
-- for whole-document modes: ``encode_with_offsets(texts)`` (tokens and character offsets, no
-  special tokens), ``window_size`` (content tokens that fit the window) and ``prepare_ids(windows)``
-  (model inputs built from token ids, with the special and prefix tokens around them).
+- ``dim``, ``max_seq_length``, ``overhead`` (the special and prefix tokens around a text) and
+  ``window_size`` (content tokens that fit the window);
+- ``encode(texts)``: each text's token ids, without special tokens, prefix or truncation (one
+  tokenization per document: the same ids give the lengths to sort by and the model's inputs);
+  ``encode_with_offsets(texts)``: the same with character offsets, for the whole-document modes;
+- ``prepare_ids(windows)``: padded model inputs for windows of content ids (each at most
+  ``window_size``), wrapped in the special and prefix tokens exactly as the tokenizer wraps a text;
+- ``forward(features) -> float32 array (n, dim)``, row order preserved, L2-normalised when asked;
+  ``embed(texts)`` is ``forward(prepare_ids(first windows of encode(texts)))``.
 
-It wraps a sentence-transformers model so that pooling, dense layers and normalisation come from the
-model's own configuration. It runs at the device and precision a worker resolved (``numerics``).
+It runs a sentence-transformers model folder (``modules``: transformer, pooling, dense, normalise, read
+from the folder's own configuration) with transformers' ``AutoModel``, at the device and precision a
+worker resolved (``numerics``), without importing sentence-transformers (seconds of start-up).
 
-``describe`` reads, from a model folder's configuration files and tokenizer only, what the launcher
-needs for the settings and the fingerprint (``ModelCard``: dimension, window, pooling, normalisation):
-no weights are loaded and no device is touched. Each worker checks the model it loaded against it.
+``describe`` reads, from a model folder's configuration files and ``tokenizer.json`` only, what the
+launcher needs for the settings and the fingerprint (``ModelCard``: dimension, window, pooling,
+normalisation): neither torch nor transformers is imported, no weights are loaded and no device is
+touched. Each worker checks the model it loaded against it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 
 from transforms import faults
 from transforms.errors import ModelError
+from transforms.modules import Spec, build, read_json, read_stack
 from transforms.quantize import quantize_int8
 
 _PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-_COUNT_CHUNK = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,225 +58,228 @@ class ModelCard:
                 for f in ("dim", "max_seq_length", "pooling") if getattr(self, f) != getattr(other, f)]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Folder:
+    """A sentence-transformers folder's configuration: the module stack and the transformer's files."""
+
+    root: Path
+    base: Path
+    specs: list[Spec]
+    config: dict
+    sbert: dict
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "_Folder":
+        folder = Path(folder)
+        entries = read_json(folder / "modules.json")
+        base = folder / (entries[0].get("path", "") if entries else "")
+        config = read_json(base / "config.json")
+        if config is None:
+            raise ModelError(f"{base} has no config.json: not a transformers or sentence-transformers model folder")
+        specs = read_stack(folder, config.get("hidden_size", 0))
+        return cls(folder, base, specs, config, read_json(base / "sentence_bert_config.json") or {})
+
+    def window(self, asked: int | None, model_max_length: int) -> int:
+        """The window as sentence-transformers sets it: asked, else the folder's own, else the
+        tokenizer's limit capped at the model's position table."""
+        positions = self.config.get("max_position_embeddings", model_max_length)
+        return int(asked or self.sbert.get("max_seq_length") or min(model_max_length, positions))
+
+    def card(self, window: int, overhead: int) -> ModelCard:
+        after = self.specs[1:]
+        dim = next((s.dimension for s in reversed(after) if s.dimension), self.config.get("hidden_size"))
+        return ModelCard(int(dim), window, pooling_description(after), any(s.kind == "Normalize" for s in after),
+                         overhead)
+
+
 def describe(folder: str | Path, max_seq_length: int | None = None, prefix: str = "") -> ModelCard:
-    """The ModelCard of the sentence-transformers model in ``folder``, read as sentence-transformers
-    would load it (modules.json, the transformer's config and tokenizer, the modules after it), but
-    without the transformer's weights: a launcher needs neither them nor an accelerator."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    folder = Path(folder)
-    modules = _modules(folder)
-    base = folder / modules[0]["path"]
-    config = AutoConfig.from_pretrained(base)
-    sbert = _read_json(base / "sentence_bert_config.json") or {}
-    own_window = sbert.get("max_seq_length")
-    tokenizer = AutoTokenizer.from_pretrained(base, **({"model_max_length": own_window} if own_window else {}))
-    window = max_seq_length or own_window or min(tokenizer.model_max_length,
-                                                 getattr(config, "max_position_embeddings", tokenizer.model_max_length))
-    after = [_load_module(folder, m) for m in modules[1:]] if len(modules) > 1 else _default_pooling(config)
-    dim = next((d for d in map(_dimension, reversed(after)) if d is not None), config.hidden_size)
-    head, tail = special_layout(tokenizer, prefix)
-    return ModelCard(int(dim), int(window), pooling_description(after), any(map(_is_normalize, after)),
-                     len(head) + len(tail))
+    """The ModelCard of the model in ``folder``, read as a worker loads it, but from its configuration
+    and ``tokenizer.json`` alone: a launcher needs neither the weights, torch, nor an accelerator."""
+    model = _Folder.read(folder)
+    tokenizer, model_max_length = _launcher_tokenizer(model.base)
+    head, tail = special_layout(_private_copy(tokenizer, model.sbert.get("do_lower_case", False)), prefix)
+    return model.card(model.window(max_seq_length, model_max_length), len(head) + len(tail))
 
 
-def _modules(folder: Path) -> list[dict]:
-    """modules.json's entries; a plain transformers folder has none, and sentence-transformers then
-    adds mean pooling, as ``_default_pooling`` does."""
-    return _read_json(folder / "modules.json") or [{"path": "", "type": "Transformer"}]
+def _launcher_tokenizer(base: Path):
+    """(the fast tokenizer, its model_max_length) from ``tokenizer.json``; a folder without one (a
+    slow tokenizer's files only) is read through transformers, which converts it."""
+    if (base / "tokenizer.json").exists():
+        from tokenizers import Tokenizer
+
+        limit = (read_json(base / "tokenizer_config.json") or {}).get("model_max_length")
+        return Tokenizer.from_file(str(base / "tokenizer.json")), int(limit or 1e9)
+    hf = _hf_tokenizer(base, None)
+    return hf.backend_tokenizer, hf.model_max_length
 
 
-def _read_json(path: Path):
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        return None
-
-
-def _load_module(folder: Path, entry: dict):
-    """A module after the transformer (pooling, dense, normalise), loaded by its own class."""
-    from sentence_transformers.util.misc import import_module_class
+def _hf_tokenizer(base: Path, window: int | None):
+    from transformers import AutoTokenizer
 
     try:
-        module_class = import_module_class(entry["type"])
-        return module_class.load(str(folder), subfolder=entry["path"])
-    except Exception as exc:  # an unknown class or a broken config: the model cannot be described
-        raise ModelError(f"cannot read module {entry['type']} of the model in {folder}: {exc}") from exc
+        hf = AutoTokenizer.from_pretrained(base, **({"model_max_length": window} if window else {}))
+    except Exception as exc:  # a missing or broken tokenizer: the model cannot run
+        raise ModelError(f"cannot load the tokenizer of the model in {base}: {exc}") from exc
+    if not getattr(hf, "is_fast", False):
+        raise ModelError(f"the tokenizer in {base} has no fast (Rust) version; docembed needs one")
+    return hf
 
 
-def _default_pooling(config) -> list:
-    from sentence_transformers.sentence_transformer.modules.pooling import Pooling
-
-    return [Pooling(config.hidden_size, "mean")]
-
-
-def _dimension(module) -> int | None:
-    for name in ("get_embedding_dimension", "get_sentence_embedding_dimension", "get_word_embedding_dimension"):
-        method = getattr(module, name, None)
-        if callable(method):
-            return method()
-    return None
-
-
-def pooling_description(modules) -> str:
+def pooling_description(specs: list[Spec]) -> str:
     """The layers after the transformer (pooling, dense, ...), normalisation left out, as a stable
     string: part of the fingerprint."""
-    described = []
-    for module in modules:
-        if _is_normalize(module):
-            continue
-        config = module.get_config_dict() if hasattr(module, "get_config_dict") else {}
-        described.append(f"{type(module).__name__}{json.dumps(config, sort_keys=True)}")
-    return " > ".join(described)
+    return " > ".join(s.describe() for s in specs if s.kind != "Normalize")
 
 
 def special_layout(tokenizer, prefix: str) -> tuple[list[int], list[int]]:
-    """The token ids the tokenizer puts before and after a text's own tokens (special tokens and the
-    prefix), found by locating a probe word's tokens in its full encoding."""
-    full = tokenizer(prefix + "hello")["input_ids"]
+    """The token ids a fast tokenizer (``tokenizers.Tokenizer``) puts before and after a text's own
+    tokens (special tokens and the prefix), found by locating a probe word's tokens in its full encoding."""
+    full = tokenizer.encode(prefix + "hello").ids
     for probe in ("hello", " hello"):
-        body = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        body = tokenizer.encode(probe, add_special_tokens=False).ids
         for i in range(len(full) - len(body), -1, -1):
             if full[i:i + len(body)] == body:
                 return list(full[:i]), list(full[i + len(body):])
     raise ModelError(f"cannot tell where this tokenizer puts its special tokens (it encodes {full}); "
-                     "--long-docs mean and chunks need that: use --long-docs truncate")
+                     "docembed builds the model's inputs from token ids and needs that")
 
 
 class Embedder:
-    """A sentence-transformers model behind the narrow contract above."""
+    """A sentence-transformers model folder behind the narrow contract above."""
 
     def __init__(self, folder: str | Path, device: str, precision: str, normalize: bool | None,
                  max_seq_length: int | None = None, prefix: str = "", threads: int = 0):
         """``device`` and ``precision`` as a worker resolved them (``numerics.resolve``)."""
         import torch
-        import transformers
-        from sentence_transformers import SentenceTransformer
-
-        transformers.logging.disable_progress_bar()  # it would garble docembed's own progress bar
 
         if threads and device == "cpu":
             torch.set_num_threads(threads)
-        try:
-            self.model = SentenceTransformer(str(folder), device=device)
-        except Exception as exc:
-            raise ModelError(f"cannot load model from {folder}: {exc}") from exc
-        if max_seq_length:
-            self.model.max_seq_length = max_seq_length
-        self.model.eval()
-        if precision == "int8":
-            quantize_int8(self.model)
-        elif precision != "fp32":
-            self.model.to(getattr(torch, _PRECISIONS[precision]))
-        self.device = device
-        self.precision = precision
-        self.prefix = prefix
-        self.has_normalize = any(_is_normalize(m) for m in self.model)
+        folder = _Folder.read(folder)
+        self._read_tokenizer(folder, max_seq_length, prefix)
+        self._card = folder.card(self.max_seq_length, self.overhead)
+        self.dim = self._card.dim
+        self.has_normalize = self._card.has_normalize
         self.normalize = self.has_normalize if normalize is None else normalize
-        self.dim = int(self.model.get_embedding_dimension())
-        self.max_seq_length = int(self.model.max_seq_length)
-        self.tokenizer = self.model.tokenizer
-        self._torch = torch
+        self.device, self.precision, self._torch = device, precision, torch
+        # Pooling that leaves the prompt out skips the prompt's tokens after the specials in front.
+        self.model, self.after = _load_modules(folder, device, precision, len(self._head) if prefix else 0)
+
+    def _read_tokenizer(self, folder: _Folder, max_seq_length: int | None, prefix: str) -> None:
+        """The tokenizer as sentence-transformers sets it up (transformers' AutoTokenizer, the folder's
+        window and lower-casing), used through its fast core; where the specials and prefix go; padding."""
+        hf = _hf_tokenizer(folder.base, folder.sbert.get("max_seq_length"))
+        self.max_seq_length = folder.window(max_seq_length, hf.model_max_length)
+        self.tokenizer = _private_copy(hf.backend_tokenizer, folder.sbert.get("do_lower_case", False))
         self._head, self._tail = special_layout(self.tokenizer, prefix)
         self.overhead = len(self._head) + len(self._tail)  # tokens an empty text has: specials, prefix
         self.window_size = self.max_seq_length - self.overhead
-        self._counter = _counting_copy(self.tokenizer)
-        # Non-tensor entries the model's own preprocessing adds (sentence-transformers 6 adds the
-        # modality), so that inputs built from ids take the same path through the modules.
-        self._extras = {k: v for k, v in self.model.preprocess(["a"]).items() if not hasattr(v, "shape")}
+        self._pad = hf.pad_token_id if hf.pad_token_id is not None else 0
+        self._left = hf.padding_side == "left"
+        self._type_ids = "token_type_ids" in hf.model_input_names
 
     def card(self) -> ModelCard:
         """What the loaded model is, in the terms ``describe`` gives the launcher."""
-        return ModelCard(self.dim, self.max_seq_length, self.pooling(), self.has_normalize, self.overhead)
+        return self._card
 
-    def pooling(self) -> str:
-        """The model's layers after the transformer (pooling, dense, ...), as a stable string."""
-        return pooling_description(list(self.model)[1:])
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without special tokens, prefix or truncation."""
+        return [e.ids for e in self._encode(texts)]
 
-    def token_lengths(self, texts: list[str], limit: int) -> np.ndarray:
-        """Tokens per text (special tokens included), counted up to ``limit``; in chunks, so that a
-        unit's token ids never all sit in memory as Python lists at once."""
-        lengths = np.zeros(len(texts), dtype=np.int64)
-        for start in range(0, len(texts), _COUNT_CHUNK):
-            chunk = texts[start:start + _COUNT_CHUNK]
-            encoded = self.tokenizer(
-                [self.prefix + t for t in chunk], add_special_tokens=True, truncation=True,
-                max_length=limit, return_attention_mask=False, return_token_type_ids=False,
-            )
-            lengths[start:start + len(chunk)] = [len(ids) for ids in encoded["input_ids"]]
-        return lengths
+    def count(self, texts: list[str]) -> np.ndarray:
+        """Tokens of each text, without special tokens, prefix or truncation. Safe beside ``encode``
+        in another thread: the tokenizer's settings never change after loading."""
+        return np.fromiter((len(e) for e in self._encode(texts)), dtype=np.int64, count=len(texts))
 
-    def count_tokens(self, texts: list[str]) -> np.ndarray:
-        """Tokens of each text, without special tokens, prefix or truncation. It runs on a private
-        copy of the tokenizer, so it is safe beside ``prepare`` in another thread (a tokenizer
-        whose truncation settings change under a running call fails with "Already borrowed")."""
-        encoded = self._counter.encode_batch(texts, add_special_tokens=False)
-        return np.array([len(e.ids) for e in encoded], dtype=np.int64)
+    def _encode(self, texts: list[str]):
+        fast = getattr(self.tokenizer, "encode_batch_fast", None)  # no offsets: tokenizers >= 0.21
+        return (fast or self.tokenizer.encode_batch)(texts, add_special_tokens=False)
 
     def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
         """(token ids, character offsets) of each text, without special tokens, prefix or truncation."""
-        # verbose=False: whole documents are longer than the model's window on purpose; no warning.
-        encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
-                                 return_attention_mask=False, return_token_type_ids=False, verbose=False)
-        return list(zip(encoded["input_ids"], encoded["offset_mapping"]))
+        encoded = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [(e.ids, e.offsets) for e in encoded]
 
     def prepare_ids(self, windows: list) -> dict:
-        """Padded model inputs for windows of content token ids (each at most ``window_size``),
-        wrapped in the special and prefix tokens exactly as the tokenizer wraps a text."""
-        ids = [self._head + np.asarray(w).tolist() + self._tail for w in windows]
-        features = dict(self.tokenizer.pad({"input_ids": ids}, return_tensors="pt"))
-        if "token_type_ids" in self.tokenizer.model_input_names:
-            features["token_type_ids"] = self._torch.zeros_like(features["input_ids"])
-        features.update(self._extras)
-        return self._pinned(features)
+        """Padded model inputs (torch tensors in host memory) for windows of content token ids, each
+        wrapped in the special and prefix tokens; pinned on CUDA so the copy can overlap other work."""
+        torch = self._torch
+        head, tail = self._head, self._tail
+        sizes = np.fromiter((len(w) for w in windows), dtype=np.int64, count=len(windows)) + self.overhead
+        width = int(sizes.max()) if len(windows) else 0
+        ids = np.full((len(windows), width), self._pad, dtype=np.int64)
+        mask = np.zeros((len(windows), width), dtype=np.int64)
+        for row, (window, size) in enumerate(zip(windows, sizes)):
+            start = width - size if self._left else 0
+            body = start + len(head)
+            ids[row, start:body] = head
+            ids[row, body:body + len(window)] = window
+            ids[row, body + len(window):start + size] = tail
+            mask[row, start:start + size] = 1
+        features = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        if self._type_ids:
+            features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+        if self.device == "cuda":
+            features = {k: v.pin_memory() for k, v in features.items()}
+        return features
 
     def release_memory(self) -> None:
         """After a failed batch: give cached CUDA memory back before the halves are retried."""
         if self.device == "cuda":
             self._torch.cuda.empty_cache()
 
-    def prepare(self, texts: list[str]) -> dict:
-        """Tokenize a batch into padded model inputs (ST's own preprocessing), in host memory; pinned
-        on CUDA so the copy to the GPU can overlap other work."""
-        return self._pinned(self.model.preprocess(texts, prompt=self.prefix or None))
-
-    def _pinned(self, features: dict) -> dict:
-        """On CUDA, host tensors in pinned memory, so the copy to the GPU can overlap other work."""
-        if self.device != "cuda":
-            return features
-        return {k: (v.pin_memory() if hasattr(v, "pin_memory") else v) for k, v in features.items()}
-
     def forward(self, features: dict) -> np.ndarray:
         """float32 (batch, dim) for prepared inputs, row order preserved."""
-        ids = features.get("input_ids")
-        faults.hit("forward", ids.numel() if hasattr(ids, "numel") else 0)
-        with self._torch.inference_mode():
-            features = {k: (v.to(self.device, non_blocking=True) if hasattr(v, "to") else v)
-                        for k, v in features.items()}
-            for module in self.model:
-                if _is_normalize(module):
-                    continue
-                features = module(features)
-            vectors = features["sentence_embedding"].float()
+        torch = self._torch
+        faults.hit("forward", features["input_ids"].numel())
+        with torch.inference_mode():
+            inputs = {k: v.to(self.device, non_blocking=True) for k, v in features.items()}
+            hidden = self.model(**inputs, return_dict=True).last_hidden_state
+            state = {"token_embeddings": hidden, "attention_mask": inputs["attention_mask"]}
+            for module in self.after:
+                state = module(state)
+            vectors = state["sentence_embedding"].float()
             if self.normalize:
-                vectors = self._torch.nn.functional.normalize(vectors, p=2, dim=1)
+                vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
             return vectors.cpu().numpy()
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        """float32 (len(texts), dim), one row per text in order."""
-        return self.forward(self.prepare(texts))
+        """float32 (len(texts), dim), one row per text in order, each from its first window."""
+        return self.forward(self.prepare_ids([ids[:self.window_size] for ids in self.encode(texts)]))
 
 
-def _counting_copy(tokenizer):
-    """A private copy of the fast tokenizer with no truncation or padding, for exact counts."""
-    from tokenizers import Tokenizer
+def _load_modules(folder: _Folder, device: str, precision: str, prompt_length: int):
+    """(transformers' model, the modules after it) on ``device`` at ``precision``. The model is read in
+    fp32 (a checkpoint stored in fp16 is widened) and reduced after, as asked."""
+    import torch
+    import transformers
+    from transformers import AutoModel
 
-    counter = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    counter.no_truncation()
-    counter.no_padding()
-    return counter
+    transformers.logging.disable_progress_bar()  # it would garble docembed's own progress bar
+    try:
+        model = AutoModel.from_pretrained(folder.base, dtype=torch.float32).to(device).eval()
+    except Exception as exc:
+        raise ModelError(f"cannot load model from {folder.base}: {exc}") from exc
+    after = [build(s, folder.root, prompt_length).to(device) for s in folder.specs[1:] if s.kind != "Normalize"]
+    if precision == "int8":
+        quantize_int8(model)
+    elif precision != "fp32":
+        dtype = getattr(torch, _PRECISIONS[precision])
+        model.to(dtype)
+        after = [m.to(dtype) for m in after]
+    return model, after
 
 
-def _is_normalize(module) -> bool:
-    return type(module).__name__ == "Normalize"
+def _private_copy(tokenizer, lowercase: bool):
+    """A private copy of the fast tokenizer with no truncation or padding (docembed truncates and pads
+    token ids itself), safe to use beside the original in another thread. ``lowercase``: the folder's
+    ``do_lower_case``, added to the normaliser where the tokenizer does not lowercase already."""
+    from tokenizers import Tokenizer, normalizers
+
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    if lowercase and copy.normalizer is not None and copy.normalizer.normalize_str("A") != "a":
+        copy.normalizer = normalizers.Sequence([copy.normalizer, normalizers.Lowercase()])
+    elif lowercase and copy.normalizer is None:
+        copy.normalizer = normalizers.Lowercase()
+    return copy

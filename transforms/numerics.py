@@ -26,7 +26,7 @@ import socket
 
 from transforms.errors import DeviceUnavailable, UsageError
 
-_LIBRARIES = ("torch", "transformers", "sentence-transformers", "tokenizers")
+_LIBRARIES = ("torch", "transformers", "tokenizers")
 
 
 def check_request(device: str, precision: str) -> None:

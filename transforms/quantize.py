@@ -19,17 +19,12 @@ from transforms.errors import ModelError
 KEEP_FP32 = "encoder.layer.0.output.dense"
 
 
-def quantize_int8(st_model) -> list[str]:
-    """Quantize ``st_model``'s transformer IN PLACE; returns the names of the int8 Linear layers.
-
-    ``model[0].auto_model`` is a read-only property in sentence-transformers 6, and
-    ``quantize_dynamic`` returns a new module unless ``inplace=True``: so the module is quantized in
-    place and the result is checked on the SentenceTransformer itself.
-    """
+def quantize_int8(transformer) -> list[str]:
+    """Quantize the transformers model ``transformer`` IN PLACE (``quantize_dynamic`` would otherwise
+    return a new module); returns the names of the int8 Linear layers, checked on the model itself."""
     import torch
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    transformer = st_model[0].auto_model
     linears = [name for name, module in transformer.named_modules() if type(module) is torch.nn.Linear]
     if KEEP_FP32 not in linears:
         raise ModelError("--precision int8 is validated for BERT-style encoders only (it keeps "
@@ -38,10 +33,10 @@ def quantize_int8(st_model) -> list[str]:
     quantize_dynamic(transformer, {name: per_channel_dynamic_qconfig for name in targets},
                      dtype=torch.qint8, inplace=True)
     int8 = torch.ao.nn.quantized.dynamic.Linear
-    changed = sorted(n for n, m in st_model[0].auto_model.named_modules() if isinstance(m, int8))
+    changed = sorted(n for n, m in transformer.named_modules() if isinstance(m, int8))
     if changed != sorted(targets):
         raise ModelError(f"int8 quantization did not take: {len(changed)} of {len(targets)} layers changed")
-    for module in st_model[0].auto_model.modules():
+    for module in transformer.modules():
         if isinstance(module, int8):
             module.version = 3  # full 8-bit activations (version < 4 turns reduce_range off)
     return changed

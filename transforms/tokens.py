@@ -1,11 +1,16 @@
-"""Tokens: bounded-memory token counting and exact truncation for a unit's texts.
+"""Tokens: each text's first window of token ids, tokenized once, with exact truncation and bounded memory.
 
 The tokenizer is never handed a whole multi-megabyte cell. Each text is first cut to a prefix of
 ``CHARS_PER_TOKEN * window`` characters, at a whitespace boundary, because every tokenizer docembed
 supports splits words at whitespace: the tokens of such a prefix are exactly the first tokens of the
 full text. A prefix that still yields more tokens than the window proves the text is truncated and
-holds every token the model will see; one that does not is widened (x4) and counted again, until it
+holds every token the model will see; one that does not is widened (x4) and tokenized again, until it
 either proves truncation or is the whole text. So truncation stays exact and memory stays bounded.
+
+The ids found are the model's inputs (``first_windows``): the pass that gives the lengths to sort by
+is the only tokenization of the window. What truncation drops is counted from the same pass plus the
+text after the prefix (``dropped_tokens``), which no earlier pass has read, so every character is
+tokenized once.
 """
 
 from __future__ import annotations
@@ -17,16 +22,27 @@ import numpy as np
 CHARS_PER_TOKEN = 8
 PIECE_CHARS = 1 << 16
 CALL_CHARS = 1 << 18
+ENCODE_CHUNK = 512  # texts per tokenizer call: bounds the Python lists of ids held at once
 _WHITESPACE = (" ", "\n", "\t", "\r")
 
 
 @dataclasses.dataclass
-class Counted:
-    """The texts to embed (capped prefixes), their token lengths (<= window) and truncation flags."""
+class FirstWindows:
+    """Each text's first window of content token ids (int32, at most ``window``), the tokens of the
+    prefix read (``read``, all of them), and where that prefix ends (``read_chars``)."""
 
-    texts: list[str]
-    lengths: np.ndarray
-    truncated: np.ndarray
+    ids: list[np.ndarray]
+    read: np.ndarray
+    read_chars: np.ndarray
+    window: int
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.minimum(self.read, self.window)
+
+    @property
+    def truncated(self) -> np.ndarray:
+        return self.read > self.window
 
 
 def cap_text(text: str, max_chars: int) -> str:
@@ -71,35 +87,42 @@ def piece_batches(texts: list[str]):
 def full_lengths(texts: list[str], count) -> np.ndarray:
     """Every token of each text (special tokens excluded), counted piece by piece so that a
     multi-megabyte text never reaches the tokenizer whole. ``count(texts)`` counts tokens without
-    special tokens or truncation (the Embedder's ``count_tokens``)."""
+    special tokens or truncation (the Embedder's ``count``)."""
     counts = np.zeros(len(texts), dtype=np.int64)
     for batch in piece_batches(texts):
         np.add.at(counts, [i for i, _, _ in batch], count([texts[i][a:b] for i, a, b in batch]))
     return counts
 
 
-def count_tokens(texts: list[str], window: int, token_lengths) -> Counted:
-    """Cap, count and flag truncation for ``texts`` against a ``window`` of tokens.
-
-    ``token_lengths(texts, limit)`` counts tokens up to ``limit`` (the Embedder's method).
-    """
+def first_windows(texts: list[str], window: int, encode) -> FirstWindows:
+    """Each text's first ``window`` content tokens. ``encode(texts)`` gives each text's token ids
+    without special tokens or truncation (the Embedder's ``encode``)."""
     max_chars = CHARS_PER_TOKEN * window
     capped = [cap_text(t, max_chars) for t in texts]
-    lengths = token_lengths(capped, window + 1)
-    unsure = _unsure(texts, capped, lengths, window)
-    while unsure.size:
+    ids: list[np.ndarray] = [None] * len(texts)  # type: ignore[list-item]
+    read = np.zeros(len(texts), dtype=np.int64)
+
+    def tokenize(indices):
+        for start in range(0, len(indices), ENCODE_CHUNK):
+            chunk = indices[start:start + ENCODE_CHUNK]
+            for i, tokens in zip(chunk, encode([capped[i] for i in chunk])):
+                ids[i], read[i] = np.asarray(tokens[:window], dtype=np.int32), len(tokens)
+
+    tokenize(range(len(texts)))
+    unsure = [i for i in range(len(texts)) if len(capped[i]) < len(texts[i]) and read[i] <= window]
+    while unsure:  # cut, but the prefix does not yet prove the text exceeds the window
         max_chars *= 4
         for i in unsure:
             capped[i] = cap_text(texts[i], max_chars)
-        lengths[unsure] = token_lengths([capped[i] for i in unsure], window + 1)
-        unsure = unsure[[len(capped[i]) < len(texts[i]) and lengths[i] <= window for i in unsure]]
-    truncated = lengths > window
-    return Counted(capped, np.minimum(lengths, window), truncated)
+        tokenize(unsure)
+        unsure = [i for i in unsure if len(capped[i]) < len(texts[i]) and read[i] <= window]
+    return FirstWindows(ids, read, np.array([len(c) for c in capped], dtype=np.int64), window)
 
 
-def _unsure(texts, capped, lengths, window) -> np.ndarray:
-    """Texts that were cut but whose prefix does not yet prove they exceed the window."""
-    return np.array(
-        [i for i, (t, c) in enumerate(zip(texts, capped)) if len(c) < len(t) and lengths[i] <= window],
-        dtype=np.int64,
-    )
+def dropped_tokens(texts: list[str], firsts: FirstWindows, count) -> dict[int, int]:
+    """{index: tokens past the window} for each truncated text: the prefix's tokens beyond the window
+    plus every token of the rest of the text, counted in pieces (``full_lengths``) so a multi-megabyte
+    text never reaches the tokenizer whole. ``count(texts)`` counts tokens without special tokens."""
+    cut = np.flatnonzero(firsts.truncated)
+    rest = full_lengths([texts[i][firsts.read_chars[i]:] for i in cut], count)
+    return dict(zip(cut.tolist(), (firsts.read[cut] - firsts.window + rest).tolist()))
