@@ -4,7 +4,10 @@ Documents are the docstrings of the standard library's modules, classes and func
 several pages) plus pydoc's rendering of whole classes (often longer than the model's window), so the
 lengths spread naturally and many documents exceed 256 tokens. Deterministic for a Python version.
 
-    python bench/corpus.py --docs 2000 --out bench/corpus.parquet
+    python bench/corpus.py --docs 2000 --out bench/corpus.parquet [--cycle]
+
+The standard library holds a few thousand such documents; asked for more, it writes all of them, or
+with --cycle repeats them (ids suffixed "#1", "#2", ...) until there are --docs rows.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def documents():
                 yield f"{module.__name__}.{name}", inspect.cleandoc(value.__doc__)
 
 
-def build(count: int) -> pa.Table:
+def build(count: int, cycle: bool = False) -> pa.Table:
     seen, rows = set(), []
     for ident, text in documents():
         text = text.strip()
@@ -70,15 +73,27 @@ def build(count: int) -> pa.Table:
         rows.append((ident, text))
     step = max(1, len(rows) // count)
     rows = rows[::step][:count]
+    if cycle:
+        rows = _cycled(rows, count)
     return pa.table({"id": [r[0] for r in rows], "text": [r[1] for r in rows]})
+
+
+def _cycled(rows: list[tuple[str, str]], count: int) -> list[tuple[str, str]]:
+    """rows repeated until there are count of them, each repeat k's ids suffixed "#k" (unique ids)."""
+    out = list(rows)
+    for k in range(1, count // max(1, len(rows)) + 1):
+        out += [(f"{ident}#{k}", text) for ident, text in rows[:count - len(out)]]
+    return out
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--docs", type=int, default=2000)
     parser.add_argument("--out", default="bench/corpus.parquet")
+    parser.add_argument("--cycle", action="store_true",
+                        help="repeat the documents with new unique ids until there are --docs rows")
     args = parser.parse_args()
-    table = build(args.docs)
+    table = build(args.docs, args.cycle)
     pq.write_table(table, args.out, row_group_size=500)
     print(f"wrote {table.num_rows} documents to {args.out}")
 
