@@ -1,7 +1,7 @@
 """Host path: how many tokens/s docembed feeds a model that costs nothing (what a GPU host must sustain).
 
     python bench/host_path.py [--docs 8000] [--threads 2] [--repeats 3] [--window 256] \
-        [--out bench/results/host-path.md]
+        [--out bench/results/host-path.md] [--baseline CHECKOUT]
 
 The model is a BERT with no layers and 8 dimensions, with all-MiniLM-L6-v2's tokenizer, saved as a
 sentence-transformers folder: its forward pass is an embedding lookup and a mean, so what is timed is
@@ -10,7 +10,8 @@ Interleaved with docembed, in the same invocation, runs the ceiling: the bare fa
 same texts (each cut to a prefix, as docembed cuts it), in its own process, timed both as a whole
 process and around the tokenizer call alone. Tokens are those the model sees (each document's
 first window, special tokens included). The corpus is ``bench/corpus.py --cycle`` (its documents
-repeated under new ids until there are ``--docs``).
+repeated under new ids until there are ``--docs``). ``--baseline`` also runs the same docembed command
+from another checkout (the commit before a change, say), interleaved, for a before/after.
 """
 
 from __future__ import annotations
@@ -51,19 +52,20 @@ def near_null_model(path: Path, window: int) -> Path:
     return path
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, str]:
+def timed(cmd: list[str], env: dict, cwd: Path = REPO) -> tuple[float, str]:
     start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     return wall, done.stdout
 
 
-def docembed_run(corpus: Path, model: Path, out: Path, threads: int, env: dict) -> dict:
+def docembed_run(corpus: Path, model: Path, out: Path, threads: int, env: dict, checkout: Path = REPO) -> dict:
+    """The docembed command, from ``checkout`` (its packages are then the ones imported)."""
     cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(corpus), "--output", str(out), "--model",
            str(model), "--threads", str(threads), "--device", "cpu", "--no-progress"]
-    wall, _ = timed(cmd, env)
+    wall, _ = timed(cmd, {**env, "PYTHONPATH": str(checkout)}, checkout)
     markers = [json.loads(p.read_text()) for p in (out / "_checkpoints").glob("*.json")]
     stages = {k: sum(m["seconds"][k] for m in markers) for k in ("read", "tokenize", "forward", "write")}
     return {"wall": wall, "tokens": sum(m["tokens"] for m in markers), "docs": sum(m["embedded"] for m in markers),
@@ -105,6 +107,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--out", default="bench/results/host-path.md")
+    parser.add_argument("--baseline", type=Path, default=None, help="another checkout to run as well")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="docembed-host-path-"))
     corpus = work / "corpus.parquet"
@@ -112,14 +115,17 @@ def main():
                    cwd=REPO, check=True, capture_output=True)
     model = near_null_model(work / "model", args.window)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    runs = {"docembed": [], "tokenizer": []}
+    runs = {"docembed": [], "tokenizer": [], "baseline": []}
     for r in range(args.repeats):
         runs["docembed"].append(docembed_run(corpus, model, work / f"out-{r}", args.threads, env))
         runs["tokenizer"].append(tokenizer_run(corpus, model, args.window, args.threads, env))
+        if args.baseline:
+            runs["baseline"].append(docembed_run(corpus, model, work / f"baseline-{r}", args.threads, env,
+                                                 args.baseline.resolve()))
     report = render(runs, args)
     Path(REPO / args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(REPO / args.out).write_text(report)
-    Path(REPO / args.out).with_suffix(".json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+    Path(REPO / args.out).with_suffix(".json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1, default=str))
     print(report)
 
 
@@ -137,7 +143,7 @@ def render(runs: dict, args) -> str:
         f"{_cpu_name()} (avx512_bf16: {'avx512_bf16' in flags}, avx512_vnni: {'avx512_vnni' in flags}), "
         f"{args.repeats} interleaved repeats; median (min-max).",
         f"Command: `python bench/host_path.py --docs {args.docs} --threads {args.threads} --repeats {args.repeats} "
-        f"--window {args.window}`",
+        f"--window {args.window}" + (f" --baseline {args.baseline}" if args.baseline else "") + "`",
         "",
         "| what | seconds | tokens/s (median) |",
         "|---|---|---|",
@@ -148,6 +154,12 @@ def render(runs: dict, args) -> str:
         f"{t[0]['tokens'] / statistics.median(r['wall'] for r in t):,.0f} |",
         f"| bare fast tokenizer, `encode_batch_fast` alone | {spread([r['loop'] for r in t])} | "
         f"{t[0]['tokens'] / statistics.median(r['loop'] for r in t):,.0f} |",
+        *([f"| the same docembed command from the baseline checkout, whole process | "
+           f"{spread([r['wall'] for r in runs['baseline']])} | "
+           f"{tokens / statistics.median(r['wall'] for r in runs['baseline']):,.0f} |",
+           f"| the baseline, inside the job | {spread([sum(r['stages'].values()) for r in runs['baseline']])} | "
+           f"{tokens / statistics.median(sum(r['stages'].values()) for r in runs['baseline']):,.0f} |"]
+          if runs["baseline"] else []),
         "",
         "docembed's stages (median seconds): " + ", ".join(f"{k} {v:.2f}" for k, v in stage.items())
         + f", other (start-up, planning, commit) {median_wall - sum(stage.values()):.2f}.",
