@@ -33,6 +33,9 @@ def test_the_report_exists_and_its_numbers_are_consistent(reported):
     measured = sum(r["stage_s"][k] for k in ("read", "tokenize", "forward", "write"))
     assert abs(measured - r["processing_s"]) <= 0.10 * r["processing_s"]  # single worker: stages cover the work
     assert abs(sum(r["stage_s"].values()) - r["wall_s"]) <= 0.01 * r["wall_s"]
+    # The host path, apart from the forward pass: what the CPU stages could feed a faster model.
+    assert r["host_s"] == pytest.approx(r["stage_s"]["read"] + r["stage_s"]["tokenize"] + r["stage_s"]["write"])
+    assert r["host_tokens_per_s"] == pytest.approx(r["tokens"] / r["host_s"])
     assert r["cost_per_1000_docs"] == pytest.approx(0.50 * r["wall_s"] / 3600 / 118 * 1000)
     assert r["peak_rss_mib"] > 100 and r["device"] == "cpu" and r["precision"] == "fp32"
     assert r["docs_per_s"] == pytest.approx(118 / r["wall_s"])
@@ -62,6 +65,7 @@ def test_report_command_prints_and_draws_a_png(reported, tmp_path, capsys):
     assert main(["report", "--output", str(out / "out"), "--png", str(png)]) == 0
     printed = capsys.readouterr().out
     assert "model latency p50" in printed and "cost       " in printed and "hint" in printed
+    assert "host path  read + tokenize + write" in printed and "tokens/s is what the host stages could feed" in printed
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
 
