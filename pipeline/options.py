@@ -39,6 +39,12 @@ class EmbedOptions(PipelineOptions):
         add("--normalize", action=argparse.BooleanOptionalAction, default=None,
             help="L2-normalise vectors; default: as the model's own config says")
         add("--prefix", default="", help="text put before every document, e.g. 'passage: ' for e5 models")
+        add("--prompt-name", default=None,
+            help="one of the model's own prompts (its sentence-transformers config), put before every document")
+        add("--truncate-dim", type=int, default=None,
+            help="keep the first N dimensions (Matryoshka models), re-normalised when the vectors are")
+        add("--trust-remote-code", action="store_true", default=False,
+            help="let the model's folder run its own Python code (models such as nomic or jina need it)")
         add("--min-batch-size", type=int, default=64, help="documents per batch, at least (default 64)")
         add("--max-batch-size", type=int, default=256, help="documents per batch, at most (default 256)")
         add("--max-batch-tokens", type=int, default=None,
@@ -152,6 +158,10 @@ def validate(opts: EmbedOptions) -> list[str]:
         problems.append(f"--threads must be >= 0, got {opts.threads}")
     if opts.max_seq_length is not None and opts.max_seq_length < 2:
         problems.append(f"--max-seq-length must be >= 2, got {opts.max_seq_length}")
+    if opts.prompt_name and opts.prefix:
+        problems.append("--prefix and --prompt-name both give the text before each document: pass one")
+    if opts.truncate_dim is not None and opts.truncate_dim < 1:
+        problems.append(f"--truncate-dim must be >= 1, got {opts.truncate_dim}")
     return problems
 
 

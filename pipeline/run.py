@@ -33,7 +33,7 @@ from pipeline.progress import ProgressBar
 from transforms import metrics as metrics_mod
 from transforms.checkpoint import REJECTS, unit_id_of_part
 from transforms.errors import DocembedError, JobFailed, OutputError, UsageError
-from transforms.model import describe
+from transforms.model import describe, prompts
 from transforms.numerics import check_request
 from transforms.records import EmbedSettings, WorkUnit
 
@@ -280,7 +280,8 @@ def resolve_settings(opts: EmbedOptions, passthrough_schema=None, threads: int =
     Device and precision stay as asked; each worker resolves them on its own hardware."""
     check_request(opts.device, opts.precision)
     ref, folder = pin_model(opts.model, opts.model_revision, local_runner)
-    card = describe(folder, opts.max_seq_length, opts.prefix)
+    prefix = prompt_text(folder, opts.prompt_name) if opts.prompt_name else opts.prefix
+    card = describe(folder, opts.max_seq_length, prefix, opts.truncate_dim)
     budget = opts.max_batch_tokens or opts.min_batch_size * card.max_seq_length
     if budget < opts.min_batch_size * card.max_seq_length:
         raise UsageError(
@@ -290,15 +291,26 @@ def resolve_settings(opts: EmbedOptions, passthrough_schema=None, threads: int =
     return EmbedSettings(
         output=opts.output, model_ref=ref, dim=card.dim, max_seq_length=card.max_seq_length, pooling=card.pooling,
         normalize=card.has_normalize if opts.normalize is None else opts.normalize,
-        precision=opts.precision, device=opts.device, prefix=opts.prefix, id_column=opts.id_column,
+        precision=opts.precision, device=opts.device, prefix=prefix, id_column=opts.id_column,
         text_column=opts.text_column, passthrough_columns=opts_mod.passthrough(opts),
         min_batch_size=opts.min_batch_size, max_batch_size=opts.max_batch_size, max_batch_tokens=budget,
         run_id=f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}",
         skip_bad_files=opts.skip_bad_files, on_duplicate_id=opts.on_duplicate_id, locations=locations,
         max_model_errors=opts.max_model_errors,
         passthrough_schema=passthrough_schema, threads=threads,
+        truncate_dim=opts.truncate_dim, trust_remote_code=opts.trust_remote_code,
         **opts_mod.window_settings(opts, card.window_size),
     )
+
+
+def prompt_text(folder, name: str) -> str:
+    """The text of the model's own prompt ``name`` (``--prompt-name``); a name it lacks is refused,
+    with the names it has."""
+    known = prompts(folder)
+    if name not in known:
+        raise UsageError(f"--prompt-name {name}: the model has no such prompt (its prompts: "
+                         f"{', '.join(sorted(known)) or 'none'})")
+    return known[name]
 
 
 def summarize(settings, plan, markers, todo, done, seconds) -> dict:

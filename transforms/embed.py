@@ -40,14 +40,15 @@ def acquire_embedder(settings: EmbedSettings, resolved: dict) -> Embedder:
     """This process's model for ``settings`` at the ``resolved`` device and precision: loaded on
     first use, and checked against the launcher's description of it."""
     key = json.dumps([dataclasses.asdict(settings.model_ref), resolved["device"], resolved["precision"],
-                      settings.normalize, settings.max_seq_length, settings.prefix])
+                      settings.normalize, settings.max_seq_length, settings.prefix, settings.truncate_dim,
+                      settings.trust_remote_code])
     return _MODELS.acquire(lambda: load_embedder(settings, resolved), tag=key)
 
 
 def load_embedder(settings: EmbedSettings, resolved: dict) -> Embedder:
     embedder = Embedder(
         materialize(settings.model_ref), resolved["device"], resolved["precision"], settings.normalize,
-        settings.max_seq_length, settings.prefix, settings.threads,
+        settings.max_seq_length, settings.prefix, settings.threads, settings.truncate_dim, settings.trust_remote_code,
     )
     described = ModelCard(settings.dim, settings.max_seq_length, settings.pooling, settings.normalize, 0)
     differences = embedder.card().differences(described)

@@ -85,20 +85,29 @@ class _Folder:
         positions = self.config.get("max_position_embeddings", model_max_length)
         return int(asked or self.sbert.get("max_seq_length") or min(model_max_length, positions))
 
-    def card(self, window: int, overhead: int) -> ModelCard:
+    def card(self, window: int, overhead: int, truncate_dim: int | None = None) -> ModelCard:
+        """The card; with ``truncate_dim`` (Matryoshka), the dimension kept."""
         after = self.specs[1:]
         dim = next((s.dimension for s in reversed(after) if s.dimension), self.config.get("hidden_size"))
-        return ModelCard(int(dim), window, pooling_description(after), any(s.kind == "Normalize" for s in after),
+        if truncate_dim and truncate_dim > dim:
+            raise ModelError(f"--truncate-dim {truncate_dim} is more than the model's {dim} dimensions")
+        return ModelCard(int(truncate_dim or dim), window, pooling_description(after), any(s.kind == "Normalize" for s in after),
                          overhead)
 
 
-def describe(folder: str | Path, max_seq_length: int | None = None, prefix: str = "") -> ModelCard:
+def describe(folder: str | Path, max_seq_length: int | None = None, prefix: str = "",
+             truncate_dim: int | None = None) -> ModelCard:
     """The ModelCard of the model in ``folder``, read as a worker loads it, but from its configuration
     and ``tokenizer.json`` alone: a launcher needs neither the weights, torch, nor an accelerator."""
     model = _Folder.read(folder)
     tokenizer, model_max_length = _launcher_tokenizer(model.base)
     head, tail = special_layout(_private_copy(tokenizer, model.sbert.get("do_lower_case", False)), prefix)
-    return model.card(model.window(max_seq_length, model_max_length), len(head) + len(tail))
+    return model.card(model.window(max_seq_length, model_max_length), len(head) + len(tail), truncate_dim)
+
+
+def prompts(folder: str | Path) -> dict[str, str]:
+    """The model's own named prompts (``config_sentence_transformers.json``), e.g. {"query": "query: "}."""
+    return (read_json(Path(folder) / "config_sentence_transformers.json") or {}).get("prompts") or {}
 
 
 def _launcher_tokenizer(base: Path):
@@ -109,15 +118,16 @@ def _launcher_tokenizer(base: Path):
 
         limit = (read_json(base / "tokenizer_config.json") or {}).get("model_max_length")
         return Tokenizer.from_file(str(base / "tokenizer.json")), int(limit or 1e9)
-    hf = _hf_tokenizer(base, None)
+    hf = _hf_tokenizer(base, None, False)
     return hf.backend_tokenizer, hf.model_max_length
 
 
-def _hf_tokenizer(base: Path, window: int | None):
+def _hf_tokenizer(base: Path, window: int | None, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     try:
-        hf = AutoTokenizer.from_pretrained(base, **({"model_max_length": window} if window else {}))
+        hf = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code,
+                                           **({"model_max_length": window} if window else {}))
     except Exception as exc:  # a missing or broken tokenizer: the model cannot run
         raise ModelError(f"cannot load the tokenizer of the model in {base}: {exc}") from exc
     if not getattr(hf, "is_fast", False):
@@ -148,26 +158,30 @@ class Embedder:
     """A sentence-transformers model folder behind the narrow contract above."""
 
     def __init__(self, folder: str | Path, device: str, precision: str, normalize: bool | None,
-                 max_seq_length: int | None = None, prefix: str = "", threads: int = 0):
-        """``device`` and ``precision`` as a worker resolved them (``numerics.resolve``)."""
+                 max_seq_length: int | None = None, prefix: str = "", threads: int = 0,
+                 truncate_dim: int | None = None, trust_remote_code: bool = False):
+        """``device`` and ``precision`` as a worker resolved them (``numerics.resolve``); ``truncate_dim``
+        keeps the first dimensions (Matryoshka), re-normalised when the vectors are normalised."""
         import torch
 
         if threads and device == "cpu":
             torch.set_num_threads(threads)
         folder = _Folder.read(folder)
-        self._read_tokenizer(folder, max_seq_length, prefix)
-        self._card = folder.card(self.max_seq_length, self.overhead)
+        self._read_tokenizer(folder, max_seq_length, prefix, trust_remote_code)
+        self._card = folder.card(self.max_seq_length, self.overhead, truncate_dim)
+        self.truncate_dim = truncate_dim
         self.dim = self._card.dim
         self.has_normalize = self._card.has_normalize
         self.normalize = self.has_normalize if normalize is None else normalize
         self.device, self.precision, self._torch = device, precision, torch
         # Pooling that leaves the prompt out skips the prompt's tokens after the specials in front.
-        self.model, self.after = _load_modules(folder, device, precision, len(self._head) if prefix else 0)
+        self.model, self.after = _load_modules(folder, device, precision, len(self._head) if prefix else 0,
+                                               trust_remote_code)
 
-    def _read_tokenizer(self, folder: _Folder, max_seq_length: int | None, prefix: str) -> None:
+    def _read_tokenizer(self, folder: _Folder, max_seq_length: int | None, prefix: str, trust_remote_code: bool):
         """The tokenizer as sentence-transformers sets it up (transformers' AutoTokenizer, the folder's
         window and lower-casing), used through its fast core; where the specials and prefix go; padding."""
-        hf = _hf_tokenizer(folder.base, folder.sbert.get("max_seq_length"))
+        hf = _hf_tokenizer(folder.base, folder.sbert.get("max_seq_length"), trust_remote_code)
         self.max_seq_length = folder.window(max_seq_length, hf.model_max_length)
         self.tokenizer = _private_copy(hf.backend_tokenizer, folder.sbert.get("do_lower_case", False))
         self._head, self._tail = special_layout(self.tokenizer, prefix)
@@ -237,7 +251,7 @@ class Embedder:
             state = {"token_embeddings": hidden, "attention_mask": inputs["attention_mask"]}
             for module in self.after:
                 state = module(state)
-            vectors = state["sentence_embedding"].float()
+            vectors = state["sentence_embedding"].float()[:, :self.truncate_dim]
             if self.normalize:
                 vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
             return vectors.cpu().numpy()
@@ -247,7 +261,7 @@ class Embedder:
         return self.forward(self.prepare_ids([ids[:self.window_size] for ids in self.encode(texts)]))
 
 
-def _load_modules(folder: _Folder, device: str, precision: str, prompt_length: int):
+def _load_modules(folder: _Folder, device: str, precision: str, prompt_length: int, trust_remote_code: bool):
     """(transformers' model, the modules after it) on ``device`` at ``precision``. The model is read in
     fp32 (a checkpoint stored in fp16 is widened) and reduced after, as asked."""
     import torch
@@ -256,7 +270,8 @@ def _load_modules(folder: _Folder, device: str, precision: str, prompt_length: i
 
     transformers.logging.disable_progress_bar()  # it would garble docembed's own progress bar
     try:
-        model = AutoModel.from_pretrained(folder.base, dtype=torch.float32).to(device).eval()
+        model = AutoModel.from_pretrained(folder.base, dtype=torch.float32,
+                                          trust_remote_code=trust_remote_code).to(device).eval()
     except Exception as exc:
         raise ModelError(f"cannot load model from {folder.base}: {exc}") from exc
     after = [build(s, folder.root, prompt_length).to(device) for s in folder.specs[1:] if s.kind != "Normalize"]

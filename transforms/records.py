@@ -59,6 +59,8 @@ class EmbedSettings:
     chunk_boundary: str = "token"
     boundary_lookback: int = 0
     chunk_text: bool = False  # chunks: store each window's text too
+    truncate_dim: Optional[int] = None  # Matryoshka: the first N dimensions, re-normalised when normalised
+    trust_remote_code: bool = False  # the model's folder may run its own Python code
 
     VECTOR_FIELDS = (
         "model",
@@ -69,6 +71,8 @@ class EmbedSettings:
         "normalize",
         "prefix",
         "text_column",
+        "truncate_dim",
+        "trust_remote_code",
     )
 
     def locate(self, source: str) -> str:
@@ -100,7 +104,7 @@ class EmbedSettings:
 
 
 # Fingerprint fields added after outputs were first written, with the value those outputs implied.
-FINGERPRINT_DEFAULTS = {"long_docs": "truncate"}
+FINGERPRINT_DEFAULTS = {"long_docs": "truncate", "truncate_dim": None, "trust_remote_code": False}
 # Fingerprint fields of older outputs that now live elsewhere: precision is part of the numerics.
 FINGERPRINT_MOVED = ("precision",)
 
