@@ -282,12 +282,7 @@ def resolve_settings(opts: EmbedOptions, passthrough_schema=None, threads: int =
     ref, folder = pin_model(opts.model, opts.model_revision, local_runner)
     prefix = prompt_text(folder, opts.prompt_name) if opts.prompt_name else opts.prefix
     card = describe(folder, opts.max_seq_length, prefix, opts.truncate_dim)
-    budget = opts.max_batch_tokens or opts.min_batch_size * card.max_seq_length
-    if budget < opts.min_batch_size * card.max_seq_length:
-        raise UsageError(
-            f"--max-batch-tokens {budget} is below --min-batch-size x window "
-            f"({opts.min_batch_size} x {card.max_seq_length}); raise it or lower --min-batch-size"
-        )
+    budget = batch_budget(opts.max_batch_tokens, opts.min_batch_size, card.max_seq_length)
     return EmbedSettings(
         output=opts.output, model_ref=ref, dim=card.dim, max_seq_length=card.max_seq_length, pooling=card.pooling,
         normalize=card.has_normalize if opts.normalize is None else opts.normalize,
@@ -301,6 +296,16 @@ def resolve_settings(opts: EmbedOptions, passthrough_schema=None, threads: int =
         truncate_dim=opts.truncate_dim, trust_remote_code=opts.trust_remote_code,
         **opts_mod.window_settings(opts, card.window_size),
     )
+
+
+def batch_budget(max_batch_tokens: int | None, min_batch_size: int, window: int) -> int:
+    """Padded tokens per batch: as asked, else enough for ``min_batch_size`` full windows; a budget
+    that cannot hold them is refused."""
+    budget = max_batch_tokens or min_batch_size * window
+    if budget < min_batch_size * window:
+        raise UsageError(f"--max-batch-tokens {budget} is below --min-batch-size x window "
+                         f"({min_batch_size} x {window}); raise it or lower --min-batch-size")
+    return budget
 
 
 def prompt_text(folder, name: str) -> str:

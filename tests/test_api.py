@@ -1,0 +1,46 @@
+"""docembed in a user's own Beam pipeline: EmbedDocuments over dicts and Rows, vectors as docembed run's."""
+
+import re
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.testing.util import assert_that
+
+from pipeline.api import EmbedDocuments
+from tests.conftest import REPO, cosine
+
+
+def test_the_readme_example_runs_as_written(capsys):
+    readme = (REPO / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "EmbedDocuments(" in b)
+    exec(compile(block, "README.md", "exec"), {})
+    assert sorted(capsys.readouterr().out.split("\n")[:2]) == ["a 384", "b 384"]
+
+
+def test_dicts_and_rows_keep_their_fields_and_get_sentence_transformers_vectors(docs, reference_model):
+    ids, texts = docs
+    reference = dict(zip(ids, reference_model.encode(texts)))
+
+    def matches(expected_ids):
+        def check(elements):  # runs on the worker: everything it needs travels with it
+            fields = [e if isinstance(e, dict) else e._asdict() for e in elements]
+            assert all(set(f) == {"id", "body", "vector"} for f in fields)
+            assert sorted(f["id"] for f in fields) == sorted(expected_ids)
+            got = np.stack([np.asarray(f["vector"], dtype=np.float32) for f in fields])
+            assert cosine(got, np.stack([reference[f["id"]] for f in fields])).min() >= 0.9999
+        return check
+
+    with beam.Pipeline() as p:
+        dicts = p | "Dicts" >> beam.Create([{"id": i, "body": t} for i, t in zip(ids[:60], texts[:60])])
+        rows = p | "Rows" >> beam.Create([beam.Row(id=i, body=t) for i, t in zip(ids[60:90], texts[60:90])])
+        for name, elements, expected in (("dicts", dicts, ids[:60]), ("rows", rows, ids[60:90])):
+            embedded = elements | f"Embed {name}" >> EmbedDocuments(text_field="body", embedding_field="vector",
+                                                                    buffer_size=25, min_batch_size=8)
+            assert_that(embedded, matches(expected), label=f"Check {name}")
+
+
+def test_an_element_without_text_fails_the_pipeline_naming_the_field():
+    with pytest.raises(Exception, match="EmbedDocuments: an element has no text in field 'text' \\(found NoneType\\)"):
+        with beam.Pipeline() as p:
+            _ = p | beam.Create([{"id": "a", "text": None}]) | EmbedDocuments(min_batch_size=1)
