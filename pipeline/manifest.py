@@ -42,7 +42,8 @@ def started(settings: EmbedSettings, plan: Plan, checkpoint_every: int) -> dict:
     }
 
 
-def completed(manifest: dict, markers: dict[str, dict], plan: Plan, numerics: dict | None = None) -> dict:
+def completed(manifest: dict, markers: dict[str, dict], plan: Plan, numerics: dict | None = None,
+              quantization: dict | None = None) -> dict:
     planned = {u.unit_id for u in plan.units}
     mine = [m for uid, m in sorted(markers.items()) if uid in planned]
     totals = marker_totals(mine)  # rows: chunks under --long-docs chunks, else documents
@@ -54,6 +55,8 @@ def completed(manifest: dict, markers: dict[str, dict], plan: Plan, numerics: di
         "status": "complete",
         "finished_at": time.time(),
         "numerics": numerics,  # the device and precision the output's vectors were made at
+        # --output-dtype int8/uint8: the calibration every part was bucketed with, to quantize queries alike.
+        **({"quantization": quantization} if quantization else {}),
         "counts": counts,
         "parts": [name for m in mine for name in parts_of(m)],
         "rejects": [m["rejects"] for m in mine if m.get("rejects")],

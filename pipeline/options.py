@@ -14,6 +14,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.errors import UsageError
 from transforms.model_ref import DEFAULT_MODEL
+from transforms.vectors import OUTPUT_DTYPES
 
 
 class EmbedOptions(PipelineOptions):
@@ -43,6 +44,9 @@ class EmbedOptions(PipelineOptions):
             help="one of the model's own prompts (its sentence-transformers config), put before every document")
         add("--truncate-dim", type=int, default=None,
             help="keep the first N dimensions (Matryoshka models), re-normalised when the vectors are")
+        add("--output-dtype", choices=OUTPUT_DTYPES, default="float32",
+            help="how vectors are stored: float32 (default), float16, int8 or uint8 (256 buckets per dimension, "
+                 "calibrated on the first unit), binary or ubinary (one bit per dimension)")
         add("--trust-remote-code", action="store_true", default=False,
             help="let the model's folder run its own Python code (models such as nomic or jina need it)")
         add("--min-batch-size", type=int, default=64, help="documents per batch, at least (default 64)")

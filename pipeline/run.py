@@ -154,7 +154,8 @@ def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipelin
         beam_metrics = {c.key.metric.name: c.committed for c in counters}
     stop.check()
     markers = output.done_markers()
-    output.write_manifest(manifest.completed(record, markers, plan, output.read_numerics()))
+    output.write_manifest(manifest.completed(record, markers, plan, output.read_numerics(),
+                                             output.read_quantization()))
     summary = summarize(settings, plan, markers, todo, resume.done, 0.0)
     summary.update(retried=retry_counts(retried, before_retry, markers), superseded_units=len(resume.superseded),
                    repairs=resume.repairs(), outside_inputs=outside, run_id=settings.run_id, settings=settings,
@@ -293,7 +294,7 @@ def resolve_settings(opts: EmbedOptions, passthrough_schema=None, threads: int =
         skip_bad_files=opts.skip_bad_files, on_duplicate_id=opts.on_duplicate_id, locations=locations,
         max_model_errors=opts.max_model_errors,
         passthrough_schema=passthrough_schema, threads=threads,
-        truncate_dim=opts.truncate_dim, trust_remote_code=opts.trust_remote_code,
+        truncate_dim=opts.truncate_dim, trust_remote_code=opts.trust_remote_code, output_dtype=opts.output_dtype,
         **opts_mod.window_settings(opts, card.window_size),
     )
 

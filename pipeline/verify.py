@@ -21,10 +21,12 @@ from pipeline.output import OutputAdmin
 from pipeline.plan import describe_outside, expand_input, outside_plan
 from transforms import numerics, storage
 from transforms.commit import CHUNK_COLUMNS, FINGERPRINT_KEY, NUMERICS_KEY
+from transforms.vectors import arrow_type as vector_type
 from transforms.dedup import read_ids
 from transforms.errors import OutputError
 from transforms.records import with_defaults
 
+FLOAT16_NORM_TOLERANCE = 5e-3  # float16 keeps about 3 significant digits per value
 NORM_TOLERANCE = 1e-3
 EXAMPLES = 5
 
@@ -98,17 +100,22 @@ def _check_part(output: OutputAdmin, name: str, manifest: dict, report: Report) 
         report.problems.append(f"part {name}: made at {numerics.describe(made_at)}, but the output's vectors "
                                f"are {numerics.describe(pinned)}")
     kind = table.schema.field("embedding").type if "embedding" in table.schema.names else None
-    if not (pa.types.is_fixed_size_list(kind) and kind.list_size == fingerprint["dim"]
-            and kind.value_type == pa.float32()):
-        report.problems.append(f"part {name}: embedding type {kind}, expected fixed_size_list<float>"
-                               f"[{fingerprint['dim']}]")
+    dtype = fingerprint.get("output_dtype", "float32")
+    expected = vector_type(dtype, fingerprint["dim"])
+    if not (pa.types.is_fixed_size_list(kind) and (kind.list_size, kind.value_type) == (expected.list_size,
+                                                                                       expected.value_type)):
+        report.problems.append(f"part {name}: embedding type {kind}, expected {expected}")
         return table
+    if dtype not in ("float32", "float16"):
+        return table  # quantized: any stored value is a bucket or a bit pattern
     vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, kind.list_size)
+    vectors = vectors.astype(np.float32)
     bad = ~np.isfinite(vectors).all(axis=1)
     if bad.any():
         report.problems.append(f"part {name}: {int(bad.sum())} embeddings hold NaN or inf")
     if fingerprint.get("normalize"):
-        off = np.abs(np.linalg.norm(vectors, axis=1) - 1.0) > NORM_TOLERANCE
+        tolerance = NORM_TOLERANCE if dtype == "float32" else FLOAT16_NORM_TOLERANCE
+        off = np.abs(np.linalg.norm(vectors, axis=1) - 1.0) > tolerance
         if (off & ~bad).any():
             report.problems.append(f"part {name}: {int((off & ~bad).sum())} embeddings are not unit length")
     return table

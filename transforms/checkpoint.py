@@ -29,6 +29,7 @@ import json
 import posixpath
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -36,6 +37,7 @@ import pyarrow.parquet as pq
 from transforms import faults, numerics, storage
 from transforms.errors import NumericsMismatch
 from transforms.records import WorkUnit
+from transforms.vectors import calibration
 
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
@@ -45,6 +47,7 @@ PROGRESS = "_progress"
 REJECTS = "_rejects"
 PLANS = "_plans"
 NUMERICS = "_numerics.json"
+QUANTIZATION = "_quantization.json"
 MANIFEST = "_manifest.json"
 LOCK = "_lock.json"
 STOP = "_stop"
@@ -94,6 +97,7 @@ class UnitStore:
         self._fs = None
         self._root = None
         self._pinned = None  # this process's numerics, once checked against the output's
+        self._ranges = None  # the output's int8/uint8 calibration, once read
 
     def __getstate__(self):
         return {"url": self.url}
@@ -207,6 +211,18 @@ class UnitStore:
 
     def read_numerics(self) -> dict | None:
         return self._read_json(self.path(NUMERICS))
+
+    def quantization_ranges(self, dtype: str, vectors: np.ndarray) -> np.ndarray:
+        """The output's int8/uint8 calibration, per-dimension [min, max]: pinned by the first commit
+        from its own vectors (an exclusive create, so racing workers end up with the same ranges)."""
+        if self._ranges is None:
+            if self.read_quantization() is None:
+                self.create(QUANTIZATION, dumps({"output_dtype": dtype, "ranges": calibration(vectors).tolist()}))
+            self._ranges = np.asarray(self.read_quantization()["ranges"], dtype=np.float32)
+        return self._ranges
+
+    def read_quantization(self) -> dict | None:
+        return self._read_json(self.path(QUANTIZATION))
 
     def read_lock(self) -> dict | None:
         """The lock record; for a lock file that cannot be parsed (docembed writes it whole, so it is

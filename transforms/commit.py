@@ -21,7 +21,7 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from transforms import metrics
+from transforms import metrics, vectors
 from transforms.checkpoint import REJECTS, UnitStore, part_name, rejects_name
 from transforms.errors import CommitError
 from transforms.records import EmbedSettings, UnitEmbeddings
@@ -32,8 +32,9 @@ NUMERICS_KEY = b"docembed.numerics"
 CHUNK_COLUMNS = ("chunk", "char_start", "char_end")
 
 
-def output_table(done: UnitEmbeddings, settings: EmbedSettings) -> pa.Table:
-    """``id``, ``embedding`` (fixed-size list of float32) and the pass-through columns, in row order,
+def output_table(done: UnitEmbeddings, settings: EmbedSettings, ranges=None) -> pa.Table:
+    """``id``, ``embedding`` (fixed-size list in ``--output-dtype``; ``ranges``: the output's int8/uint8
+    calibration) and the pass-through columns, in row order,
     with the fingerprint and the unit in the Parquet metadata. With ``--long-docs chunks``, one row
     per window: ``id``, ``chunk``, ``char_start``, ``char_end``, ``embedding`` (and ``chunk_text``)."""
     rows = done.table.select(["id", *settings.passthrough_columns])  # never repeat the texts per window
@@ -42,8 +43,7 @@ def output_table(done: UnitEmbeddings, settings: EmbedSettings) -> pa.Table:
         rows = rows.take(done.chunks.column("row"))
         columns.update({name: done.chunks.column(name) for name in CHUNK_COLUMNS})
     columns["id"] = rows.column("id")
-    flat = pa.array(done.embeddings.reshape(-1), pa.float32())
-    columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, settings.dim)
+    columns["embedding"] = vectors.column(done.embeddings, settings.output_dtype, settings.dim, ranges)
     if done.chunks is not None and settings.chunk_text:
         columns["chunk_text"] = window_texts(done.table.column(settings.text_column), done.chunks)
     for name in settings.passthrough_columns:
@@ -54,6 +54,13 @@ def output_table(done: UnitEmbeddings, settings: EmbedSettings) -> pa.Table:
          UNIT_KEY: json.dumps(done.unit.to_json(), sort_keys=True),
          NUMERICS_KEY: json.dumps(done.numerics, sort_keys=True)}
     )
+
+
+def calibration_of(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStore):
+    """The output's int8/uint8 calibration (pinned by its first commit) where the dtype needs one."""
+    if settings.output_dtype in vectors.CALIBRATED:
+        return output.quantization_ranges(settings.output_dtype, done.embeddings)
+    return None
 
 
 def window_texts(texts: pa.ChunkedArray, chunks: pa.Table) -> pa.Array:
@@ -75,7 +82,7 @@ def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStore
     output.check_numerics(done.numerics)
     part, part_bytes = None, None  # a unit whose every row was rejected has no part
     if done.table.num_rows:
-        data = parquet_bytes(output_table(done, settings))
+        data = parquet_bytes(output_table(done, settings, calibration_of(done, settings, output)))
         part, part_bytes = output.write_part(unit_id, data), len(data)
     else:  # an earlier attempt of this unit may have published one: it must not outlive this commit
         output.remove(part_name(unit_id))
@@ -131,7 +138,7 @@ def commit_retry(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStor
     retry = len(old.get("retry_parts", [])) + 1
     parts = list(old.get("retry_parts", []))
     if done.table.num_rows:
-        data = parquet_bytes(output_table(done, settings))
+        data = parquet_bytes(output_table(done, settings, calibration_of(done, settings, output)))
         parts.append({"name": output.write_part(unit_id, data, retry), "bytes": len(data)})
     standing = pa.concat_tables([done.retry["kept"], done.rejects]).sort_by("row_index")
     rejects = rejects_name(unit_id, retry) if standing.num_rows else None

@@ -61,6 +61,7 @@ class EmbedSettings:
     chunk_text: bool = False  # chunks: store each window's text too
     truncate_dim: Optional[int] = None  # Matryoshka: the first N dimensions, re-normalised when normalised
     trust_remote_code: bool = False  # the model's folder may run its own Python code
+    output_dtype: str = "float32"  # how the vectors are stored (transforms.vectors)
 
     VECTOR_FIELDS = (
         "model",
@@ -73,6 +74,7 @@ class EmbedSettings:
         "text_column",
         "truncate_dim",
         "trust_remote_code",
+        "output_dtype",
     )
 
     def locate(self, source: str) -> str:
@@ -104,7 +106,8 @@ class EmbedSettings:
 
 
 # Fingerprint fields added after outputs were first written, with the value those outputs implied.
-FINGERPRINT_DEFAULTS = {"long_docs": "truncate", "truncate_dim": None, "trust_remote_code": False}
+FINGERPRINT_DEFAULTS = {"long_docs": "truncate", "truncate_dim": None, "trust_remote_code": False,
+                        "output_dtype": "float32"}
 # Fingerprint fields of older outputs that now live elsewhere: precision is part of the numerics.
 FINGERPRINT_MOVED = ("precision",)
 
