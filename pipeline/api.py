@@ -1,5 +1,13 @@
 """API: docembed as PTransforms for a user's own Beam pipeline.
 
+``EmbedParquet`` is ``docembed run`` inside a user's pipeline: the same plan, guards, lock, commits and
+manifest. What must happen before the graph runs (planning, refusing an output made otherwise, taking
+the lock, writing the plan) and after it (completing the manifest, the report, releasing the lock) has
+its home in the transform's context manager, around the pipeline::
+
+    with EmbedParquet("in/", "out/") as embed, beam.Pipeline() as p:
+        p | embed
+
 ``EmbedDocuments`` embeds a PCollection of dicts or Beam Rows: each element comes out with an embedding
 field added. The model is pinned and described when the transform is applied, on the machine that
 builds the pipeline (as ``docembed run``'s launcher does: a reference every worker resolves, checked
@@ -9,12 +17,20 @@ nothing and keeps no checkpoints: that is the pipeline's business.
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import apache_beam as beam
 
+from pipeline import report
+from pipeline.graph import build_graph
+from pipeline.jobs import as_flags
+from pipeline.lock import OutputLock
 from pipeline.options import is_local_runner
 from pipeline.pin import pin_model
-from pipeline.run import batch_budget, prompt_text
+from pipeline.run import after_job, batch_budget, before_job, check_writable, prepare, prompt_text
 from transforms.documents import EmbedBundle
+from transforms.errors import UsageError
 from transforms.model import describe
 from transforms.model_ref import DEFAULT_MODEL
 from transforms.numerics import check_request
@@ -57,3 +73,62 @@ class EmbedDocuments(beam.PTransform):
     def expand(self, documents):
         settings = self.settings(is_local_runner(documents.pipeline.options))
         return documents | "Embed" >> beam.ParDo(EmbedBundle(settings, *self._fields))
+
+
+class EmbedParquet(beam.PTransform):
+    """``docembed run`` as a transform: Parquet ``input`` (files, globs, folders, any fsspec URL) ->
+    parts, done-markers and manifest in ``output``, resumable exactly as the command is. The options are
+    the command's, as keyword arguments (``checkpoint_every=10000``, ``model=...``). Apply it to the
+    pipeline inside ``with EmbedParquet(...) as embed:``; after the pipeline has run, leaving the block
+    completes the manifest, writes the run report and releases the lock (``summary`` then holds what
+    ``docembed run`` prints). A pipeline that fails keeps its committed units: enter again to resume."""
+
+    def __init__(self, input: str, output: str, **options):
+        super().__init__()
+        self._argv = ["--input", input, "--output", output, *as_flags(options, "EmbedParquet")]
+        self._job = None
+        self.summary = None
+
+    def __enter__(self):
+        self._started, self._started_at = time.monotonic(), time.time()
+        options, self._opts, self._output, self._plan, settings = prepare(self._argv)
+        self._local = is_local_runner(options)
+        check_writable(self._output)
+        self._lock = OutputLock(self._output, self._opts.lock_ttl, self._opts.wait_for_lock)
+        self._lock.__enter__()
+        try:
+            if self._opts.overwrite:
+                self._output.remove_all()
+            self._job = before_job(self._opts, self._output, self._plan,
+                                   dataclasses.replace(settings, lock_token=self._lock.token))
+        except BaseException as exc:
+            self._lock.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    def expand(self, root):
+        if self._job is None:
+            raise RuntimeError("apply EmbedParquet inside `with EmbedParquet(...) as embed:`: its plan and "
+                               "lock are taken when the block is entered")
+        if is_local_runner(root.pipeline.options) != self._local:
+            raise UsageError("EmbedParquet was given another runner than the pipeline's: pass the pipeline's "
+                             "runner options (runner=..., project=..., ...) to EmbedParquet too")
+        if not self._job.shards:  # everything is done already
+            return root | "NothingToDo" >> beam.Create([])
+        return build_graph(root, self._job.shards, self._job.settings)
+
+    def __exit__(self, *exc):
+        try:
+            if exc[0] is None:
+                if self._job.shards:
+                    self._output.remove_plan()
+                self.summary = after_job(self._output, self._plan, self._job, {})
+                self.summary["seconds"] = time.monotonic() - self._started
+                if self.summary["units_committed"]:
+                    self.summary["report"] = report.build(
+                        self.summary["run_id"], self._output.done_markers(), self.summary["seconds"],
+                        self._started_at, self.summary["settings"], 0, None)
+                    self._output.write_report(self.summary["run_id"], self.summary["report"])
+        finally:
+            self._lock.__exit__(*exc)
+        return False

@@ -49,11 +49,14 @@ def job_flags(path: str) -> list[str]:
     unknown = set(job) - set(SECTIONS) - {"description"}
     if unknown:
         raise UsageError(f"--job {path}: unknown sections {sorted(unknown)}; use {list(SECTIONS)}")
-    flags, actions = [], option_actions()
-    for section in SECTIONS:
-        for name, value in (job.get(section) or {}).items():
-            flags += _flag(name, value, actions, path)
-    return flags
+    return [flag for section in SECTIONS for flag in as_flags(job.get(section) or {}, f"--job {path}")]
+
+
+def as_flags(options: dict, where: str) -> list[str]:
+    """Command-line flags for ``{name: value}`` options (names with - or _); ``where`` names their
+    source in errors."""
+    actions = option_actions()
+    return [flag for name, value in options.items() for flag in _flag(name, value, actions, where)]
 
 
 def option_actions() -> dict[str, argparse.Action]:
@@ -67,7 +70,7 @@ def option_actions() -> dict[str, argparse.Action]:
     return parsers[0]._option_string_actions
 
 
-def _flag(name: str, value, actions: dict, path: str) -> list[str]:
+def _flag(name: str, value, actions: dict, where: str) -> list[str]:
     action = actions.get(f"--{name}")
     if isinstance(value, bool) and action is not None and action.nargs != 0:
         return [f"--{name}={value}"]  # a flag that takes a value: it gets the word
@@ -81,8 +84,8 @@ def _flag(name: str, value, actions: dict, path: str) -> list[str]:
         if isinstance(action, argparse._StoreTrueAction):
             return []  # off is its default
         if action is None:
-            raise UsageError(f"--job {path}: unknown flag --{name}")
-        raise UsageError(f"--job {path}: {name}: false has no flag to say it ({', '.join(negatives)} do not exist)")
+            raise UsageError(f"{where}: unknown flag --{name}")
+        raise UsageError(f"{where}: {name}: false has no flag to say it ({', '.join(negatives)} do not exist)")
     if value is None:
         return []
     if isinstance(value, list):

@@ -132,7 +132,25 @@ def guard(output: OutputAdmin, plan, settings: EmbedSettings) -> Resume:
     return Resume(settings, markers, damage, manifest_damage, *split_done(plan, markers))
 
 
-def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipeline, stop: StopOnSignal) -> dict:
+@dataclasses.dataclass
+class Job:
+    """A run's bookkeeping between ``before_job`` and ``after_job``: where it resumed from, its
+    settings, its started manifest, the units it does and retries, and the plan shards naming them
+    (none when there is nothing to do)."""
+
+    resume: Resume
+    settings: EmbedSettings
+    record: dict
+    retried: list
+    before_retry: dict
+    outside: list
+    cleaned: list
+    shards: list
+
+
+def before_job(opts, output: OutputAdmin, plan, settings: EmbedSettings) -> Job:
+    """With the lock held, before the graph: refuse an output made otherwise, tidy it, start the
+    manifest and write the plan shards of the units to do."""
     resume = guard(output, plan, settings)
     settings, markers, todo = resume.settings, resume.markers, resume.todo
     outside, cleaned = _tidy(output, opts, plan, resume)
@@ -140,27 +158,38 @@ def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipelin
     before_retry = {u.unit_id: markers[u.unit_id] for u in retried}
     record = manifest.started(settings, plan, opts.checkpoint_every)
     output.write_manifest(record)
+    shards = output.write_plan(settings.run_id, todo + retried) if todo or retried else []
+    return Job(resume, settings, record, retried, before_retry, outside, cleaned, shards)
+
+
+def after_job(output: OutputAdmin, plan, job: Job, beam_metrics: dict) -> dict:
+    """After the graph ran: the manifest completed from the markers; returns the run's summary."""
+    markers = output.done_markers()
+    output.write_manifest(manifest.completed(job.record, markers, plan, output.read_numerics(),
+                                             output.read_quantization()))
+    resume, settings = job.resume, job.settings
+    summary = summarize(settings, plan, markers, resume.todo, resume.done, 0.0)
+    summary.update(retried=retry_counts(job.retried, job.before_retry, markers), superseded_units=len(resume.superseded),
+                   repairs=resume.repairs(), outside_inputs=job.outside, run_id=settings.run_id, settings=settings,
+                   cleaned=[c for c in job.cleaned if unit_id_of_part(c) or f"/{REJECTS}/" in c], metrics=beam_metrics)
+    return summary
+
+
+def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipeline, stop: StopOnSignal) -> dict:
+    job = before_job(opts, output, plan, settings)
     beam_metrics = {}
-    if todo or retried:
-        shards = output.write_plan(settings.run_id, todo + retried)
+    if job.shards:
         units = {u.unit_id: (u.rows, u.text_bytes) for u in plan.units}
         local = opts_mod.is_local_runner(options)
-        bar = ProgressBar(output, units, [u.unit_id for u in resume.done]) if opts.progress and local \
+        bar = ProgressBar(output, units, [u.unit_id for u in job.resume.done]) if opts.progress and local \
             else contextlib.nullcontext()
         with bar:
-            result = run_graph(test_pipeline or beam.Pipeline(options=options), shards, settings, local, stop)
+            result = run_graph(test_pipeline or beam.Pipeline(options=options), job.shards, job.settings, local, stop)
         output.remove_plan()
         counters = result.metrics().query(MetricsFilter().with_namespace(metrics_mod.NAMESPACE))["counters"]
         beam_metrics = {c.key.metric.name: c.committed for c in counters}
     stop.check()
-    markers = output.done_markers()
-    output.write_manifest(manifest.completed(record, markers, plan, output.read_numerics(),
-                                             output.read_quantization()))
-    summary = summarize(settings, plan, markers, todo, resume.done, 0.0)
-    summary.update(retried=retry_counts(retried, before_retry, markers), superseded_units=len(resume.superseded),
-                   repairs=resume.repairs(), outside_inputs=outside, run_id=settings.run_id, settings=settings,
-                   cleaned=[c for c in cleaned if unit_id_of_part(c) or f"/{REJECTS}/" in c], metrics=beam_metrics)
-    return summary
+    return after_job(output, plan, job, beam_metrics)
 
 
 def _tidy(output: OutputAdmin, opts, plan, resume: Resume) -> tuple[list[dict], list[str]]:

@@ -44,3 +44,36 @@ def test_an_element_without_text_fails_the_pipeline_naming_the_field():
     with pytest.raises(Exception, match="EmbedDocuments: an element has no text in field 'text' \\(found NoneType\\)"):
         with beam.Pipeline() as p:
             _ = p | beam.Create([{"id": "a", "text": None}]) | EmbedDocuments(min_batch_size=1)
+
+
+def test_the_readme_embed_parquet_example_runs_and_resumes_as_docembed_run_does(tmp_path, docs, monkeypatch,
+                                                                                 capsys, reference_model):
+    from pipeline.cli import main
+    from tests.conftest import by_id, read_output, write_docs
+
+    ids, texts = docs
+    write_docs(tmp_path / "docs.parquet", ids[:250], texts[:250], row_group_size=50)
+    monkeypatch.chdir(tmp_path)
+    readme = (REPO / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "EmbedParquet(" in b)
+    exec(compile(block, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip().endswith("250 embedded, 3 units")
+    got = by_id(read_output(tmp_path / "embedded"))
+    assert sorted(got) == sorted(ids[:250])
+    expected = reference_model.encode(texts[:250])
+    assert cosine(np.stack([got[i] for i in ids[:250]]), expected).min() >= 0.9999
+    assert main(["verify", "--output", "embedded/", "--input", "docs.parquet"]) == 0
+    # Entered again: everything is done, nothing is redone, and the command agrees.
+    exec(compile(block, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip().endswith("0 embedded, 0 units")
+    assert main(["run", "--input", "docs.parquet", "--output", "embedded/", "--checkpoint-every", "100",
+                 "--no-progress"]) == 0
+    assert "0 committed this run, 3 already done" in capsys.readouterr().out
+
+
+def test_embed_parquet_outside_its_block_is_refused(tmp_path, docs):
+    from pipeline.api import EmbedParquet
+
+    with pytest.raises(Exception, match="apply EmbedParquet inside `with EmbedParquet"):
+        with beam.Pipeline() as p:
+            _ = p | EmbedParquet(str(tmp_path / "in.parquet"), str(tmp_path / "out"))
