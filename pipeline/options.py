@@ -115,25 +115,26 @@ QUIET_WORKERS = ["--default_sdk_harness_log_level=WARNING",
                  '--sdk_harness_log_level_overrides={"apache_beam.options.pipeline_options": "ERROR"}']
 
 
-def parse(argv: list[str]) -> PipelineOptions:
-    """PipelineOptions for ``argv``; raises UsageError naming every problem found."""
+def parse(argv: list[str], paths: bool = True) -> PipelineOptions:
+    """PipelineOptions for ``argv``; raises UsageError naming every problem found. ``paths=False``:
+    no --input and --output are needed (a transform that embeds its pipeline's own elements)."""
     own = [flag.split("=")[0] for flag in QUIET_WORKERS]
     if "--verbose" not in argv and not any(a.split("=")[0] in own for a in argv):
         argv = [*argv, *QUIET_WORKERS]
     options = PipelineOptions(argv)
     unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
     problems = [f"unknown flag --{name}" for name in sorted(unknown)]
-    problems += validate(options.view_as(EmbedOptions))
+    problems += validate(options.view_as(EmbedOptions), paths)
     if problems:
         raise UsageError("; ".join(problems))
     return options
 
 
-def validate(opts: EmbedOptions) -> list[str]:
+def validate(opts: EmbedOptions, paths: bool = True) -> list[str]:
     problems = []
-    if not opts.input:
+    if paths and not opts.input:
         problems.append("--input is required")
-    if not opts.output:
+    if paths and not opts.output:
         problems.append("--output is required")
     if not 1 <= opts.min_batch_size <= opts.max_batch_size:
         problems.append(

@@ -56,15 +56,22 @@ def run(argv: list[str], test_pipeline: beam.Pipeline | None = None) -> dict:
             summary = _run_locked(options, opts, output, plan, settings, test_pipeline, stop)
         except OSError as exc:  # bookkeeping writes on the launcher: the store failed under us
             raise OutputError(f"writing to --output {output.url} failed: {exc}; rerun to resume") from exc
-        summary["seconds"] = time.monotonic() - started
-        if summary["units_committed"]:
-            summary["report"] = report.build(summary["run_id"], output.done_markers(), summary["seconds"],
-                                             started_at, summary["settings"], _workers(options), opts.cost_per_hour)
-            summary["report_file"] = output.write_report(summary["run_id"], summary["report"])
+        add_report(summary, output, started, started_at, _workers(options), opts.cost_per_hour)
     if lock.lost.is_set():
         raise OutputError(f"another run took over {output.url}'s lock during this run; check the output with "
                           "`python -m pipeline verify`")
     return summary
+
+
+def add_report(summary: dict, output: OutputAdmin, started: float, started_at: float, workers: int,
+               cost_per_hour: float | None) -> None:
+    """The run's seconds (since the monotonic ``started``) into ``summary``, and, when it committed
+    units, its report, built from the done-markers and written under the output's reports."""
+    summary["seconds"] = time.monotonic() - started
+    if summary["units_committed"]:
+        summary["report"] = report.build(summary["run_id"], output.done_markers(), summary["seconds"], started_at,
+                                         summary["settings"], workers, cost_per_hour)
+        summary["report_file"] = output.write_report(summary["run_id"], summary["report"])
 
 
 def prepare(argv: list[str]):

@@ -77,3 +77,12 @@ def test_embed_parquet_outside_its_block_is_refused(tmp_path, docs):
     with pytest.raises(Exception, match="apply EmbedParquet inside `with EmbedParquet"):
         with beam.Pipeline() as p:
             _ = p | EmbedParquet(str(tmp_path / "in.parquet"), str(tmp_path / "out"))
+
+
+def test_embed_documents_options_are_checked_as_the_commands_are():
+    from transforms.errors import UsageError
+
+    with pytest.raises(UsageError, match="--prefix and --prompt-name both give the text before each document"):
+        EmbedDocuments(prefix="query: ", prompt_name="query")
+    with pytest.raises(UsageError, match="--min-batch-size 0 must be >= 1"):
+        EmbedDocuments(min_batch_size=0)

@@ -76,7 +76,7 @@ class _Folder:
         config = read_json(base / "config.json")
         if config is None:
             raise ModelError(f"{base} has no config.json: not a transformers or sentence-transformers model folder")
-        specs = read_stack(folder, config.get("hidden_size", 0))
+        specs = read_stack(folder, entries, config.get("hidden_size", 0))
         return cls(folder, base, specs, config, read_json(base / "sentence_bert_config.json") or {})
 
     def window(self, asked: int | None, model_max_length: int) -> int:
@@ -170,9 +170,7 @@ class Embedder:
         self._read_tokenizer(folder, max_seq_length, prefix, trust_remote_code)
         self._card = folder.card(self.max_seq_length, self.overhead, truncate_dim)
         self.truncate_dim = truncate_dim
-        self.dim = self._card.dim
-        self.has_normalize = self._card.has_normalize
-        self.normalize = self.has_normalize if normalize is None else normalize
+        self.normalize = self._card.has_normalize if normalize is None else normalize
         self.device, self.precision, self._torch = device, precision, torch
         # Pooling that leaves the prompt out skips the prompt's tokens after the specials in front.
         self.model, self.after = _load_modules(folder, device, precision, len(self._head) if prefix else 0,
@@ -194,6 +192,11 @@ class Embedder:
     def card(self) -> ModelCard:
         """What the loaded model is, in the terms ``describe`` gives the launcher."""
         return self._card
+
+    @property
+    def dim(self) -> int:
+        """Dimensions of the vectors ``forward`` returns (after ``truncate_dim``)."""
+        return self._card.dim
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without special tokens, prefix or truncation."""

@@ -5,7 +5,7 @@ A sentence-transformers folder is a transformer followed by modules named in ``m
 sentence-transformers to read them costs seconds of start-up on every worker and launcher (it pulls in
 scikit-learn, its training stack and every modality), so docembed reads the same files itself:
 
-- ``read_stack(folder)``: the modules as plain ``Spec``s (JSON only: no torch), for the launcher's
+- ``read_stack(folder, entries, hidden_size)``: the modules as plain ``Spec``s (JSON only: no torch), for the launcher's
   description of a model and its fingerprint;
 - ``build(spec, folder)``: the torch module for one spec, on a worker.
 
@@ -65,11 +65,10 @@ def read_json(path: Path):
         raise ModelError(f"cannot read {path}: {exc}") from exc
 
 
-def read_stack(folder: str | Path, hidden_size: int) -> list[Spec]:
-    """The modules of the model in ``folder``, transformer first. A plain transformers folder (no
-    ``modules.json``) gets mean pooling, as sentence-transformers gives it."""
+def read_stack(folder: str | Path, entries: list[dict] | None, hidden_size: int) -> list[Spec]:
+    """The modules of the model in ``folder``, transformer first, from ``entries`` (its ``modules.json``).
+    A plain transformers folder (no ``modules.json``) gets mean pooling, as sentence-transformers gives it."""
     folder = Path(folder)
-    entries = read_json(folder / "modules.json")
     if entries is None:
         return [Spec("Transformer", "", {}), Spec("Pooling", "", _pooling_config({}, hidden_size))]
     specs = []
