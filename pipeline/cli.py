@@ -14,18 +14,21 @@ from transforms.storage import redact_text
 USAGE = """usage: docembed run --input URL --output URL [options] [Beam flags]
        docembed run --job jobs/FILE.yaml [flags that override the file's] [--dry-run]
        docembed status --output URL [--json]
-       docembed verify --output URL [--input URL]
+       docembed verify --output URL [--input URL] [--no-canaries] [--device D] [--precision P]
        docembed report --output URL [--run-id ID] [--png FILE] [--json]
 
 run     embed Parquet documents into a Parquet dataset; rerun the same command to resume;
         --dry-run prints the plan and what is already done, and runs nothing
 status  units and documents done so far, read from the output's checkpoints
-verify  check an output against its manifest (and its input): exit 0 only when all holds
+verify  check an output against its manifest (and its input), and re-embed its canary texts here:
+        exit 0 only when all holds
 report  print a past run's report (throughput, latency percentiles, stages, cost); --png draws it
 
 'docembed run --help' lists every option. Exit codes: 0 done, 1 the job failed, 2 a usage, input or
-configuration error found before any work, 75 another run holds the output's lock (try again later),
-143 interrupted (rerun to resume)."""
+configuration error found before any work, 3 drift flagged with --fail-on-drift (the run completed),
+75 another run holds the output's lock (try again later), 143 interrupted (rerun to resume)."""
+
+DRIFT_EXIT = 3  # --fail-on-drift: the run completed, and its input or vectors drifted from earlier runs'
 
 # Flags that make `run` a dry run; Beam's own --dry_run=True means the same ("do not submit").
 DRY_RUN = ("--dry-run", "--dry_run", "--dry_run=True", "--dry_run=true")
@@ -124,6 +127,10 @@ def _run(argv: list[str]) -> int:
     if "report" in summary:
         print(redact_text(format_report(summary["report"], counts=False)))
         print(redact_text(f"  report     {summary['output'].rstrip('/')}/{summary['report_file']}"))
+    if summary.get("fail_on_drift") and summary.get("report", {}).get("drift", {}).get("flagged"):
+        print("docembed: drift flagged against earlier runs (--fail-on-drift); this run's units are committed",
+              file=sys.stderr)
+        return DRIFT_EXIT
     return 0
 
 
@@ -141,18 +148,28 @@ def _status(argv: list[str]) -> int:
 
 def _verify(argv: list[str]) -> int:
     from pipeline.verify import format_report, verify
+    from transforms.canaries import THRESHOLD as CANARY_THRESHOLD
 
     parser = argparse.ArgumentParser(prog="docembed verify")
     parser.add_argument("--output", required=True)
     parser.add_argument("--input", default=None, help="also check every input row is embedded or rejected")
+    parser.add_argument("--no-canaries", action="store_true",
+                        help="skip re-embedding the canary texts (no model is loaded)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where to re-embed the canaries (default: the output's device)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "int8"],
+                        help="at what precision (default: the output's)")
+    parser.add_argument("--canary-threshold", type=float, default=CANARY_THRESHOLD,
+                        help=f"the lowest cosine to the pinned canary vectors that passes (default {CANARY_THRESHOLD})")
     args = parser.parse_args(argv)
-    report = verify(args.output, args.input)
+    report = verify(args.output, args.input, not args.no_canaries, args.device, args.precision, args.canary_threshold)
     print(format_report(args.output, report))
     return 0 if not report.problems else 1
 
 
 def _report(argv: list[str]) -> int:
-    from pipeline.report import draw_png, format_report, read
+    from pipeline.output import OutputAdmin
+    from pipeline.report import draw_png, format_report, history, read
 
     parser = argparse.ArgumentParser(prog="docembed report")
     parser.add_argument("--output", required=True)
@@ -168,6 +185,7 @@ def _report(argv: list[str]) -> int:
               f"{found['docs_rejected']} rejected, {found['docs_truncated']} truncated")
         print(format_report(found))
     if args.png:
-        draw_png(found, args.png)
+        earlier = history(OutputAdmin(args.output), before=found["run_id"])
+        draw_png(found, args.png, [*earlier, found])
         print(f"  picture    {args.png}")
     return 0

@@ -7,6 +7,7 @@ import time
 
 from pipeline.plan import Plan
 from pipeline.output import marker_totals
+from transforms import storage
 from transforms.checkpoint import parts_of
 from transforms.records import EmbedSettings
 
@@ -20,7 +21,7 @@ def started(settings: EmbedSettings, plan: Plan, checkpoint_every: int) -> dict:
         "started_at": time.time(),
         "fingerprint": settings.fingerprint(),
         "model": {"name": settings.model, "revision": settings.model_revision, "dim": settings.dim,
-                  "source": settings.model_ref.kind},
+                  "source": settings.model_ref.kind, "location": storage.redact(settings.model_ref.location)},
         "settings": {
             "id_column": settings.id_column,
             "text_column": settings.text_column,
@@ -43,7 +44,7 @@ def started(settings: EmbedSettings, plan: Plan, checkpoint_every: int) -> dict:
 
 
 def completed(manifest: dict, markers: dict[str, dict], plan: Plan, numerics: dict | None = None,
-              quantization: dict | None = None) -> dict:
+              quantization: dict | None = None, canaries: dict | None = None) -> dict:
     planned = {u.unit_id for u in plan.units}
     mine = [m for uid, m in sorted(markers.items()) if uid in planned]
     totals = marker_totals(mine)  # rows: chunks under --long-docs chunks, else documents
@@ -57,6 +58,8 @@ def completed(manifest: dict, markers: dict[str, dict], plan: Plan, numerics: di
         "numerics": numerics,  # the device and precision the output's vectors were made at
         # --output-dtype int8/uint8: the calibration every part was bucketed with, to quantize queries alike.
         **({"quantization": quantization} if quantization else {}),
+        # The canary texts' vectors as the first commit made them (_canaries.json), and its numerics.
+        **({"canaries": canaries} if canaries else {}),
         "counts": counts,
         "parts": [name for m in mine for name in parts_of(m)],
         "rejects": [m["rejects"] for m in mine if m.get("rejects")],

@@ -12,6 +12,7 @@ import argparse
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from transforms.canaries import THRESHOLD as CANARY_THRESHOLD
 from transforms.errors import UsageError
 from transforms.model_ref import DEFAULT_MODEL
 from transforms.vectors import OUTPUT_DTYPES
@@ -100,6 +101,13 @@ class EmbedOptions(PipelineOptions):
                  "taken over; a lock of a dead process on this machine is taken over at once")
         add("--grace-period", type=float, default=60.0,
             help="on SIGTERM, seconds to let the unit in hand finish before abandoning it")
+        add("--canary-threshold", type=float, default=CANARY_THRESHOLD,
+            help="a worker whose vectors of docembed's canary texts have a cosine below this to the output's "
+                 "(pinned by its first commit) refuses to commit, and the job fails (default 0.999; -1 turns the "
+                 "check off)")
+        add("--fail-on-drift", action="store_true",
+            help="exit 3 when this run's input or vectors drifted from the earlier runs' into the output, past "
+                 "the documented thresholds (the run's units are committed either way); for cron")
         add("--cost-per-hour", type=float, default=None,
             help="what the machines of this run cost per hour, for the report's cost per 1000 documents")
         add("--progress", action=argparse.BooleanOptionalAction, default=True,
@@ -165,6 +173,8 @@ def validate(opts: EmbedOptions, paths: bool = True) -> list[str]:
         problems.append(f"--max-seq-length must be >= 2, got {opts.max_seq_length}")
     if opts.prompt_name and opts.prefix:
         problems.append("--prefix and --prompt-name both give the text before each document: pass one")
+    if not -1 <= opts.canary_threshold <= 1:
+        problems.append(f"--canary-threshold is a cosine, -1 to 1; got {opts.canary_threshold}")
     if opts.truncate_dim is not None and opts.truncate_dim < 1:
         problems.append(f"--truncate-dim must be >= 1, got {opts.truncate_dim}")
     return problems

@@ -15,7 +15,7 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from transforms.checkpoint import (ATTEMPTS, CHECKPOINTS, LOCK, MANIFEST, NUMERICS, PLANS, PROGRESS, REJECTS,
+from transforms.checkpoint import (ATTEMPTS, CANARIES, CHECKPOINTS, LOCK, MANIFEST, NUMERICS, PLANS, PROGRESS, REJECTS,
                                    STOP, UnitStore, dumps, files_of)
 from transforms.errors import DamagedRecord
 from transforms.records import WorkUnit
@@ -185,7 +185,7 @@ class OutputAdmin(UnitStore):
     def remove_all(self) -> None:
         """``--overwrite``: delete everything in the output folder but the lock of the run doing it."""
         # Markers, manifest and numerics first: a kill midway must not leave markers whose parts are gone.
-        first = {CHECKPOINTS: 0, MANIFEST: 1, NUMERICS: 1}
+        first = {CHECKPOINTS: 0, MANIFEST: 1, NUMERICS: 1, CANARIES: 1}
         paths = sorted(self._ls(self.root), key=lambda p: first.get(posixpath.basename(p), 2))
         for path in paths:
             if posixpath.basename(path) != LOCK:

@@ -14,8 +14,9 @@ import resource
 
 import numpy as np
 
+from pipeline import drift
 from pipeline.output import REPORTS, OutputAdmin, marker_totals
-from transforms import storage
+from transforms import quality, storage
 from transforms.errors import OutputError
 
 STAGES = ("read", "tokenize", "forward", "write")
@@ -122,8 +123,49 @@ def build(run_id: str, markers: dict[str, dict], wall_s: float, started_at: floa
         "hint": hint(shares),
         "timeline": [[round(m["committed_at"] - started_at, 3), m["embedded"]] for m in mine],
         "batch_latencies_s": [b[3] for b in batches],
+        "quality": drift.run_quality(mine),
+        "canaries": canary_summary(mine, getattr(settings, "canary_threshold", None)),
     }
     return report
+
+
+def canary_summary(markers: list[dict], threshold: float | None) -> dict:
+    """What the run's commits found of their workers' canaries: how many were compared, the lowest
+    cosine and its canary, and whether this run pinned them."""
+    checks = [m["canaries"] for m in markers if (m.get("canaries") or {}).get("checked")]
+    if not checks:
+        return {"checked": 0, "threshold": threshold}
+    worst = min(checks, key=lambda c: c["min_cosine"])
+    return {"checked": max(c["checked"] for c in checks), "min_cosine": worst["min_cosine"],
+            "lowest": worst["lowest"], "pinned": any(c.get("pinned") for c in checks), "threshold": threshold,
+            "workers": len({(m["worker"]["host"], m["worker"]["pid"]) for m in markers if m.get("worker")})}
+
+
+def with_drift(report: dict, earlier: list[dict]) -> dict:
+    """``report`` with its ``drift`` against the ``earlier`` runs' reports (oldest first): the last
+    ``drift.BASELINE_RUNS`` runs with documents, less those flagged themselves, so one bad batch does
+    not make the next good one look drifted; when all of them were flagged, all of them, so a lasting
+    change becomes the new normal once it fills the window."""
+    window = [r for r in earlier if r.get("quality", {}).get("docs")][-drift.BASELINE_RUNS:]
+    usable = [r for r in window if not (r.get("drift") or {}).get("flagged")] or window
+    report["drift"] = drift.compare(report["quality"], [r["quality"] for r in usable], [r["run_id"] for r in usable])
+    return report
+
+
+def history(output: OutputAdmin, before: str | None = None) -> list[dict]:
+    """The runs' reports, oldest first; with ``before``, only those of runs started before that run.
+    A report that cannot be read is left out: reports inform, they are not the output's record."""
+    found = []
+    for name in output.report_names():
+        if before is not None and name[:-len(".json")] >= before:
+            continue
+        try:
+            report = output.read_report(name)
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(report, dict) and report.get("run_id"):
+            found.append(report)
+    return found
 
 
 def read(output_url: str, run_id: str | None = None) -> dict:
@@ -166,17 +208,35 @@ def format_report(r: dict, counts: bool = True) -> str:
         f"  setup      {r['device']}, {r['precision']}, threads {r['threads'] or 'default'}, workers {r['workers']}",
         f"  cost       {cost}",
         f"  hint       {r['hint']}",
+        *(f"  {label:<10} {line}" for label, line in drift.format_quality(r.get("quality") or {})),
+        *([f"  canaries   {format_canaries(r['canaries'])}"] if r.get("canaries") else []),
+        *([f"  drift      {drift.format_line(r['drift'])}"] if "drift" in r else []),
     ])
 
 
-def draw_png(r: dict, path: str) -> None:
-    """Throughput over the run, the batch-latency histogram and the stage breakdown, in one picture."""
+def format_canaries(c: dict) -> str:
+    if not c.get("checked"):
+        return "none compared (the model embedded no canary text)"
+    checked = (f"{c['checked']} pinned by this run's first commit, and checked at every commit" if c.get("pinned")
+               else f"{c['checked']} checked against the output's at every commit")
+    workers = c.get("workers", 1)
+    return (f"{checked} ({workers} worker process{'es' if workers != 1 else ''}): lowest cosine {c['min_cosine']:.6f} "
+            f"('{c['lowest']}'), threshold {c['threshold']}")
+
+
+def draw_png(r: dict, path: str, history: list[dict] | None = None) -> None:
+    """Throughput over the run, the batch-latency histogram and the stage breakdown; with ``history``
+    (the output's reports, oldest first, up to this run's) of two runs or more, a second row with the
+    trend over runs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
+    runs = [h for h in (history or []) if (h.get("quality") or {}).get("docs")]
+    runs = runs if len(runs) >= 2 else []  # a trend needs two runs
+    fig, axes = plt.subplots(2 if runs else 1, 3, figsize=(15, 8.4 if runs else 4.2), squeeze=False)
+    a, b, c = axes[0]
     times = [0.0] + [t for t, _ in r["timeline"]]
     docs = np.cumsum([0] + [n for _, n in r["timeline"]])
     a.plot(times, docs, marker="o", markersize=3)
@@ -193,9 +253,43 @@ def draw_png(r: dict, path: str) -> None:
     for i, k in enumerate(names):
         c.text(r["stage_s"][k], i, f" {100 * r['stage_share'][k]:.0f}%", va="center")
     c.set(title="Where the time went (worker-seconds)", xlabel="seconds")
+    if runs:
+        _draw_trend(axes[1], runs)
     fig.suptitle(f"docembed run {r['run_id']}: {r['docs_embedded']} documents, {r['device']} {r['precision']}; "
                  f"{r['hint'].split(':')[0]}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+def _draw_trend(axes, runs: list[dict]) -> None:
+    """Per run: document lengths, the shares drift watches, and the mean-vector cosine to the runs
+    before; runs whose drift was flagged are marked in red."""
+    a, b, c = axes
+    x = np.arange(len(runs))
+    labels = [h["run_id"][:15] for h in runs]
+    flagged = [i for i, h in enumerate(runs) if (h.get("drift") or {}).get("flagged")]
+    for q, style in ((10, ":"), (50, "-"), (90, "--")):
+        a.plot(x, [quality.percentile(h["quality"]["tokens"], q) for h in runs], style, marker="o", markersize=3,
+               label=f"p{q}")
+    a.set(title="Document length over runs", ylabel="tokens", yscale="log")
+    a.legend()
+    for name in ("truncated", "rejected", "mostly non-letters"):
+        b.plot(x, [100 * _share(drift.shares(h["quality"])[name]) for h in runs], marker="o", markersize=3,
+               label=name)
+    b.set(title="Shares of documents over runs", ylabel="%")
+    b.legend()
+    cosines = [next((s["value"] for s in (h.get("drift") or {}).get("signals", []) if s["name"] == "mean cosine"),
+                    np.nan) for h in runs]
+    c.plot(x, cosines, marker="o", markersize=3, color="tab:purple")
+    c.set(title="Mean vector: cosine to the runs before", ylabel="cosine")
+    for ax in axes:
+        for i in flagged:
+            ax.axvline(i, color="tab:red", alpha=0.3, linewidth=6)
+        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
+    a.set_xlabel("run (red: drift flagged)")
+
+
+def _share(pair: tuple[int, int]) -> float:
+    count, total = pair
+    return count / total if total else 0.0

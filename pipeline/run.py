@@ -57,6 +57,7 @@ def run(argv: list[str], test_pipeline: beam.Pipeline | None = None) -> dict:
         except OSError as exc:  # bookkeeping writes on the launcher: the store failed under us
             raise OutputError(f"writing to --output {output.url} failed: {exc}; rerun to resume") from exc
         add_report(summary, output, started, started_at, _workers(options), opts.cost_per_hour)
+        summary["fail_on_drift"] = opts.fail_on_drift
     if lock.lost.is_set():
         raise OutputError(f"another run took over {output.url}'s lock during this run; check the output with "
                           "`python -m pipeline verify`")
@@ -69,8 +70,9 @@ def add_report(summary: dict, output: OutputAdmin, started: float, started_at: f
     units, its report, built from the done-markers and written under the output's reports."""
     summary["seconds"] = time.monotonic() - started
     if summary["units_committed"]:
-        summary["report"] = report.build(summary["run_id"], output.done_markers(), summary["seconds"], started_at,
-                                         summary["settings"], workers, cost_per_hour)
+        built = report.build(summary["run_id"], output.done_markers(), summary["seconds"], started_at,
+                             summary["settings"], workers, cost_per_hour)
+        summary["report"] = report.with_drift(built, report.history(output, before=summary["run_id"]))
         summary["report_file"] = output.write_report(summary["run_id"], summary["report"])
 
 
@@ -173,7 +175,7 @@ def after_job(output: OutputAdmin, plan, job: Job, beam_metrics: dict) -> dict:
     """After the graph ran: the manifest completed from the markers; returns the run's summary."""
     markers = output.done_markers()
     output.write_manifest(manifest.completed(job.record, markers, plan, output.read_numerics(),
-                                             output.read_quantization()))
+                                             output.read_quantization(), output.read_canaries()))
     resume, settings = job.resume, job.settings
     summary = summarize(settings, plan, markers, resume.todo, resume.done, 0.0)
     summary.update(retried=retry_counts(job.retried, job.before_retry, markers), superseded_units=len(resume.superseded),
@@ -331,6 +333,7 @@ def resolve_settings(opts: EmbedOptions, passthrough_schema=None, threads: int =
         max_model_errors=opts.max_model_errors,
         passthrough_schema=passthrough_schema, threads=threads,
         truncate_dim=opts.truncate_dim, trust_remote_code=opts.trust_remote_code, output_dtype=opts.output_dtype,
+        canary_threshold=opts.canary_threshold,
         **opts_mod.window_settings(opts, card.window_size),
     )
 

@@ -1,11 +1,13 @@
 """Status: units and documents done out of the plan, read from the checkpoints of an output folder.
 
 Works while a run is going (from done-markers and running units' progress records) and after it.
+Also gives the latest run's quality statistics (from its units' markers, so far) and their drift
+against the runs before it (``pipeline.drift``).
 """
 
 from __future__ import annotations
 
-from pipeline import repair
+from pipeline import drift, repair, report
 from pipeline.output import OutputAdmin, marker_totals
 from pipeline.plan import describe_outside, outside_plan
 from transforms.errors import OutputError
@@ -21,7 +23,13 @@ def status(output_url: str) -> dict:
     markers = {uid: m for uid, m in markers.items() if uid not in {u for g in outside for u in g["unit_ids"]}}
     running = {uid: p for uid, p in output.progress().items() if uid not in markers}
     plan = manifest.get("plan", {})
+    run_id = manifest.get("run_id")
+    latest = drift.run_quality(m for m in markers.values() if m.get("run_id") == run_id)
+    earlier = report.history(output, before=run_id) if run_id else []
     return {
+        "run_id": run_id,
+        "quality": latest,
+        "drift": report.with_drift({"quality": latest}, earlier)["drift"],
         **eta(markers, running, plan.get("text_bytes") or 0, manifest.get("status") == "running"),
         "output": output_url,
         "state": manifest.get("status"),
@@ -67,6 +75,8 @@ def format_status(s: dict) -> str:
         f"           {s['embedded']} embedded, {s['rejected']} rejected",
         f"text       {s['text_bytes_done'] / 1e6:.1f}/{s['text_bytes_total'] / 1e6:.1f} MB"
         + (f", about {s['eta_s'] / 60:.1f} min left at the recent rate" if s.get("eta_s") is not None else ""),
+        *(f"{label:<10} {line} (run {s['run_id']})" for label, line in drift.format_quality(s.get("quality") or {})),
+        *([f"drift      {drift.format_line(s['drift'])}"] if (s.get("quality") or {}).get("docs") else []),
         *(f"damaged    {d}; the next run redoes it" for d in s["damaged"]),
         *(f"elsewhere  {o}" for o in s["outside_inputs"]),
     ])

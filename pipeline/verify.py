@@ -3,7 +3,10 @@
 Checks row counts, missing and duplicated ids (with ``--long-docs chunks``: chunk indices 0..n-1 per
 id, with neither gaps nor repeats), the embedding dimension, NaN/inf values, unit norms
 (when normalisation is on), that every part file is listed and present, that fingerprints agree, and
-that every part was made at the output's device and precision.
+that every part was made at the output's device and precision. With ``canaries`` (the CLI's default),
+it also loads the output's model in this environment, at the output's device and precision unless
+others are asked for, re-embeds the canary texts pinned in ``_canaries.json`` and reports each one's
+cosine to the pinned vector: below the threshold, appending to the output from here would be refused.
 Returns every problem found; the CLI exits 0 only when there are none.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 
 import numpy as np
@@ -19,11 +23,12 @@ import pyarrow as pa
 from pipeline import repair
 from pipeline.output import OutputAdmin
 from pipeline.plan import describe_outside, expand_input, outside_plan
-from transforms import numerics, storage
+from transforms import canaries as canaries_mod, numerics, storage
 from transforms.commit import CHUNK_COLUMNS, FINGERPRINT_KEY, NUMERICS_KEY
 from transforms.vectors import arrow_type as vector_type
 from transforms.dedup import read_ids
-from transforms.errors import OutputError
+from transforms.errors import DeviceUnavailable, ModelError, OutputError, UsageError
+from transforms.model_ref import ModelRef
 from transforms.records import with_defaults
 
 FLOAT16_NORM_TOLERANCE = 5e-3  # float16 keeps about 3 significant digits per value
@@ -38,9 +43,14 @@ class Report:
     rejected: int = 0
     problems: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)  # true of the output, and not a fault of it
+    canaries: dict = dataclasses.field(default_factory=dict)  # {name: cosine or None} re-embedded here
+    canaries_made_at: str = ""  # this environment's numerics, as the canaries were re-embedded
 
 
-def verify(output_url: str, input_url: str | None = None) -> Report:
+def verify(output_url: str, input_url: str | None = None, canaries: bool = True, device: str = "auto",
+           precision: str = "auto", threshold: float = canaries_mod.THRESHOLD) -> Report:
+    """Every problem of the output; with ``canaries``, the canary texts re-embedded here at ``device``
+    and ``precision`` (``auto``: the output's) and compared with the pinned vectors at ``threshold``."""
     output = OutputAdmin(output_url)
     manifest = output.read_manifest()
     if manifest is None:
@@ -63,7 +73,61 @@ def verify(output_url: str, input_url: str | None = None) -> Report:
     _check_duplicates(ids, report)
     if input_url:
         _check_against_input(input_url, manifest, ids, rejects, report, outside)
+    if canaries:
+        _check_canaries(output, manifest, report, device, precision, threshold)
     return report
+
+
+def _check_canaries(output: OutputAdmin, manifest: dict, report: Report, device: str, precision: str,
+                    threshold: float) -> None:
+    """Re-embed the pinned canaries in this environment and compare (``canaries.verdict``)."""
+    pinned = output.read_canaries()
+    if pinned is None:
+        report.notes.append("no canaries pinned (no unit committed yet, or an output made before docembed pinned "
+                            "them): the next commit pins them")
+        return
+    made = pinned.get("numerics") or {}
+    device, precision = (made.get("device", "auto") if device == "auto" else device,
+                         made.get("precision", "auto") if precision == "auto" else precision)
+    try:
+        here = numerics.resolve(device, precision)
+        embedder = load_model(_model_ref(manifest), here["device"], here["precision"],
+                              **_model_settings(with_defaults(manifest["fingerprint"])))
+    except (DeviceUnavailable, ModelError, UsageError) as exc:
+        report.notes.append(f"canaries not checked: {exc}")
+        return
+    mine = {**canaries_mod.probe(embedder, pinned["texts"]), "numerics": here}
+    report.canaries = canaries_mod.cosines(pinned, mine)
+    report.canaries_made_at = numerics.describe(here)
+    _, problem = canaries_mod.verdict(pinned, mine, threshold)
+    if problem:
+        report.problems.append(f"canaries: {problem}. A run appending to this output from here would be refused")
+
+
+def _model_ref(manifest: dict) -> ModelRef:
+    model = manifest.get("model") or {}
+    fingerprint = manifest["fingerprint"]
+    if model.get("source") in ("store", "local") and not model.get("location"):
+        raise ModelError("the manifest does not say where the model's files are (written before docembed recorded "
+                         "it): rerun into the output once to record it")
+    return ModelRef(fingerprint["model"], model.get("source", "hub"), fingerprint["model_revision"],
+                    model.get("location", ""))
+
+
+def _model_settings(fingerprint: dict) -> dict:
+    return {"normalize": fingerprint["normalize"], "max_seq_length": fingerprint["max_seq_length"],
+            "prefix": fingerprint["prefix"], "truncate_dim": fingerprint["truncate_dim"],
+            "trust_remote_code": fingerprint["trust_remote_code"]}
+
+
+@functools.lru_cache(maxsize=1)
+def load_model(ref: ModelRef, device: str, precision: str, **settings):
+    """The output's model in this environment (the last one asked for is kept: verifying outputs of
+    one model one after another loads it once)."""
+    from transforms.model import Embedder
+    from transforms.model_ref import materialize
+
+    return Embedder(materialize(ref), device, precision, **settings)
 
 
 def _check_parts(output: OutputAdmin, manifest: dict, report: Report) -> tuple[list[str], list | None]:
@@ -194,6 +258,12 @@ def format_report(output_url: str, report: Report) -> str:
     head = (f"verify {output_url}: {report.rows} rows in {report.parts} parts, "
             f"{report.rejected} rejected rows")
     notes = [f"  note: {n}" for n in report.notes]
+    if report.canaries:
+        scored = sorted(((c, n) for n, c in report.canaries.items() if c is not None))
+        failed = [n for n, c in report.canaries.items() if c is None]
+        notes.insert(0, f"  canaries: {len(scored)} re-embedded at {report.canaries_made_at}; cosine to the pinned "
+                        f"vectors: " + ", ".join(f"{n} {c:.6f}" for c, n in scored)
+                     + (f"; the model failed on {', '.join(failed)}" if failed else ""))
     if not report.problems:
         return "\n".join([f"{head}: OK", *notes])
     return "\n".join([f"{head}: {len(report.problems)} problems"] + [f"  - {p}" for p in report.problems] + notes)

@@ -1,7 +1,7 @@
 """Every crash point of a unit's commit, deterministically: the process is killed (``os._exit``) just
-before and just after each file of the commit appears (part, rejections, the numerics pin, the marker),
-of the manifest at the start and at the end, of the plan, of the report, and at a heartbeat; then the
-same command is rerun. After each: the exact output of an uninterrupted run, `verify` passes, and no
+before and just after each file of the commit appears (part, rejections, the numerics and canary pins,
+the marker), of the manifest at the start and at the end, of the plan, of the report, and at a
+heartbeat; then the same command is rerun. After each: the exact output of an uninterrupted run, `verify` passes, and no
 orphan is left (no part or rejections file that no marker names, no scratch file, plan, progress record,
 lock or stop request). On local disk and on S3."""
 
@@ -20,7 +20,8 @@ from pipeline.run import run
 from pipeline.verify import verify
 from tests.conftest import BUCKET, REPO, by_id, read_output, write_docs
 
-COMMIT = [f"{when}:{kind}@1" for kind in ("part", "rejects", "numerics", "marker") for when in ("publish", "published")]
+COMMIT = [f"{when}:{kind}@1" for kind in ("part", "rejects", "numerics", "canaries", "marker")
+          for when in ("publish", "published")]
 AROUND = ["publish:plan@1", "publish:manifest@1", "published:manifest@1", "published:marker@2",
           "publish:manifest@2", "published:manifest@2", "publish:report@1", "publish:heartbeat@1"]
 FAULTS = COMMIT + AROUND
@@ -62,7 +63,7 @@ def _check(url: str, reference: dict, fault: str, codes: list[int], logs) -> Non
                                                                   for m in markers.values() if m["rejects"]}
     left = {name for name in list(output.sizes()) + list(output.sizes("_rejects")) if name not in named}
     left |= set(output.sizes("_attempts")) | set(output.sizes("_progress"))
-    assert left <= {"_manifest.json", "_numerics.json"}, f"{fault}: orphans {left}"
+    assert left <= {"_manifest.json", "_numerics.json", "_canaries.json"}, f"{fault}: orphans {left}"
     assert not output.fs.exists(output.path("_plans")) or not output.sizes("_plans"), fault
     assert output.read_lock() is None and not output.stop_requested(), fault
     assert verify(url).problems == [], fault

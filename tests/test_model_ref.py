@@ -75,7 +75,7 @@ def test_a_hub_id_is_pinned_to_a_commit_and_found_in_the_workers_hub_cache(tmp_p
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
-    assert manifest["model"] == {"name": "acme/minilm", "revision": commit, "dim": 384, "source": "hub"}
+    assert manifest["model"] == {"name": "acme/minilm", "revision": commit, "dim": 384, "source": "hub", "location": ""}
     got = by_id(read_output(tmp_path / "out"))
     assert cosine(np.stack([got[i] for i in ids[:12]]), reference_model.encode(texts[:12])).min() >= 0.9999
     missing = subprocess.run([*base, "--output", str(tmp_path / "out2"), "--model", "acme/minilm",

@@ -176,7 +176,9 @@ def test_shared_nothing_workers_embed_s3_to_s3_and_resume_after_launcher_and_poo
     assert {(m["numerics"]["device"], m["numerics"]["precision"]) for m in markers} == {("cpu", "fp32")}
     verify = subprocess.run([sys.executable, "-m", "pipeline", "verify", "--output", f"s3://{BUCKET}/sn/out",
                              "--input", f"s3://{BUCKET}/sn/in/"], cwd=REPO, env=env, capture_output=True, text=True)
-    assert verify.returncode == 0 and verify.stdout.strip().endswith(": OK"), verify.stdout + verify.stderr
+    assert verify.returncode == 0 and verify.stdout.splitlines()[0].endswith(": OK"), verify.stdout + verify.stderr
+    # The canaries the shared-nothing workers pinned, re-embedded in the launcher's own environment.
+    assert "  canaries: 19 re-embedded at cpu fp32 on " in verify.stdout
 
 
 def test_an_s3_model_folder_reaches_the_workers_and_is_checked_against_its_hash(

@@ -11,6 +11,7 @@ Layout of an output folder::
     _rejects/<unit_id>[-retry-<k>].parquet  rows that could not be embedded, with their reasons
     _plans/<run_id>/units-N.jsonl the running run's work units, read by the job (not in its graph)
     _numerics.json                the device and precision of the output's vectors (``numerics``)
+    _canaries.json                the canary texts' vectors as the output's first commit made them (``canaries``)
     _manifest.json                the run's fingerprint, plan and, when complete, counts and parts
     _lock.json                    the running run's lock (pipeline/lock.py)
     _stop                         asks workers to take no new unit (the run got SIGTERM)
@@ -18,8 +19,8 @@ Layout of an output folder::
 Readers (pyarrow, DuckDB, pandas) skip names starting with ``_`` or ``.``, so they only see parts.
 
 ``UnitStore`` is what a worker may do to the folder: read its plan, skip done units, report progress,
-publish a unit's part and rejections, pin or check the output's numerics, and write the done-marker
-last. What only the launcher does (cleaning up, taking units back, the manifest, the lock) is
+publish a unit's part and rejections, pin or check the output's numerics and canaries, and write the
+done-marker last. What only the launcher does (cleaning up, taking units back, the manifest, the lock) is
 ``pipeline.output.OutputAdmin``, built on this.
 """
 
@@ -34,8 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from transforms import faults, numerics, storage
-from transforms.errors import NumericsMismatch
+from transforms import canaries, faults, numerics, storage
+from transforms.errors import DamagedRecord, NumericsMismatch
 from transforms.records import WorkUnit
 from transforms.vectors import calibration
 
@@ -47,6 +48,7 @@ PROGRESS = "_progress"
 REJECTS = "_rejects"
 PLANS = "_plans"
 NUMERICS = "_numerics.json"
+CANARIES = "_canaries.json"
 QUANTIZATION = "_quantization.json"
 MANIFEST = "_manifest.json"
 LOCK = "_lock.json"
@@ -98,6 +100,7 @@ class UnitStore:
         self._root = None
         self._pinned = None  # this process's numerics, once checked against the output's
         self._ranges = None  # the output's int8/uint8 calibration, once read
+        self._canaries = None  # the output's pinned canaries, once read
 
     def __getstate__(self):
         return {"url": self.url}
@@ -211,6 +214,29 @@ class UnitStore:
 
     def read_numerics(self) -> dict | None:
         return self._read_json(self.path(NUMERICS))
+
+    def check_canaries(self, mine: dict, threshold: float) -> dict:
+        """Before a commit: this worker's canary vectors (``mine``, with its numerics) are within
+        ``threshold`` cosine of the output's, or the output has none yet and this commit pins them
+        (an exclusive create, as for the numerics). Returns what the marker records of the check;
+        raises CanaryMismatch (``canaries.check``) otherwise."""
+        pinned_now = False
+        if self._canaries is None:
+            pinned = self.read_canaries()
+            if pinned is None and any(v is not None for v in mine["vectors"].values()):
+                pinned_now = self.create(CANARIES, dumps(mine))
+                pinned = self.read_canaries()
+            if pinned is None:  # a model that embeds no canary pins none; a later worker will
+                return {"checked": 0}
+            self._canaries = pinned
+        return {**canaries.check(self._canaries, mine, threshold), "pinned": pinned_now}
+
+    def read_canaries(self) -> dict | None:
+        try:
+            return self._read_json(self.path(CANARIES))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DamagedRecord(f"{self.url}/{CANARIES} cannot be read ({type(exc).__name__}: {exc}); it is not "
+                                "docembed's: delete it, and the next commit pins the canaries again") from exc
 
     def quantization_ranges(self, dtype: str, vectors: np.ndarray) -> np.ndarray:
         """The output's int8/uint8 calibration, per-dimension [min, max]: pinned by the first commit

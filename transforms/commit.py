@@ -1,9 +1,10 @@
 """Commit: publish a unit's Parquet part (and its rejections), then its done-marker.
 
 Consumes ``UnitEmbeddings``; produces the unit's done-marker record, which holds the unit's counts
-(``embedded + rejected`` is always the unit's row count) and the numerics of the worker that made its
-vectors (device, precision, host, library versions). Before anything is published, the worker's
-numerics are checked against the output's (``UnitStore.check_numerics``). The part is published under a
+(``embedded + rejected`` is always the unit's row count), the numerics of the worker that made its
+vectors (device, precision, host, library versions) and the unit's quality statistics. Before
+anything is published, the worker's numerics and canary vectors are checked against the output's
+(``UnitStore.check_numerics``, ``UnitStore.check_canaries``). The part is published under a
 name derived from the unit id, atomically (see ``storage.publish``), so a retried bundle or a rerun
 overwrites it with identical rows instead of adding a copy. The marker is written last: a unit
 killed before it is redone in full and nothing of it is counted.
@@ -21,7 +22,7 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from transforms import metrics, vectors
+from transforms import metrics, quality, vectors
 from transforms.checkpoint import REJECTS, UnitStore, part_name, rejects_name
 from transforms.errors import CommitError
 from transforms.records import EmbedSettings, UnitEmbeddings
@@ -79,7 +80,7 @@ def parquet_bytes(table: pa.Table) -> bytes:
 def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStore) -> dict:
     started = time.perf_counter()
     unit_id = done.unit.unit_id
-    output.check_numerics(done.numerics)
+    checked = check_worker(done, settings, output)
     part, part_bytes = None, None  # a unit whose every row was rejected has no part
     if done.table.num_rows:
         data = parquet_bytes(output_table(done, settings, calibration_of(done, settings, output)))
@@ -117,9 +118,20 @@ def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStore
         "batch_stats": done.batch_stats,
         "worker": worker_stats(),
         "numerics": done.numerics,
+        "canaries": checked,
+        "quality": done.quality,
     }
     output.mark_done(unit_id, record)
     return record
+
+
+def check_worker(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStore) -> dict:
+    """The worker's numerics and canaries against the output's (pinning them on its first commit);
+    returns the canary check for the marker."""
+    output.check_numerics(done.numerics)
+    if done.canaries is None:  # embedded by a caller that probed no canaries (tests of the commit alone)
+        return {"checked": 0}
+    return output.check_canaries(done.canaries, settings.canary_threshold)
 
 
 # Marker counts a retry of rejections adds its own to.
@@ -134,7 +146,7 @@ def commit_retry(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStor
     crash before the marker leaves files no marker names, which the next run removes; the retried
     rows are then still rejections, and are retried again."""
     old, unit_id = done.retry["marker"], done.unit.unit_id
-    output.check_numerics(done.numerics)
+    check_worker(done, settings, output)
     retry = len(old.get("retry_parts", [])) + 1
     parts = list(old.get("retry_parts", []))
     if done.table.num_rows:
@@ -150,6 +162,7 @@ def commit_retry(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStor
         **old,
         **{k: old.get(k, old_embedded if k == "windows" else 0) + getattr(done, k) for k in ADDED_COUNTS},
         "retry_parts": parts,
+        "quality": quality.merge([old.get("quality"), done.quality]),
         "rejects": rejects,
         "embedded": old_embedded + done.table.num_rows,
         "rejected": standing.num_rows,

@@ -4,9 +4,12 @@ Consumes ``UnitRows``; produces ``UnitEmbeddings`` (vectors in the unit's row or
 with ``--long-docs chunks``). In ``setup`` each worker process resolves the device and precision
 against its own hardware (``numerics``), finds the model's files from the settings' reference
 (``model_ref``), loads it once through Beam's ``shared.Shared`` (so DoFn instances, bundles and
-retries in one process reuse it) and checks it against the launcher's description. ``embed_unit``
-picks the ``--long-docs`` mode; the batching and the model loop are ``inference``. Documents the
-model fails on alone are rejected here (``model_error``) with the error.
+retries in one process reuse it) and checks it against the launcher's description. Then it embeds
+the canary texts (``canaries``): where the output has canaries pinned, a worker whose vectors of them
+differ fails here, before any work. ``embed_unit`` picks the ``--long-docs`` mode; the batching and
+the model loop are ``inference``; each unit's quality statistics (``quality``) travel with its
+vectors to its done-marker. Documents the model fails on alone are rejected here (``model_error``)
+with the error.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import weakref
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.utils import shared
 
-from transforms import chunk, metrics, numerics, rejects
+from transforms import canaries, chunk, metrics, numerics, quality, rejects
 from transforms.checkpoint import UnitStore
 from transforms.errors import ModelError, UnitAbandoned
 from transforms.inference import check_model_errors, embed_rows, embed_windows
@@ -34,6 +38,7 @@ STOP_CHECK_S = 1.0  # how often, at most, a worker looks for a stop request betw
 # One model per process: DoFn instances, bundles and retries all acquire the same loaded model
 # through this handle, which lives as long as someone holds it.
 _MODELS = shared.Shared()
+_PROBES: "weakref.WeakKeyDictionary[Embedder, dict]" = weakref.WeakKeyDictionary()
 
 
 def acquire_embedder(settings: EmbedSettings, resolved: dict) -> Embedder:
@@ -57,6 +62,22 @@ def load_embedder(settings: EmbedSettings, resolved: dict) -> Embedder:
                          f"launcher described ({'; '.join(differences)}); workers and launcher must run the "
                          "same docembed, libraries and model files")
     return embedder
+
+
+def probe_canaries(embedder: Embedder, resolved: dict, output: UnitStore, threshold: float) -> dict:
+    """This worker's canary record (the output's pinned texts, else the shipped ones). Where the output
+    has canaries pinned, a worker whose vectors differ raises CanaryMismatch now, before any work; on
+    a new output the first commit pins them (``UnitStore.check_canaries``)."""
+    pinned = output.read_canaries()
+    texts = pinned["texts"] if pinned else dict(canaries.TEXTS)
+    key = json.dumps(texts, sort_keys=True)
+    probes = _PROBES.setdefault(embedder, {})  # DoFn instances of one process share the model, and its probe
+    if key not in probes:
+        probes[key] = canaries.probe(embedder, texts)
+    mine = {**probes[key], "numerics": resolved}
+    if pinned:
+        canaries.check(pinned, mine, threshold)
+    return mine
 
 
 def with_model_errors(rows: UnitRows, failed: dict[int, str]) -> tuple[pa.Table, np.ndarray, pa.Table]:
@@ -85,10 +106,12 @@ def embed_unit(embedder: Embedder, rows: UnitRows, settings: EmbedSettings, on_b
         embedded = embed_rows(embedder, texts, settings, on_batch)
         table, keep, rejected = with_model_errors(rows, embedded.failed)
         vectors, window_count = embedded.vectors[keep], int(keep.sum())
+        norms = embedded.norms[keep]
     else:
         embedded, windows = embed_windows(embedder, texts, settings, on_batch)
         table, keep, rejected = with_model_errors(rows, embedded.failed)
         window_count = int(keep[windows.doc].sum())
+        norms = embedded.norms[keep[windows.doc]]
         if settings.long_docs == "mean":
             vectors = chunk.mean_by_document(embedded.vectors, windows, len(texts), embedder.normalize)[keep]
         else:
@@ -106,10 +129,12 @@ def embed_unit(embedder: Embedder, rows: UnitRows, settings: EmbedSettings, on_b
                        f"unit {unit.unit_id} ({unit.source} rows {unit.row_start}-{unit.row_end})")
     seconds = {**rows.seconds, "tokenize": embedded.tokenize_s, "forward": embedded.forward_s}
     stats = [[d, t, p, round(s, 6)] for d, t, p, s in embedded.batch_stats]
+    unit_quality = quality.unit_stats(embedded.doc_tokens[keep],
+                                      quality.mostly_non_letters(table.column(settings.text_column)), norms, vectors)
     return UnitEmbeddings(rows.unit, table, rejected, vectors, embedded.truncated, embedded.tokens,
                           embedded.padded_tokens, embedded.batches, seconds, stats, rows.started_at, chunks,
                           window_count, embedded.text_tokens, sum(n for i, n in embedded.dropped.items() if keep[i]),
-                          retry=rows.retry)
+                          retry=rows.retry, quality=unit_quality)
 
 
 class EmbedUnit(beam.DoFn):
@@ -122,6 +147,7 @@ class EmbedUnit(beam.DoFn):
     def setup(self):
         self._numerics = numerics.resolve(self._settings.device, self._settings.precision)
         self._embedder = acquire_embedder(self._settings, self._numerics)
+        self._canaries = probe_canaries(self._embedder, self._numerics, self._output, self._settings.canary_threshold)
 
     def process(self, rows: UnitRows):
         unit = rows.unit
@@ -149,7 +175,7 @@ class EmbedUnit(beam.DoFn):
         except UnitAbandoned:  # told to stop, and out of grace: the rerun does this unit
             metrics.UNITS_LEFT.inc()
             return
-        done.numerics = self._numerics
+        done.numerics, done.canaries = self._numerics, self._canaries
         for items, tokens, _, seconds in done.batch_stats:
             metrics.BATCH_LATENCY_MS.update(int(seconds * 1000))
             metrics.BATCH_DOCS.update(items)

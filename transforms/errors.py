@@ -40,6 +40,13 @@ class NumericsMismatch(DocembedError):
     """A worker would commit vectors made at another device or precision than the output's."""
 
 
+class CanaryMismatch(DocembedError):
+    """A worker's vectors of the canary texts differ from those pinned in the output (another GPU
+    type, build or library version than the output was made with): it refuses to commit."""
+
+    exit_code = 1
+
+
 class ModelError(DocembedError):
     """The model cannot be found or loaded."""
 

@@ -4,7 +4,9 @@ Armed only by the environment variable ``DOCEMBED_FAULT``, a comma-separated lis
 ``POINT@N[:ACTION]``: at the N-th time this process passes POINT (``*`` for every time), do ACTION:
 ``crash`` (the default: ``os._exit(97)``, as a SIGKILL or a lost VM would stop it, with no cleanup),
 ``raise`` (a RuntimeError, as a broken device would raise; ``raise>V`` only where the point's value
-exceeds V, as a device short of memory fails only on large batches), or ``pause``: create the file
+exceeds V, as a device short of memory fails only on large batches), ``perturb=S`` (multiply every
+weight of the point's model by 1 + S x N(0, 1), seeded: a worker whose numbers differ while every
+label agrees, as another GPU type or library build would), or ``pause``: create the file
 ``$DOCEMBED_FAULT_GATE.arrived.PID.K`` and wait until ``$DOCEMBED_FAULT_GATE.K`` exists, K being how
 many times the point was passed, so that a test can hold several processes at the same point and
 release them together (a race run the same way every time). Unarmed, a point costs one dictionary
@@ -12,8 +14,9 @@ lookup. The points:
 
 - ``publish:KIND`` before, and ``published:KIND`` after, the store makes a file appear, where KIND
   is what the file is: ``part``, ``rejects``, ``marker``, ``manifest``, ``plan``, ``lock``,
-  ``heartbeat``, ``numerics``, ``progress``, ``report`` or ``probe``;
-- ``forward``: each batch the model runs; its value is the batch's padded tokens.
+  ``heartbeat``, ``numerics``, ``canaries``, ``progress``, ``report`` or ``probe``;
+- ``forward``: each batch the model runs; its value is the batch's padded tokens;
+- ``loaded``: a worker's model, just loaded (the point for ``perturb``).
 """
 
 from __future__ import annotations
@@ -36,13 +39,16 @@ def _armed() -> dict[str, list[tuple[str, str]]]:
     return armed
 
 
-def hit(point: str, value: float = 0) -> None:
-    """Pass ``point``: crash or raise here if the environment asks for it."""
+def hit(point: str, value: float = 0, target=None) -> None:
+    """Pass ``point``: crash, raise or perturb ``target`` (a torch module) here if the environment asks."""
     if "DOCEMBED_FAULT" not in os.environ:
         return
     _passed[point] += 1
     for count, action in _armed().get(point, []):
         if count in ("*", str(_passed[point])):
+            if action.startswith("perturb="):
+                _perturb(target, float(action.split("=", 1)[1]))
+                continue
             if action == "raise" or (action.startswith("raise>") and value > float(action[6:])):
                 raise RuntimeError(f"fault injected at {point} (DOCEMBED_FAULT)")
             if action.startswith("raise>"):
@@ -51,6 +57,16 @@ def hit(point: str, value: float = 0) -> None:
                 _pause(_passed[point])
                 continue
             os._exit(CRASH_EXIT)
+
+
+def _perturb(model, scale: float) -> None:
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            noise = torch.randn(parameter.shape, generator=generator).to(parameter.device, parameter.dtype)
+            parameter.mul_(1 + scale * noise)
 
 
 def _pause(passage: int) -> None:
@@ -69,5 +85,6 @@ def kind(relative: str) -> str:
         return by_folder[top]
     if base.startswith("part-"):
         return "part"
-    return {"_manifest.json": "manifest", "_lock.json": "lock", "_numerics.json": "numerics"}.get(
+    return {"_manifest.json": "manifest", "_lock.json": "lock", "_numerics.json": "numerics",
+            "_canaries.json": "canaries"}.get(
         base, "probe" if base.startswith("_probe") else "other")

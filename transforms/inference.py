@@ -46,6 +46,8 @@ class Embedded:
     tokens: int
     padded_tokens: int
     batches: int
+    norms: np.ndarray = None  # each vector's L2 norm before normalisation (0 where its item failed)
+    doc_tokens: np.ndarray = None  # each document's whole text in tokens, special tokens excluded
     text_tokens: int = 0  # tokens of the embedded documents' whole texts, special tokens excluded
     dropped: dict[int, int] = dataclasses.field(default_factory=dict)  # truncate: {index: tokens cut off}
     tokenize_s: float = 0.0
@@ -67,7 +69,7 @@ def embed_rows(embedder: Embedder, texts: list[str], settings: EmbedSettings, on
     lengths = firsts.lengths + embedder.overhead
     batches = plan_batches(lengths, settings.min_batch_size, settings.max_batch_size, settings.max_batch_tokens)
     out = Embedded(np.zeros((len(texts), embedder.dim), dtype=np.float32), {}, 0,
-                   int(lengths.sum()), padded_tokens(lengths, batches), len(batches))
+                   int(lengths.sum()), padded_tokens(lengths, batches), len(batches), np.zeros(len(texts), np.float32))
     prepare = lambda b: embedder.prepare_ids([firsts.ids[i] for i in b])  # noqa: E731
     # Counting what truncation drops reads the rest of long texts, which no pass has read yet. Beside
     # a GPU's model loop it runs in a thread on otherwise idle cores. On the CPU it runs first: there the
@@ -86,7 +88,10 @@ def embed_rows(embedder: Embedder, texts: list[str], settings: EmbedSettings, on
         out.tokenize_s += time.perf_counter() - waited
     kept = [i for i in range(len(texts)) if i not in out.failed]
     out.truncated = int(firsts.truncated[kept].sum())
-    out.text_tokens = int(firsts.lengths[kept].sum()) + sum(n for i, n in out.dropped.items() if i not in out.failed)
+    out.doc_tokens = firsts.lengths.copy()
+    for i, n in out.dropped.items():
+        out.doc_tokens[i] += n
+    out.text_tokens = int(out.doc_tokens[kept].sum())
     return out
 
 
@@ -104,7 +109,7 @@ def embed_windows(embedder: Embedder, texts: list[str], settings: EmbedSettings,
     lengths = windows.token_end - windows.token_start + embedder.overhead
     batches = plan_batches(lengths, settings.min_batch_size, settings.max_batch_size, settings.max_batch_tokens)
     out = Embedded(np.zeros((len(windows), embedder.dim), dtype=np.float32), {}, 0,
-                   int(lengths.sum()), padded_tokens(lengths, batches), len(batches))
+                   int(lengths.sum()), padded_tokens(lengths, batches), len(batches), np.zeros(len(windows), np.float32))
     out.tokenize_s = time.perf_counter() - start
 
     def prepare(batch):
@@ -116,6 +121,7 @@ def embed_windows(embedder: Embedder, texts: list[str], settings: EmbedSettings,
     failed_windows, out.failed = out.failed, {}
     for w, message in failed_windows.items():
         out.failed.setdefault(int(windows.doc[w]), message)
+    out.doc_tokens = np.fromiter((len(t) for t in ids), dtype=np.int64, count=len(ids))
     out.text_tokens = sum(len(t) for d, t in enumerate(ids) if d not in out.failed)
     return out, windows
 
@@ -138,8 +144,8 @@ def run_batches(embedder: Embedder, prepare, lengths: np.ndarray, batches: list[
             if k + 1 < len(batches):
                 pending = tokenizer_thread.submit(prepare, batches[k + 1])
             waited = time.perf_counter()
-            if features is None or not _forward(embedder, features, batch, out.vectors):
-                _embed_or_split(embedder, prepare, batch, out.vectors, out.failed)
+            if features is None or not _forward(embedder, features, batch, out):
+                _embed_or_split(embedder, prepare, batch, out)
             finished = time.perf_counter()
             out.tokenize_s += waited - started
             out.forward_s += finished - waited
@@ -150,31 +156,31 @@ def run_batches(embedder: Embedder, prepare, lengths: np.ndarray, batches: list[
                 on_batch(done)
 
 
-def _forward(embedder: Embedder, features: dict, batch: np.ndarray, vectors: np.ndarray) -> bool:
+def _forward(embedder: Embedder, features: dict, batch: np.ndarray, out: Embedded) -> bool:
     try:
-        vectors[batch] = embedder.forward(features)
+        out.vectors[batch], out.norms[batch] = embedder.forward_with_norms(features)
         return True
     except Exception:  # noqa: BLE001 - the caller splits the batch to find the failing documents
         embedder.release_memory()
         return False
 
 
-def _embed_or_split(embedder: Embedder, prepare, batch: np.ndarray, vectors, failed) -> None:
+def _embed_or_split(embedder: Embedder, prepare, batch: np.ndarray, out: Embedded) -> None:
     try:
-        vectors[batch] = embedder.forward(prepare(batch))
+        out.vectors[batch], out.norms[batch] = embedder.forward_with_norms(prepare(batch))
         return
     except Exception as exc:  # any model failure: torch raises OutOfMemoryError, RuntimeError, IndexError...
         embedder.release_memory()
         if len(batch) == 1:
             message = f"{type(exc).__name__}: {exc}"[:2000]
             check_health(embedder, message)
-            failed[int(batch[0])] = message
+            out.failed[int(batch[0])] = message
             log.warning("model failed on one document, rejected as model_error: %s", message)
             return
         log.info("model failed on a batch of %d documents; retrying it in halves", len(batch))
     half = len(batch) // 2
-    _embed_or_split(embedder, prepare, batch[:half], vectors, failed)
-    _embed_or_split(embedder, prepare, batch[half:], vectors, failed)
+    _embed_or_split(embedder, prepare, batch[:half], out)
+    _embed_or_split(embedder, prepare, batch[half:], out)
 
 
 def check_health(embedder: Embedder, error: str) -> None:

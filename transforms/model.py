@@ -175,6 +175,7 @@ class Embedder:
         # Pooling that leaves the prompt out skips the prompt's tokens after the specials in front.
         self.model, self.after = _load_modules(folder, device, precision, len(self._head) if prefix else 0,
                                                trust_remote_code)
+        faults.hit("loaded", target=self.model)  # tests make the weights differ here, as another build would
 
     def _read_tokenizer(self, folder: _Folder, max_seq_length: int | None, prefix: str, trust_remote_code: bool):
         """The tokenizer as sentence-transformers sets it up (transformers' AutoTokenizer, the folder's
@@ -246,6 +247,11 @@ class Embedder:
 
     def forward(self, features: dict) -> np.ndarray:
         """float32 (batch, dim) for prepared inputs, row order preserved."""
+        return self.forward_with_norms(features)[0]
+
+    def forward_with_norms(self, features: dict) -> tuple[np.ndarray, np.ndarray]:
+        """``forward``'s vectors, and each one's L2 norm before normalisation (a quality signal: the
+        norms move when the input's nature or the model's numbers do)."""
         torch = self._torch
         faults.hit("forward", features["input_ids"].numel())
         with torch.inference_mode():
@@ -255,9 +261,10 @@ class Embedder:
             for module in self.after:
                 state = module(state)
             vectors = state["sentence_embedding"].float()[:, :self.truncate_dim]
+            norms = torch.linalg.vector_norm(vectors, dim=1)
             if self.normalize:
                 vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
-            return vectors.cpu().numpy()
+            return vectors.cpu().numpy(), norms.cpu().numpy()
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """float32 (len(texts), dim), one row per text in order, each from its first window."""

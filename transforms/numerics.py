@@ -87,7 +87,7 @@ def same(a: dict, b: dict) -> bool:
 def describe(record: dict) -> str:
     """``cuda fp16 on HOST (GPU, torch 2.x, ...)``: a resolution as a message names it."""
     hardware = record.get("gpu") or record.get("cpu") or "unknown hardware"
-    libraries = ", ".join(f"{k} {v}" for k, v in (record.get("libraries") or {}).items())
+    libraries = ", ".join(f"{k} {v}" for k, v in sorted((record.get("libraries") or {}).items()))
     return f"{record.get('device')} {record.get('precision')} on {record.get('host', 'an unknown host')} " \
            f"({hardware}{', ' + libraries if libraries else ''})"
 

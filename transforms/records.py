@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
+from transforms.canaries import THRESHOLD as CANARY_THRESHOLD
 from transforms.chunk import ChunkSpec
 from transforms.model_ref import ModelRef
 
@@ -62,6 +63,8 @@ class EmbedSettings:
     truncate_dim: Optional[int] = None  # Matryoshka: the first N dimensions, re-normalised when normalised
     trust_remote_code: bool = False  # the model's folder may run its own Python code
     output_dtype: str = "float32"  # how the vectors are stored (transforms.vectors)
+    # A worker whose vectors of the canary texts fall below this cosine to the output's refuses to commit.
+    canary_threshold: float = CANARY_THRESHOLD
 
     VECTOR_FIELDS = (
         "model",
@@ -202,3 +205,5 @@ class UnitEmbeddings:
     dropped_tokens: int = 0  # truncate: of those, the tokens beyond the window that no vector covers
     numerics: dict = dataclasses.field(default_factory=dict)  # the worker's resolution (transforms.numerics)
     retry: Optional[dict] = None  # as UnitRows.retry
+    quality: dict = dataclasses.field(default_factory=dict)  # the unit's statistics (transforms.quality)
+    canaries: Optional[dict] = None  # the worker's canary record (transforms.canaries)
