@@ -8,7 +8,7 @@ never below a floor (so that huge runs are not flagged for trivial shifts):
 
 - ``lengths``: the two-sample Kolmogorov-Smirnov statistic D between the runs' distributions of
   document length in tokens (the largest gap between their cumulative shares); flagged when
-  D > max(0.2, 2.15 * sqrt((n + m) / (n * m))), the second term being KS's critical value at 1e-4;
+  D > max(0.2, 2.15 * sqrt((n + m) / (n * m))), the second term being KS's critical value at p = 2e-4;
 - ``mean cosine``: the cosine between the runs' mean vectors; flagged when 1 - cosine > max(0.1,
   4 x the gap sampling alone gives, ``quality.sampling_gap``);
 - ``truncated``, ``rejected``, ``mostly non-letters``: the share of documents; flagged when it moved
@@ -26,7 +26,7 @@ from transforms import quality
 
 BASELINE_RUNS = 7  # a nightly job is compared with its last week
 
-KS_FLOOR, KS_COEFFICIENT = 0.2, 2.15  # 2.15 = sqrt(-ln(1e-4 / 2) / 2)
+KS_FLOOR, KS_COEFFICIENT = 0.2, 2.15  # KS's critical value at p = 2 exp(-2 x 2.15^2) = 1.9e-4
 COSINE_FLOOR, COSINE_NOISE = 0.1, 4.0
 SHARE_FLOOR, SHARE_SIGMAS = 0.05, 4.0
 
@@ -41,6 +41,16 @@ def run_quality(markers) -> dict:
     merged = quality.merge(m.get("quality") for m in markers)
     return {**merged, "truncated": sum(m.get("truncated", 0) for m in markers),
             "rejected": sum(reasons.values()), "rejected_by_reason": dict(sorted(reasons.items()))}
+
+
+RECORD_FIELDS = {"docs": int, "tokens": dict, "nonletter": int, "norms": dict, "vectors": int, "square": float}
+
+
+def well_formed(q) -> bool:
+    """Whether ``q`` is a run's statistics as ``run_quality`` makes them (a report of another version,
+    or edited by hand, may hold something else: it is then left out of comparisons)."""
+    return isinstance(q, dict) and all(isinstance(q.get(k), (t, int) if t is float else t)
+                                       for k, t in RECORD_FIELDS.items()) and isinstance(q.get("mean"), (str, type(None)))
 
 
 def pooled(runs: list[dict]) -> dict:
@@ -64,10 +74,11 @@ def compare(now: dict, earlier: list[dict], runs: list[str] | None = None) -> di
     """``now`` (``run_quality``) against ``earlier`` runs' (oldest first): the signals, and whether any
     is flagged. No earlier runs, or none with documents: nothing to compare, nothing flagged."""
     earlier = [e for e in earlier if e and e.get("docs")]
-    if not earlier or not now.get("docs"):
+    if not earlier:
         return {"runs": [], "docs": 0, "signals": [], "flagged": False}
     base = pooled(earlier)
-    signals = [_lengths(now, base), _mean(now, base)]
+    # A run whose every row was rejected has no lengths or vectors, but its rejected share speaks.
+    signals = [_lengths(now, base), _mean(now, base)] if now.get("docs") else []
     for name, (count, total) in shares(now).items():
         signals.append(_share(name, count, total, *shares(base)[name]))
     signals = [s for s in signals if s is not None]
@@ -114,8 +125,10 @@ def describe(signal: dict) -> str:
 
 def format_line(drift: dict | None) -> str:
     """The summary's ``drift`` line."""
-    if not drift or not drift.get("signals"):
+    if not drift or not drift.get("docs"):
         return "first run into this output with documents: later runs are compared with it"
+    if not drift.get("signals"):
+        return "nothing to compare: this run neither embedded nor rejected a document"
     runs = len(drift["runs"])
     against = f"against {runs} earlier run{'s' if runs != 1 else ''} ({drift['docs']} documents)"
     flagged = [describe(s) for s in drift["signals"] if s["flagged"]]
@@ -127,19 +140,19 @@ def format_line(drift: dict | None) -> str:
 
 def format_quality(q: dict) -> list[tuple[str, str]]:
     """(label, line) pairs for a run's input and vector statistics."""
+    share = shares(q) if q.get("docs") is not None else {}
+    rejected = ", ".join(f"{n} {r}" for r, n in q.get("rejected_by_reason", {}).items())
+    rejects = f"rejected {_percent(*share['rejected'])}{f' ({rejected})' if rejected else ''}" if share else ""
     if not q.get("docs"):
-        return []
+        return [("input", f"no document embedded; {rejects}")] if q.get("rejected") else []
     tokens = ", ".join(f"{label} {quality.percentile(q['tokens'], p):.0f}"
                        for label, p in (("p10", 10), ("p50", 50), ("p90", 90), ("p99", 99), ("max", 100)))
-    share = shares(q)
-    rejected = ", ".join(f"{n} {r}" for r, n in q.get("rejected_by_reason", {}).items())
     norms = ", ".join(f"{label} {quality.percentile(q['norms'], p):.2f}" for label, p in
                       (("p1", 1), ("p50", 50), ("p99", 99)))
     mean = quality.decode_vector(q["mean"]) if q.get("mean") else None
     return [
-        ("input", f"{q['docs']} documents, tokens {tokens}; truncated {_percent(*share['truncated'])}, rejected "
-                  f"{_percent(*share['rejected'])}{f' ({rejected})' if rejected else ''}, mostly non-letters "
-                  f"{_percent(*share['mostly non-letters'])}"),
+        ("input", f"{q['docs']} documents, tokens {tokens}; truncated {_percent(*share['truncated'])}, {rejects}, "
+                  f"mostly non-letters {_percent(*share['mostly non-letters'])}"),
         ("vectors", f"norm before normalisation {norms}"
                     + (f"; mean vector length {math.sqrt(float(mean @ mean)):.3f}" if mean is not None else "")),
     ]

@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 
 from pipeline.output import OutputAdmin
-from transforms.checkpoint import CHECKPOINTS, REJECTS, files_of, part_name
+from transforms.checkpoint import CANARIES, CHECKPOINTS, REJECTS, dumps, files_of, part_name
+from transforms.errors import DamagedRecord
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,3 +58,24 @@ def take_back(output: OutputAdmin, damage: list[Damage]) -> None:
     for d in damage:
         output.remove_unit(d.marker or {"unit_id": d.unit_id, "part": part_name(d.unit_id),
                                         "rejects": f"{REJECTS}/{d.unit_id}.parquet"})
+
+
+def canaries_damage(output: OutputAdmin, manifest: dict | None) -> str | None:
+    """What is wrong with ``_canaries.json``, when it is damaged and the manifest holds the copy a run
+    restores; None when it is fine or absent. Damaged with no copy to restore, it is an error: letting
+    the next commit pin new canaries would let any environment pass."""
+    try:
+        output.read_canaries()
+        return None
+    except DamagedRecord as exc:
+        if not (manifest or {}).get("canaries"):
+            raise DamagedRecord(f"{exc}, but the manifest holds no copy to restore: delete {CANARIES} to have this "
+                                "run's first commit pin the canaries anew, if its workers match the ones that made "
+                                "the output's vectors") from exc
+        return f"{CANARIES} is damaged: this run restores it from the manifest's copy"
+
+
+def restore_canaries(output: OutputAdmin, manifest: dict | None) -> None:
+    """Put the manifest's copy of the pinned canaries back, where ``canaries_damage`` found damage."""
+    if canaries_damage(output, manifest):
+        output.publish(CANARIES, dumps(manifest["canaries"]))

@@ -154,7 +154,8 @@ def with_drift(report: dict, earlier: list[dict]) -> dict:
 
 def history(output: OutputAdmin, before: str | None = None) -> list[dict]:
     """The runs' reports, oldest first; with ``before``, only those of runs started before that run.
-    A report that cannot be read is left out: reports inform, they are not the output's record."""
+    A report that cannot be read is left out, and statistics that are not well formed are dropped from
+    theirs: reports inform, they are not the output's record."""
     found = []
     for name in output.report_names():
         if before is not None and name[:-len(".json")] >= before:
@@ -164,6 +165,8 @@ def history(output: OutputAdmin, before: str | None = None) -> list[dict]:
         except (ValueError, UnicodeDecodeError):
             continue
         if isinstance(report, dict) and report.get("run_id"):
+            if not drift.well_formed(report.get("quality")):
+                report.pop("quality", None)  # neither a baseline nor a point of the trend
             found.append(report)
     return found
 

@@ -54,9 +54,9 @@ def run(argv: list[str], test_pipeline: beam.Pipeline | None = None) -> dict:
         try:
             settings = dataclasses.replace(settings, lock_token=lock.token)
             summary = _run_locked(options, opts, output, plan, settings, test_pipeline, stop)
+            add_report(summary, output, started, started_at, _workers(options), opts.cost_per_hour)
         except OSError as exc:  # bookkeeping writes on the launcher: the store failed under us
             raise OutputError(f"writing to --output {output.url} failed: {exc}; rerun to resume") from exc
-        add_report(summary, output, started, started_at, _workers(options), opts.cost_per_hour)
         summary["fail_on_drift"] = opts.fail_on_drift
     if lock.lost.is_set():
         raise OutputError(f"another run took over {output.url}'s lock during this run; check the output with "
@@ -137,6 +137,7 @@ def guard(output: OutputAdmin, plan, settings: EmbedSettings) -> Resume:
     check_fingerprint(output, settings, manifest)
     settings = adopt_numerics(output, settings, manifest)
     manifest_damage = [f"{wrong}: this run rewrites it"] if wrong else []
+    manifest_damage += [d for d in [repair.canaries_damage(output, manifest)] if d]
     markers, damage = repair.find(output)
     return Resume(settings, markers, damage, manifest_damage, *split_done(plan, markers))
 
@@ -202,11 +203,13 @@ def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipelin
 
 
 def _tidy(output: OutputAdmin, opts, plan, resume: Resume) -> tuple[list[dict], list[str]]:
-    """Before the job: take back damaged units and those of changed input files, prune gone files'
-    units when asked, and remove what no marker names. Returns (units of files outside the plan, what
+    """Before the job: take back damaged units and those of changed input files, restore damaged pinned
+    canaries from the manifest's copy, prune gone files' units when asked, and remove what no marker
+    names. Returns (units of files outside the plan, what
     was removed). ``resume.markers`` is kept up to date."""
     markers = resume.markers
     repair.take_back(output, resume.damage)
+    repair.restore_canaries(output, output.load_manifest()[0])  # before this run's manifest replaces the copy
     for marker in resume.superseded:  # a changed input file: its old rows go, its new units are to do
         output.remove_unit(marker)
         del markers[marker["unit_id"]]

@@ -76,7 +76,8 @@ def format_status(s: dict) -> str:
         f"text       {s['text_bytes_done'] / 1e6:.1f}/{s['text_bytes_total'] / 1e6:.1f} MB"
         + (f", about {s['eta_s'] / 60:.1f} min left at the recent rate" if s.get("eta_s") is not None else ""),
         *(f"{label:<10} {line} (run {s['run_id']})" for label, line in drift.format_quality(s.get("quality") or {})),
-        *([f"drift      {drift.format_line(s['drift'])}"] if (s.get("quality") or {}).get("docs") else []),
+        *([f"drift      {drift.format_line(s['drift'])}"] if (s.get("quality") or {}).get("docs")
+          or (s.get("quality") or {}).get("rejected") else []),
         *(f"damaged    {d}; the next run redoes it" for d in s["damaged"]),
         *(f"elsewhere  {o}" for o in s["outside_inputs"]),
     ])

@@ -27,7 +27,7 @@ from transforms import canaries as canaries_mod, numerics, storage
 from transforms.commit import CHUNK_COLUMNS, FINGERPRINT_KEY, NUMERICS_KEY
 from transforms.vectors import arrow_type as vector_type
 from transforms.dedup import read_ids
-from transforms.errors import DeviceUnavailable, ModelError, OutputError, UsageError
+from transforms.errors import DamagedRecord, ModelError, OutputError
 from transforms.model_ref import ModelRef
 from transforms.records import with_defaults
 
@@ -80,8 +80,13 @@ def verify(output_url: str, input_url: str | None = None, canaries: bool = True,
 
 def _check_canaries(output: OutputAdmin, manifest: dict, report: Report, device: str, precision: str,
                     threshold: float) -> None:
-    """Re-embed the pinned canaries in this environment and compare (``canaries.verdict``)."""
-    pinned = output.read_canaries()
+    """Re-embed the pinned canaries in this environment and compare (``canaries.verdict``). Canaries
+    that cannot be checked here are a problem: verify is how an environment proves itself."""
+    try:
+        pinned = output.read_canaries()
+    except DamagedRecord as exc:
+        report.problems.append(f"canaries: {exc}")
+        return
     if pinned is None:
         report.notes.append("no canaries pinned (no unit committed yet, or an output made before docembed pinned "
                             "them): the next commit pins them")
@@ -93,10 +98,11 @@ def _check_canaries(output: OutputAdmin, manifest: dict, report: Report, device:
         here = numerics.resolve(device, precision)
         embedder = load_model(_model_ref(manifest), here["device"], here["precision"],
                               **_model_settings(with_defaults(manifest["fingerprint"])))
-    except (DeviceUnavailable, ModelError, UsageError) as exc:
-        report.notes.append(f"canaries not checked: {exc}")
+        mine = {**canaries_mod.probe(embedder, pinned["texts"]), "numerics": here}
+    except Exception as exc:  # noqa: BLE001 - whatever stops the model here, the canaries are unchecked
+        report.problems.append(f"canaries not checked: {' '.join(str(exc).split())[:600]}; pass a --device and "
+                               "--precision this machine can run, or --no-canaries")
         return
-    mine = {**canaries_mod.probe(embedder, pinned["texts"]), "numerics": here}
     report.canaries = canaries_mod.cosines(pinned, mine)
     report.canaries_made_at = numerics.describe(here)
     _, problem = canaries_mod.verdict(pinned, mine, threshold)

@@ -62,11 +62,18 @@ def test_a_check_names_the_worse_canary_and_what_differs_and_skips_what_the_mode
     assert canaries.check(pinned, drifted, -1)["checked"] == 3  # -1 turns the check off
     with pytest.raises(CanaryMismatch, match="the model embedded none of the output's canary texts"):
         canaries.check(pinned, {**record({"a": None, "b": None, "c": None}), "numerics": CPU}, 0.999)
+    overflowed = {**record({"a": [1, 0, 0], "b": [0, np.nan, 0], "c": [0, 0, 1]}), "numerics": CPU}
+    with pytest.raises(CanaryMismatch, match=r"cosine -1.000000 for 'b' \(1 of 3 below"):  # NaN is no pass
+        canaries.check(pinned, overflowed, 0.999)
+    assert canaries.pinnable(overflowed)["vectors"]["b"] is None  # and never pinned
+    assert canaries.pinnable(record({"a": [np.inf, 0]})) is None
 
 
 def test_the_first_commit_pins_the_canaries_and_a_worker_with_other_numbers_refuses(tmp_path):
     first, second = UnitStore(str(tmp_path)), UnitStore(str(tmp_path))
-    assert first.check_canaries(record({"a": None}), 0.999) == {"checked": 0}  # no vector: nothing pinned
+    with pytest.raises(CanaryMismatch, match="embedded none of docembed's canary texts"):
+        first.check_canaries(record({"a": None}), 0.999)  # a broken model neither pins nor commits
+    assert first.check_canaries(record({"a": None}), -1) == {"checked": 0}  # unless the check is off
     assert not (tmp_path / "_canaries.json").exists()
     assert first.check_canaries(record({"a": [1, 0]}), 0.999)["pinned"] is True
     assert second.check_canaries(record({"a": [1, 0.01]}), 0.999)["pinned"] is False  # cosine 0.99995
@@ -141,3 +148,29 @@ def test_verify_reports_each_canary_cosine_and_fails_where_the_model_differs(tmp
     assert "A run appending to this output from here would be refused" in report.problems[0]
     assert max(report.canaries.values()) < 0.999
     assert verify(str(tmp_path / "out"), canaries=False).canaries == {}
+
+
+def test_damaged_canaries_are_restored_from_the_manifest_and_refused_without_a_copy(tmp_path, docs, capsys):
+    from pipeline.cli import main
+    from pipeline.verify import verify
+
+    ids, texts = docs
+    write_docs(tmp_path / "in" / "a.parquet", ids[:4], texts[:4])
+    argv = ["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--no-progress"]
+    assert main(argv) == 0
+    pinned = (tmp_path / "out" / "_canaries.json").read_text()
+    (tmp_path / "out" / "_canaries.json").write_text('{"texts": [1, 2]}')
+    problems = verify(str(tmp_path / "out"), canaries=True).problems
+    assert problems == [f"canaries: {tmp_path / 'out'}/_canaries.json is not a canary record ({{'texts': [1, 2]}}); "
+                        "the next run restores it from the manifest's copy"]
+    write_docs(tmp_path / "in" / "b.parquet", ids[4:8], texts[4:8])
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "repaired   _canaries.json is damaged: this run restores it from the manifest's copy" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "_canaries.json").read_text()) == json.loads(pinned)
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    del manifest["canaries"]
+    (tmp_path / "out" / "_manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "out" / "_canaries.json").write_text("null")
+    assert main(argv) == 2
+    assert "but the manifest holds no copy to restore: delete _canaries.json" in capsys.readouterr().err

@@ -131,3 +131,38 @@ def test_flagged_runs_are_left_out_of_the_baseline_until_the_whole_window_is_fla
     lasting = [report(f"h{k}", 400, True) for k in range(drift.BASELINE_RUNS)]
     settled = with_drift({"quality": report("h8", 400, False)["quality"]}, earlier + lasting)["drift"]
     assert settled["runs"] == [f"h{k}" for k in range(drift.BASELINE_RUNS)] and not settled["flagged"]
+
+
+def test_a_run_whose_every_row_was_rejected_is_flagged_on_its_rejected_share():
+    usual = {**quality.unit_stats(np.full(100, 50), np.zeros(100, bool), np.ones(100), np.eye(4)[np.zeros(100, int)]),
+             "truncated": 0, "rejected": 1, "rejected_by_reason": {"empty_text": 1}}
+    broken = {**quality.merge([]), "truncated": 0, "rejected": 100, "rejected_by_reason": {"empty_text": 100}}
+    found = drift.compare(broken, [usual], ["r1"])
+    assert found["flagged"] and [s["name"] for s in found["signals"]] == ["rejected"]
+    assert drift.format_line(found).startswith("FLAGGED against 1 earlier run (100 documents): rejected 1.0% -> 100.0%")
+    assert drift.format_quality(broken) == [("input", "no document embedded; rejected 100.0% (100 empty_text)")]
+
+
+def test_the_non_letter_scan_is_right_on_sliced_arrays_and_across_its_batches():
+    blob = base64.b64encode(random.Random(1).randbytes(300)).decode()
+    texts = [("prose words here " * 3, blob)[i % 3 == 0] for i in range(quality.SCAN_BATCH + 300)]
+    expected = [i % 3 == 0 for i in range(len(texts))]
+    whole = pa.array(["x"] * 7 + texts)
+    chunked = pa.chunked_array([whole.slice(7, 1000), whole.slice(1007)])  # offsets that are not 0
+    assert quality.mostly_non_letters(chunked).tolist() == expected
+
+
+def test_reports_whose_statistics_are_not_well_formed_are_left_out_of_the_baseline(tmp_path):
+    from pipeline.output import OutputAdmin
+    from pipeline.report import history, with_drift
+
+    output = OutputAdmin(str(tmp_path))
+    good = {**quality.unit_stats(np.full(50, 20), np.zeros(50, bool), np.ones(50), np.eye(4)[np.zeros(50, int)]),
+            "truncated": 0, "rejected": 0}
+    output.write_report("20260101T000000-a", {"run_id": "20260101T000000-a", "quality": good})
+    output.write_report("20260102T000000-b", {"run_id": "20260102T000000-b", "quality": None})
+    output.write_report("20260103T000000-c", {"run_id": "20260103T000000-c", "quality": {"docs": 5}})
+    (tmp_path / "_reports" / "20260104T000000-d.json").write_text("{not json")
+    earlier = history(output, before="20260105T000000-e")
+    assert [r["run_id"] for r in earlier] == ["20260101T000000-a", "20260102T000000-b", "20260103T000000-c"]
+    assert with_drift({"quality": good}, earlier)["drift"]["runs"] == ["20260101T000000-a"]

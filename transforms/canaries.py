@@ -132,23 +132,37 @@ def decode(text: str | None) -> np.ndarray | None:
 
 def cosines(pinned: dict, mine: dict) -> dict[str, float | None]:
     """Each pinned canary's cosine between the pinned vector and this worker's, for the canaries of
-    the same text that the pinned record holds a vector for; None where this worker failed on it."""
+    the same text that the pinned record holds a finite vector for; None where this worker failed on
+    it; -1 where this worker's vector holds NaN or inf (an overflow is the worst of drifts)."""
     found = {}
     for name, stored in pinned["vectors"].items():
-        if stored is None or mine["texts"].get(name) != pinned["texts"].get(name):
+        a = decode(stored)
+        if a is None or not np.isfinite(a).all() or mine["texts"].get(name) != pinned["texts"].get(name):
             continue
-        a, b = decode(stored), decode(mine["vectors"].get(name))
-        found[name] = None if b is None or a.shape != b.shape else float(
-            a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+        b = decode(mine["vectors"].get(name))
+        if b is None or a.shape != b.shape:
+            found[name] = None
+        elif not np.isfinite(b).all():
+            found[name] = -1.0
+        else:
+            found[name] = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
     return found
+
+
+def pinnable(mine: dict) -> dict | None:
+    """``mine`` as an output may pin it: vectors holding NaN or inf left out (None); None when no
+    vector is left, since a pin that holds no vector could never check anything."""
+    kept = {n: (v if v is not None and np.isfinite(decode(v)).all() else None) for n, v in mine["vectors"].items()}
+    return {**mine, "vectors": kept} if any(v is not None for v in kept.values()) else None
 
 
 def check(pinned: dict, mine: dict, threshold: float) -> dict:
     """``{"checked": n, "min_cosine": c, "lowest": name, "failed": [...]}`` when every comparable
-    canary is at least ``threshold``; raises CanaryMismatch otherwise, naming the worse canary, this
-    worker's numerics and the pinned ones (``mine`` and ``pinned`` carry them under ``numerics``)."""
+    canary is at least ``threshold`` (or ``threshold`` is -1: the check is off); raises CanaryMismatch
+    otherwise, naming the worse canary, this worker's numerics and the pinned ones (``mine`` and
+    ``pinned`` carry them under ``numerics``)."""
     result, problem = verdict(pinned, mine, threshold)
-    if problem:
+    if problem and threshold > -1:  # -1: the canaries are compared and recorded, never refused
         host = (mine.get("numerics") or {}).get("host") or socket.gethostname()
         raise CanaryMismatch(f"worker {host}: {problem}. It refuses to commit: run the workers in the environment "
                              "the output was made in (the same image, accelerator type and library versions), or "

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from transforms import canaries, faults, numerics, storage
-from transforms.errors import DamagedRecord, NumericsMismatch
+from transforms.errors import CanaryMismatch, CommitError, DamagedRecord, NumericsMismatch
 from transforms.records import WorkUnit
 from transforms.vectors import calibration
 
@@ -223,20 +223,38 @@ class UnitStore:
         pinned_now = False
         if self._canaries is None:
             pinned = self.read_canaries()
-            if pinned is None and any(v is not None for v in mine["vectors"].values()):
-                pinned_now = self.create(CANARIES, dumps(mine))
+            if pinned is None:
+                candidate = canaries.pinnable(mine)
+                if candidate is None:
+                    if threshold <= -1:  # the check is off: nothing to pin, nothing refused
+                        return {"checked": 0}
+                    raise CanaryMismatch(
+                        f"worker {mine['numerics'].get('host')}: the model embedded none of docembed's canary texts "
+                        "(or only NaN or inf), so the numbers of the output's first vectors cannot be pinned: the "
+                        "model or its device is broken; nothing is committed")
+                pinned_now = self.create(CANARIES, dumps(candidate))
                 pinned = self.read_canaries()
-            if pinned is None:  # a model that embeds no canary pins none; a later worker will
-                return {"checked": 0}
+            if pinned is None:
+                raise CommitError(f"{self.url}/{CANARIES} is not there after this worker pinned it: the store lost a "
+                                  "write; rerun to resume")
             self._canaries = pinned
         return {**canaries.check(self._canaries, mine, threshold), "pinned": pinned_now}
 
     def read_canaries(self) -> dict | None:
+        """The output's pinned canaries; None where none are pinned; DamagedRecord where the file is not
+        a canary record (``pipeline.repair.restore_canaries`` restores it from the manifest's copy)."""
         try:
-            return self._read_json(self.path(CANARIES))
+            with self.fs.open(self.path(CANARIES), "rb") as handle:
+                record = json.load(handle)
+        except FileNotFoundError:
+            return None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DamagedRecord(f"{self.url}/{CANARIES} cannot be read ({type(exc).__name__}: {exc}); it is not "
-                                "docembed's: delete it, and the next commit pins the canaries again") from exc
+            record = exc
+        if not (isinstance(record, dict) and isinstance(record.get("texts"), dict)
+                and isinstance(record.get("vectors"), dict)):
+            raise DamagedRecord(f"{self.url}/{CANARIES} is not a canary record ({str(record)[:100]}); the next run "
+                                "restores it from the manifest's copy")
+        return record
 
     def quantization_ranges(self, dtype: str, vectors: np.ndarray) -> np.ndarray:
         """The output's int8/uint8 calibration, per-dimension [min, max]: pinned by the first commit

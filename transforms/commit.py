@@ -146,7 +146,7 @@ def commit_retry(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStor
     crash before the marker leaves files no marker names, which the next run removes; the retried
     rows are then still rejections, and are retried again."""
     old, unit_id = done.retry["marker"], done.unit.unit_id
-    check_worker(done, settings, output)
+    checked = check_worker(done, settings, output)
     retry = len(old.get("retry_parts", [])) + 1
     parts = list(old.get("retry_parts", []))
     if done.table.num_rows:
@@ -170,7 +170,8 @@ def commit_retry(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStor
         "rows": old.get("rows", old_embedded) + output_rows(done),
         "retries": [*old.get("retries", []), {"run_id": settings.run_id, "committed_at": time.time(),
                                              "tried": done.table.num_rows + done.rejects.num_rows,
-                                             "embedded": done.table.num_rows, "numerics": done.numerics}],
+                                             "embedded": done.table.num_rows, "numerics": done.numerics,
+                                             "canaries": checked}],
     }
     output.mark_done(unit_id, record)
     if old.get("rejects") and old["rejects"] != rejects:

@@ -134,7 +134,6 @@ def unit_stats(doc_tokens: np.ndarray, nonletter: np.ndarray, norms: np.ndarray,
     """A unit's record (see the module's docstring) from its embedded documents' text lengths in
     tokens, their ``mostly_non_letters`` flags, the norms before normalisation of every vector the
     model made for them, and the vectors the output gets."""
-    vectors = np.asarray(vectors, dtype=np.float64)
     count = len(vectors)
     return {
         "docs": int(len(doc_tokens)),
@@ -142,8 +141,9 @@ def unit_stats(doc_tokens: np.ndarray, nonletter: np.ndarray, norms: np.ndarray,
         "nonletter": int(np.count_nonzero(nonletter)),
         "norms": histogram(norms),
         "vectors": count,
-        "mean": encode_vector(vectors.mean(axis=0)) if count else None,
-        "square": float((vectors ** 2).sum(axis=1).mean()) if count else 0.0,
+        # Accumulated in float64 without a float64 copy of the unit's vectors.
+        "mean": encode_vector(vectors.mean(axis=0, dtype=np.float64)) if count else None,
+        "square": float(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64).mean()) if count else 0.0,
     }
 
 
