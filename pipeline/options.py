@@ -103,8 +103,8 @@ class EmbedOptions(PipelineOptions):
             help="on SIGTERM, seconds to let the unit in hand finish before abandoning it")
         add("--canary-threshold", type=float, default=CANARY_THRESHOLD,
             help="a worker whose vectors of docembed's canary texts have a cosine below this to the output's "
-                 "(pinned by its first commit) refuses to commit, and the job fails (default 0.999; -1 turns the "
-                 "check off)")
+                 "(pinned by its first commit) refuses to commit, and the job fails (default 0.999; -1: compared and "
+                 "recorded, never refused)")
         add("--fail-on-drift", action="store_true",
             help="exit 3 when this run's input or vectors drifted from the earlier runs' into the output, past "
                  "the documented thresholds (the run's units are committed either way); for cron")

@@ -59,7 +59,7 @@ def test_a_check_names_the_worse_canary_and_what_differs_and_skips_what_the_mode
                               "for 'a' (1 of 3 below --canary-threshold 0.999)")
     assert "the output's were made at cpu fp32 on worker-a (AMD EPYC, tokenizers 0.23, torch 2.13.0" in message
     assert "what differs: torch 2.13.0 -> 2.14.0. It refuses to commit" in message
-    assert canaries.check(pinned, drifted, -1)["checked"] == 3  # -1 turns the check off
+    assert canaries.check(pinned, drifted, -1)["checked"] == 3  # -1: compared, never refused
     with pytest.raises(CanaryMismatch, match="the model embedded none of the output's canary texts"):
         canaries.check(pinned, {**record({"a": None, "b": None, "c": None}), "numerics": CPU}, 0.999)
     overflowed = {**record({"a": [1, 0, 0], "b": [0, np.nan, 0], "c": [0, 0, 1]}), "numerics": CPU}
