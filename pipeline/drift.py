@@ -32,15 +32,10 @@ SHARE_FLOOR, SHARE_SIGMAS = 0.05, 4.0
 
 
 def run_quality(markers) -> dict:
-    """One run's statistics from its units' markers: ``quality.merge`` of theirs, with the counts of
-    documents truncated and rejected (by reason)."""
-    markers = list(markers)
-    reasons = collections.Counter()
-    for marker in markers:
-        reasons.update(marker.get("rejected_by_reason", {}))
-    merged = quality.merge(m.get("quality") for m in markers)
-    return {**merged, "truncated": sum(m.get("truncated", 0) for m in markers),
-            "rejected": sum(reasons.values()), "rejected_by_reason": dict(sorted(reasons.items()))}
+    """One run's statistics from its units' markers: their ``quality`` records with the counts of
+    documents truncated and rejected (by reason), ``pooled``."""
+    return pooled([{**(m.get("quality") or {}), "truncated": m.get("truncated", 0),
+                    "rejected_by_reason": m.get("rejected_by_reason", {})} for m in markers])
 
 
 RECORD_FIELDS = {"docs": int, "tokens": dict, "nonletter": int, "norms": dict, "vectors": int, "square": float}
@@ -49,12 +44,13 @@ RECORD_FIELDS = {"docs": int, "tokens": dict, "nonletter": int, "norms": dict, "
 def well_formed(q) -> bool:
     """Whether ``q`` is a run's statistics as ``run_quality`` makes them (a report of another version,
     or edited by hand, may hold something else: it is then left out of comparisons)."""
-    return isinstance(q, dict) and all(isinstance(q.get(k), (t, int) if t is float else t)
-                                       for k, t in RECORD_FIELDS.items()) and isinstance(q.get("mean"), (str, type(None)))
+    return (isinstance(q, dict) and isinstance(q.get("mean"), (str, type(None)))
+            and all(isinstance(q.get(k), (t, int) if t is float else t) for k, t in RECORD_FIELDS.items()))
 
 
 def pooled(runs: list[dict]) -> dict:
-    """Several runs' statistics as one baseline."""
+    """Several units' or runs' statistics as one: ``quality.merge`` of those that have them, with the
+    truncated and rejected (by reason) counts added up."""
     reasons = collections.Counter()
     for run in runs:
         reasons.update(run.get("rejected_by_reason", {}))
@@ -140,16 +136,18 @@ def format_line(drift: dict | None) -> str:
 
 def format_quality(q: dict) -> list[tuple[str, str]]:
     """(label, line) pairs for a run's input and vector statistics."""
-    share = shares(q) if q.get("docs") is not None else {}
-    rejected = ", ".join(f"{n} {r}" for r, n in q.get("rejected_by_reason", {}).items())
-    rejects = f"rejected {_percent(*share['rejected'])}{f' ({rejected})' if rejected else ''}" if share else ""
-    if not q.get("docs"):
-        return [("input", f"no document embedded; {rejects}")] if q.get("rejected") else []
+    if not q.get("docs") and not q.get("rejected"):
+        return []
+    share = shares(q)
+    reasons = ", ".join(f"{n} {r}" for r, n in q.get("rejected_by_reason", {}).items())
+    rejects = f"rejected {_percent(*share['rejected'])}{f' ({reasons})' if reasons else ''}"
+    if not q["docs"]:
+        return [("input", f"no document embedded; {rejects}")]
     tokens = ", ".join(f"{label} {quality.percentile(q['tokens'], p):.0f}"
                        for label, p in (("p10", 10), ("p50", 50), ("p90", 90), ("p99", 99), ("max", 100)))
     norms = ", ".join(f"{label} {quality.percentile(q['norms'], p):.2f}" for label, p in
                       (("p1", 1), ("p50", 50), ("p99", 99)))
-    mean = quality.decode_vector(q["mean"]) if q.get("mean") else None
+    mean = quality.mean_vector(q)
     return [
         ("input", f"{q['docs']} documents, tokens {tokens}; truncated {_percent(*share['truncated'])}, {rejects}, "
                   f"mostly non-letters {_percent(*share['mostly non-letters'])}"),
@@ -158,5 +156,10 @@ def format_quality(q: dict) -> list[tuple[str, str]]:
     ]
 
 
+def fraction(count: int, total: int) -> float:
+    """``count`` out of ``total`` (a ``shares`` pair), 0 when there is nothing to count."""
+    return count / total if total else 0.0
+
+
 def _percent(count: int, total: int) -> str:
-    return f"{100 * count / total:.1f}%" if total else "0.0%"
+    return f"{100 * fraction(count, total):.1f}%"

@@ -75,7 +75,6 @@ def canaries_damage(output: OutputAdmin, manifest: dict | None) -> str | None:
         return f"{CANARIES} is damaged: this run restores it from the manifest's copy"
 
 
-def restore_canaries(output: OutputAdmin, manifest: dict | None) -> None:
+def restore_canaries(output: OutputAdmin, copy: dict) -> None:
     """Put the manifest's copy of the pinned canaries back, where ``canaries_damage`` found damage."""
-    if canaries_damage(output, manifest):
-        output.publish(CANARIES, dumps(manifest["canaries"]))
+    output.publish(CANARIES, dumps(copy))

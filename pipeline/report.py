@@ -124,7 +124,7 @@ def build(run_id: str, markers: dict[str, dict], wall_s: float, started_at: floa
         "timeline": [[round(m["committed_at"] - started_at, 3), m["embedded"]] for m in mine],
         "batch_latencies_s": [b[3] for b in batches],
         "quality": drift.run_quality(mine),
-        "canaries": canary_summary(mine, getattr(settings, "canary_threshold", None)),
+        "canaries": canary_summary(mine, settings.canary_threshold),
     }
     return report
 
@@ -278,7 +278,7 @@ def _draw_trend(axes, runs: list[dict]) -> None:
     a.set(title="Document length over runs", ylabel="tokens", yscale="log")
     a.legend()
     for name in ("truncated", "rejected", "mostly non-letters"):
-        b.plot(x, [100 * _share(drift.shares(h["quality"])[name]) for h in runs], marker="o", markersize=3,
+        b.plot(x, [100 * drift.fraction(*drift.shares(h["quality"])[name]) for h in runs], marker="o", markersize=3,
                label=name)
     b.set(title="Shares of documents over runs", ylabel="%")
     b.legend()
@@ -291,8 +291,3 @@ def _draw_trend(axes, runs: list[dict]) -> None:
             ax.axvline(i, color="tab:red", alpha=0.3, linewidth=6)
         ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
     a.set_xlabel("run (red: drift flagged)")
-
-
-def _share(pair: tuple[int, int]) -> float:
-    count, total = pair
-    return count / total if total else 0.0

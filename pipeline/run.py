@@ -116,7 +116,8 @@ def _workers(options) -> int:
 class Resume:
     """Where a run starts from: its settings (the output's numerics adopted), the markers of units
     really done, the damaged units to redo, what is wrong with the manifest (if anything), and the
-    plan's units to do, done, and superseded (their input file changed)."""
+    plan's units to do, done, and superseded (their input file changed); where ``_canaries.json`` is
+    damaged, the manifest's copy to restore."""
 
     settings: EmbedSettings
     markers: dict
@@ -125,6 +126,7 @@ class Resume:
     todo: list
     done: list
     superseded: list
+    canaries_copy: dict | None = None
 
     def repairs(self) -> list[str]:
         return self.manifest_damage + [d.describe() for d in self.damage]
@@ -137,9 +139,11 @@ def guard(output: OutputAdmin, plan, settings: EmbedSettings) -> Resume:
     check_fingerprint(output, settings, manifest)
     settings = adopt_numerics(output, settings, manifest)
     manifest_damage = [f"{wrong}: this run rewrites it"] if wrong else []
-    manifest_damage += [d for d in [repair.canaries_damage(output, manifest)] if d]
+    canaries_damage = repair.canaries_damage(output, manifest)
+    manifest_damage += [canaries_damage] if canaries_damage else []
     markers, damage = repair.find(output)
-    return Resume(settings, markers, damage, manifest_damage, *split_done(plan, markers))
+    return Resume(settings, markers, damage, manifest_damage, *split_done(plan, markers),
+                  canaries_copy=manifest["canaries"] if canaries_damage else None)
 
 
 @dataclasses.dataclass
@@ -209,7 +213,8 @@ def _tidy(output: OutputAdmin, opts, plan, resume: Resume) -> tuple[list[dict], 
     was removed). ``resume.markers`` is kept up to date."""
     markers = resume.markers
     repair.take_back(output, resume.damage)
-    repair.restore_canaries(output, output.load_manifest()[0])  # before this run's manifest replaces the copy
+    if resume.canaries_copy:  # restored before this run's manifest replaces the copy
+        repair.restore_canaries(output, resume.canaries_copy)
     for marker in resume.superseded:  # a changed input file: its old rows go, its new units are to do
         output.remove_unit(marker)
         del markers[marker["unit_id"]]

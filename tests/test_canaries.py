@@ -16,6 +16,7 @@ from tests.conftest import REPO, by_id, cosine, read_output, write_docs
 from transforms import canaries
 from transforms.checkpoint import UnitStore
 from transforms.errors import CanaryMismatch
+from transforms.vectors import pack
 
 CPU = {"device": "cpu", "precision": "fp32", "host": "worker-a", "cpu": "AMD EPYC",
        "libraries": {"torch": "2.13.0", "transformers": "5.0", "tokenizers": "0.23"}}
@@ -23,7 +24,7 @@ CPU = {"device": "cpu", "precision": "fp32", "host": "worker-a", "cpu": "AMD EPY
 
 def record(vectors: dict, numerics: dict = CPU) -> dict:
     return {"texts": {n: f"text of {n}" for n in vectors},
-            "vectors": {n: canaries.encode(None if v is None else np.asarray(v, np.float32)) for n, v in vectors.items()},
+            "vectors": {n: pack(None if v is None else np.asarray(v, np.float32)) for n, v in vectors.items()},
             "numerics": numerics}
 
 

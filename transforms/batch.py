@@ -22,8 +22,8 @@ def plan_batches(lengths: np.ndarray, min_size: int, max_size: int, max_tokens: 
     Each batch holds ``min_size`` to ``max_size`` documents (only the last, of the shortest
     documents, may hold fewer), and its padded size, documents x longest length, stays within
     ``max_tokens``. A unit of fewer than ``min_size`` documents cannot fill one batch anyway, so its
-    batches may be of any size: a few long documents then do not pad many short ones to their length. The caller guarantees ``min_size * window <= max_tokens``, so both bounds can
-    always hold together. Among the cuts that respect them, the one with the fewest padded tokens
+    batches may be of any size: a few long documents then do not pad many short ones to their length.
+    The caller guarantees ``min_size * window <= max_tokens``, so both bounds can always hold together. Among the cuts that respect them, the one with the fewest padded tokens
     (plus ``BATCH_OVERHEAD_TOKENS`` per batch) is taken.
     """
     lengths = np.asarray(lengths)

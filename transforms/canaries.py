@@ -20,12 +20,12 @@ those it still fails on are left out of the comparison.
 
 from __future__ import annotations
 
-import base64
 import socket
 
 import numpy as np
 
 from transforms import numerics
+from transforms.vectors import pack, unpack
 from transforms.errors import CanaryMismatch
 
 THRESHOLD = 0.999
@@ -101,7 +101,7 @@ def probe(embedder, texts: dict[str, str] | None = None) -> dict:
     for group in ([n for n in texts if lengths[n] <= embedder.window_size // 2],
                   [n for n in texts if lengths[n] > embedder.window_size // 2]):
         vectors.update(_embed_group(embedder, group, texts))
-    return {"texts": texts, "vectors": {n: encode(vectors[n]) for n in texts}}
+    return {"texts": texts, "vectors": {n: pack(vectors[n]) for n in texts}}
 
 
 def _embed_group(embedder, names: list[str], texts: dict[str, str]) -> dict:
@@ -122,24 +122,16 @@ def _embed_one(embedder, text: str) -> np.ndarray | None:
         return None
 
 
-def encode(vector: np.ndarray | None) -> str | None:
-    return None if vector is None else base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode()
-
-
-def decode(text: str | None) -> np.ndarray | None:
-    return None if text is None else np.frombuffer(base64.b64decode(text), "<f4")
-
-
 def cosines(pinned: dict, mine: dict) -> dict[str, float | None]:
     """Each pinned canary's cosine between the pinned vector and this worker's, for the canaries of
     the same text that the pinned record holds a finite vector for; None where this worker failed on
     it; -1 where this worker's vector holds NaN or inf (an overflow is the worst of drifts)."""
     found = {}
     for name, stored in pinned["vectors"].items():
-        a = decode(stored)
+        a = unpack(stored)
         if a is None or not np.isfinite(a).all() or mine["texts"].get(name) != pinned["texts"].get(name):
             continue
-        b = decode(mine["vectors"].get(name))
+        b = unpack(mine["vectors"].get(name))
         if b is None or a.shape != b.shape:
             found[name] = None
         elif not np.isfinite(b).all():
@@ -152,7 +144,7 @@ def cosines(pinned: dict, mine: dict) -> dict[str, float | None]:
 def pinnable(mine: dict) -> dict | None:
     """``mine`` as an output may pin it: vectors holding NaN or inf left out (None); None when no
     vector is left, since a pin that holds no vector could never check anything."""
-    kept = {n: (v if v is not None and np.isfinite(decode(v)).all() else None) for n, v in mine["vectors"].items()}
+    kept = {n: (v if v is not None and np.isfinite(unpack(v)).all() else None) for n, v in mine["vectors"].items()}
     return {**mine, "vectors": kept} if any(v is not None for v in kept.values()) else None
 
 
@@ -204,7 +196,7 @@ def differences(made: dict, worker: dict) -> list[str]:
     """What differs between two numerics records: device, precision, hardware and library versions."""
     changed = [f"{key} {made.get(key)} -> {worker.get(key)}" for key in ("device", "precision", "gpu", "cpu", "cuda")
                if made.get(key) != worker.get(key) and (made.get(key) or worker.get(key))]
-    libraries = sorted(set(made.get("libraries") or {}) | set(worker.get("libraries") or {}))
-    changed += [f"{name} {(made.get('libraries') or {}).get(name)} -> {(worker.get('libraries') or {}).get(name)}"
-                for name in libraries if (made.get("libraries") or {}).get(name) != (worker.get("libraries") or {}).get(name)]
+    before, after = made.get("libraries") or {}, worker.get("libraries") or {}
+    changed += [f"{name} {before.get(name)} -> {after.get(name)}" for name in sorted(set(before) | set(after))
+                if before.get(name) != after.get(name)]
     return changed

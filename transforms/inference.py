@@ -122,7 +122,7 @@ def embed_windows(embedder: Embedder, texts: list[str], settings: EmbedSettings,
     for w, message in failed_windows.items():
         out.failed.setdefault(int(windows.doc[w]), message)
     out.doc_tokens = np.fromiter((len(t) for t in ids), dtype=np.int64, count=len(ids))
-    out.text_tokens = sum(len(t) for d, t in enumerate(ids) if d not in out.failed)
+    out.text_tokens = int(out.doc_tokens[[d for d in range(len(ids)) if d not in out.failed]].sum())
     return out, windows
 
 

@@ -91,8 +91,8 @@ class _Folder:
         dim = next((s.dimension for s in reversed(after) if s.dimension), self.config.get("hidden_size"))
         if truncate_dim and truncate_dim > dim:
             raise ModelError(f"--truncate-dim {truncate_dim} is more than the model's {dim} dimensions")
-        return ModelCard(int(truncate_dim or dim), window, pooling_description(after), any(s.kind == "Normalize" for s in after),
-                         overhead)
+        return ModelCard(int(truncate_dim or dim), window, pooling_description(after),
+                         any(s.kind == "Normalize" for s in after), overhead)
 
 
 def describe(folder: str | Path, max_seq_length: int | None = None, prefix: str = "",

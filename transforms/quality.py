@@ -20,12 +20,13 @@ What a unit's record holds (its marker's ``quality``):
 
 from __future__ import annotations
 
-import base64
 import math
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from transforms.vectors import pack, unpack
 
 BINS_PER_DOUBLING = 16
 ZERO = -10_000  # the bin of values <= 0
@@ -122,12 +123,9 @@ def _non_letters(texts: pa.Array) -> np.ndarray:
     return 2 * words < visible
 
 
-def encode_vector(vector: np.ndarray) -> str:
-    return base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode()
-
-
-def decode_vector(text: str) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(text), "<f4").astype(np.float64)
+def mean_vector(record: dict) -> np.ndarray | None:
+    """A record's mean vector, in float64 for the arithmetic on it; None when it has none."""
+    return None if not record.get("mean") else unpack(record["mean"]).astype(np.float64)
 
 
 def unit_stats(doc_tokens: np.ndarray, nonletter: np.ndarray, norms: np.ndarray, vectors: np.ndarray) -> dict:
@@ -142,16 +140,16 @@ def unit_stats(doc_tokens: np.ndarray, nonletter: np.ndarray, norms: np.ndarray,
         "norms": histogram(norms),
         "vectors": count,
         # Accumulated in float64 without a float64 copy of the unit's vectors.
-        "mean": encode_vector(vectors.mean(axis=0, dtype=np.float64)) if count else None,
+        "mean": pack(vectors.mean(axis=0, dtype=np.float64)) if count else None,
         "square": float(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64).mean()) if count else 0.0,
     }
 
 
 def merge(records) -> dict:
     """Records of several units (or runs) as one: counts and histograms added, means weighted."""
-    records = [r for r in records if r]
+    records = [r for r in records if r and "vectors" in r]  # markers written before statistics have none
     count = sum(r["vectors"] for r in records)
-    weighted = [(r["vectors"], decode_vector(r["mean"])) for r in records if r["vectors"] and r.get("mean")]
+    weighted = [(r["vectors"], mean_vector(r)) for r in records if r["vectors"] and r.get("mean")]
     mean = sum(n * v for n, v in weighted) / count if weighted else None
     return {
         "docs": sum(r["docs"] for r in records),
@@ -159,7 +157,7 @@ def merge(records) -> dict:
         "nonletter": sum(r["nonletter"] for r in records),
         "norms": add_histograms(*(r["norms"] for r in records)),
         "vectors": count,
-        "mean": encode_vector(mean) if mean is not None else None,
+        "mean": pack(mean) if mean is not None else None,
         "square": sum(r["vectors"] * r["square"] for r in records) / count if count else 0.0,
     }
 
@@ -168,7 +166,7 @@ def mean_cosine(a: dict, b: dict) -> float | None:
     """Cosine between two records' mean vectors (None when either has none)."""
     if not a.get("mean") or not b.get("mean"):
         return None
-    u, v = decode_vector(a["mean"]), decode_vector(b["mean"])
+    u, v = mean_vector(a), mean_vector(b)
     norms = np.linalg.norm(u) * np.linalg.norm(v)
     return float(u @ v / norms) if norms > 0 and u.shape == v.shape else None
 
@@ -178,7 +176,7 @@ def sampling_gap(a: dict, b: dict) -> float:
     spread of the vectors around their mean, over twice the mean's squared length, times 1/n + 1/m."""
     if not a.get("vectors") or not b.get("vectors") or not b.get("mean"):
         return math.inf
-    mean = decode_vector(b["mean"])
+    mean = mean_vector(b)
     length = float(mean @ mean)
     spread = max(0.0, b["square"] - length)
     return spread / (2 * length) * (1 / a["vectors"] + 1 / b["vectors"]) if length > 0 else math.inf

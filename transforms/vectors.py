@@ -12,6 +12,8 @@ vectors (``UnitStore.quantization_ranges``), and the manifest carries them for q
 
 from __future__ import annotations
 
+import base64
+
 import numpy as np
 import pyarrow as pa
 
@@ -19,6 +21,16 @@ OUTPUT_DTYPES = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 CALIBRATED = ("int8", "uint8")
 _ARROW = {"float32": pa.float32(), "float16": pa.float16(), "int8": pa.int8(), "uint8": pa.uint8(),
           "binary": pa.int8(), "ubinary": pa.uint8()}
+
+
+def pack(vector: np.ndarray | None) -> str | None:
+    """A vector as JSON records keep it (canaries, mean vectors): base64 of its float32 bytes; None stays None."""
+    return None if vector is None else base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode()
+
+
+def unpack(text: str | None) -> np.ndarray | None:
+    """``pack``'s float32 vector back; None stays None."""
+    return None if text is None else np.frombuffer(base64.b64decode(text), "<f4")
 
 
 def width(dtype: str, dim: int) -> int:
