@@ -38,6 +38,7 @@ setuptools.setup(
         "tqdm",
         "pyyaml",
     ],
-    extras_require={"report": ["matplotlib"]},
+    # dask: Beam's DaskRunner and a Dask cluster's scheduler and workers (the same versions everywhere).
+    extras_require={"report": ["matplotlib"], "dask": ["dask==2026.8.0", "distributed==2026.8.0"]},
     entry_points={"console_scripts": ["docembed=pipeline.cli:console"]},
 )

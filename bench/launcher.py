@@ -49,7 +49,7 @@ def launch(argv: list[str]) -> dict:
     from apache_beam.runners.direct.direct_runner import DirectRunner
 
     from pipeline import manifest
-    from pipeline.graph import build_graph
+    from pipeline.graph import JobPlan, build_graph
     from pipeline.plan import split_done
     from pipeline.run import prepare
 
@@ -61,7 +61,7 @@ def launch(argv: list[str]) -> dict:
     output.write_manifest(manifest.started(settings, plan, opts.checkpoint_every))
     shards = output.write_plan(settings.run_id, todo)
     pipeline = beam.Pipeline(runner=DirectRunner(), options=options)
-    build_graph(pipeline, shards, settings)
+    build_graph(pipeline, JobPlan(shards, [], ([], [])), settings)
     graph = len(pipeline.to_runner_api().SerializeToString())
     return {"rows": plan.rows, "files": len(plan.files), "units": len(todo), "shards": len(shards),
             "seconds": time.perf_counter() - started, "graph_bytes": graph}
@@ -74,7 +74,7 @@ def synthetic(units: int, output: str) -> dict:
     import apache_beam as beam
     from apache_beam.runners.direct.direct_runner import DirectRunner
 
-    from pipeline.graph import build_graph
+    from pipeline.graph import JobPlan, build_graph
     from pipeline.output import OutputAdmin
     from pipeline.run import prepare
     from transforms.records import WorkUnit
@@ -89,7 +89,7 @@ def synthetic(units: int, output: str) -> dict:
     started = time.perf_counter()
     shards = OutputAdmin(output).write_plan(settings.run_id, todo)
     pipeline = beam.Pipeline(runner=DirectRunner())
-    build_graph(pipeline, shards, settings)
+    build_graph(pipeline, JobPlan(shards, [], ([], [])), settings)
     graph = len(pipeline.to_runner_api().SerializeToString())
     seconds = time.perf_counter() - started
     inline = beam.Pipeline(runner=DirectRunner())

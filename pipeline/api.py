@@ -2,7 +2,8 @@
 
 ``EmbedParquet`` is ``docembed run`` inside a user's pipeline: the same plan, guards, lock, commits and
 manifest. What must happen before the graph runs (planning, refusing an output made otherwise, taking
-the lock, writing the plan) and after it (completing the manifest, the report, releasing the lock) has
+the lock, writing the plan, finding repeated ids: a small Beam job of its own on the same runner) and
+after it (completing the manifest, the report, releasing the lock) has
 its home in the transform's context manager, around the pipeline::
 
     with EmbedParquet("in/", "out/") as embed, beam.Pipeline() as p:
@@ -25,8 +26,8 @@ import apache_beam as beam
 from pipeline.graph import build_graph
 from pipeline.jobs import as_flags
 from pipeline.lock import OutputLock
-from pipeline.options import EmbedOptions, is_local_runner, parse
-from pipeline.run import add_report, after_job, before_job, check_writable, prepare, resolve_settings
+from pipeline.options import EmbedOptions, is_dask_runner, is_local_runner, parse
+from pipeline.run import add_report, after_job, before_job, check_writable, find_duplicates, prepare, resolve_settings
 from transforms.documents import EmbedBundle
 from transforms.errors import UsageError
 from transforms.model_ref import DEFAULT_MODEL
@@ -76,7 +77,9 @@ class EmbedParquet(beam.PTransform):
             if self._opts.overwrite:
                 self._output.remove_all()
             self._job = before_job(self._opts, self._output, self._plan,
-                                   dataclasses.replace(settings, lock_token=self._lock.token))
+                                   dataclasses.replace(settings, lock_token=self._lock.token), is_dask_runner(options))
+            if self._job.plan:  # its own small job, run to the end before the user's pipeline runs
+                find_duplicates(options, self._job, self._local)
         except BaseException as exc:
             self._lock.__exit__(type(exc), exc, exc.__traceback__)
             raise
@@ -89,14 +92,14 @@ class EmbedParquet(beam.PTransform):
         if is_local_runner(root.pipeline.options) != self._local:
             raise UsageError("EmbedParquet was given another runner than the pipeline's: pass the pipeline's "
                              "runner options (runner=..., project=..., ...) to EmbedParquet too")
-        if not self._job.shards:  # everything is done already
+        if not self._job.plan:  # everything is done already
             return root | "NothingToDo" >> beam.Create([])
-        return build_graph(root, self._job.shards, self._job.settings)
+        return build_graph(root, self._job.plan, self._job.settings)
 
     def __exit__(self, *exc):
         try:
             if exc[0] is None:
-                if self._job.shards:
+                if self._job.plan:
                     self._output.remove_plan()
                 self.summary = after_job(self._output, self._plan, self._job, {})
                 add_report(self.summary, self._output, self._started, self._started_at, 0, None)

@@ -129,6 +129,7 @@ def parse(argv: list[str], paths: bool = True) -> PipelineOptions:
     own = [flag.split("=")[0] for flag in QUIET_WORKERS]
     if "--verbose" not in argv and not any(a.split("=")[0] in own for a in argv):
         argv = [*argv, *QUIET_WORKERS]
+    argv = dask_flags(argv)
     options = PipelineOptions(argv)
     unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
     problems = [f"unknown flag --{name}" for name in sorted(unknown)]
@@ -181,9 +182,10 @@ def validate(opts: EmbedOptions, paths: bool = True) -> list[str]:
 
 
 CHUNK_OVERLAP, BOUNDARY_LOOKBACK = 32, 64
-# Rejection reasons another try can change (a fixed device, a file readable again); the others
-# (empty text, invalid UTF-8, a null or repeated id) are the input's and would come out the same.
-RETRYABLE = {"model_error", "unreadable_file"}
+# Rejection reasons another try can change (a fixed device, a file readable again, a repeated id whose
+# first occurrence the output no longer holds); the others (empty text, invalid UTF-8, a null id) are
+# the input's and would come out the same.
+RETRYABLE = {"model_error", "unreadable_file", "duplicate_id"}
 
 
 def _long_docs_problems(opts: EmbedOptions) -> list[str]:
@@ -223,6 +225,37 @@ def window_settings(opts: EmbedOptions, window_size: int) -> dict:
 
 def passthrough(opts: EmbedOptions) -> tuple[str, ...]:
     return tuple(c.strip() for c in (opts.passthrough_columns or "").split(",") if c.strip())
+
+
+DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
+
+
+def dask_flags(argv: list[str]) -> list[str]:
+    """``argv`` for Beam, where it asks for the DaskRunner: its short name resolved to Beam's full path
+    (Beam resolves only the runners it lists), its flags registered (Beam's DaskOptions exist once
+    its module is imported), and one work unit per Dask partition unless the flags choose otherwise
+    (Beam's DaskRunner partitions only what ``Create`` holds; ``pipeline.graph``)."""
+    runner = [k for k, a in enumerate(argv) if a.split("=")[0] == "--runner"]
+    value = (argv[runner[-1]].partition("=")[2] or (argv[runner[-1] + 1] if runner[-1] + 1 < len(argv) else "")
+             ) if runner else ""
+    if value.split(".")[-1] != "DaskRunner":
+        given = sorted({a.split("=")[0] for a in argv if a.startswith("--dask_")})
+        if given:  # Beam knows them only once a Dask run imported its runner: refuse them alike either way
+            raise UsageError(f"{', '.join(given)} apply to --runner DaskRunner only")
+        return argv
+    try:
+        import apache_beam.runners.dask.dask_runner  # noqa: F401 - registers --dask_client_address and the rest
+    except ImportError as exc:
+        raise UsageError(f"--runner DaskRunner needs dask and distributed ({exc}): pip install 'docembed[dask]'") from exc
+    argv = [a for k, a in enumerate(argv) if k not in runner and not (k - 1 in runner and "=" not in argv[k - 1])]
+    argv.append(f"--runner={DASK_RUNNER}")
+    if not any(a.split("=")[0] in ("--dask_npartitions", "--dask_partition_size") for a in argv):
+        argv.append("--dask_partition_size=1")
+    return argv
+
+
+def is_dask_runner(options: PipelineOptions) -> bool:
+    return (options.get_all_options().get("runner") or "").split(".")[-1] == "DaskRunner"
 
 
 def is_local_runner(options: PipelineOptions) -> bool:

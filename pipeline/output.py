@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from transforms.checkpoint import (ATTEMPTS, CANARIES, CHECKPOINTS, LOCK, MANIFEST, NUMERICS, PLANS, PROGRESS, REJECTS,
-                                   STOP, UnitStore, dumps, files_of)
+                                   STOP, UnitStore, dumps, files_of, parts_of)
+from transforms import rejects
 from transforms.errors import DamagedRecord
 from transforms.records import WorkUnit
 
@@ -98,7 +99,7 @@ class OutputAdmin(UnitStore):
             if marker.get("rejects"):
                 with self.open(marker["rejects"]) as handle:
                     tables.append(pq.read_table(handle))
-        return pa.concat_tables(tables) if tables else pa.table({"id": [], "source": [], "row_index": []})
+        return pa.concat_tables(tables) if tables else rejects.SCHEMA.empty_table()
 
     # --- the run's own records -----------------------------------------------------------
     def write_manifest(self, manifest: dict) -> None:
@@ -106,10 +107,18 @@ class OutputAdmin(UnitStore):
 
     def write_plan(self, run_id: str, units: list[WorkUnit]) -> list[str]:
         """The units to do as JSON-lines shards under ``_plans/<run_id>/``; returns their names."""
+        return self._write_shards(run_id, "units", [u.to_json() for u in units])
+
+    def write_snapshot(self, run_id: str, records: list[dict]) -> list[str]:
+        """The output's files as the run is planned (``snapshot``), as JSON-lines shards under
+        ``_plans/<run_id>/``; returns their names."""
+        return self._write_shards(run_id, "output", records)
+
+    def _write_shards(self, run_id: str, kind: str, records: list[dict]) -> list[str]:
         names = []
-        for k in range(0, len(units), UNITS_PER_SHARD):
-            name = posixpath.join(PLANS, run_id, f"units-{k // UNITS_PER_SHARD:05d}.jsonl")
-            lines = (json.dumps(u.to_json(), sort_keys=True) for u in units[k:k + UNITS_PER_SHARD])
+        for k in range(0, len(records), UNITS_PER_SHARD):
+            name = posixpath.join(PLANS, run_id, f"{kind}-{k // UNITS_PER_SHARD:05d}.jsonl")
+            lines = (json.dumps(r, sort_keys=True) for r in records[k:k + UNITS_PER_SHARD])
             self.publish(name, ("\n".join(lines) + "\n").encode())
             names.append(name)
         return names
@@ -209,6 +218,17 @@ class OutputAdmin(UnitStore):
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 unreadable[name] = f"{type(exc).__name__}: {exc}"
         return records, unreadable
+
+
+def snapshot(markers: dict[str, dict], retried: set[str] = frozenset()) -> list[dict]:
+    """The output's files that the duplicate-id check counts, from the done-markers as the run is
+    planned: every part, and the rejections holding ``duplicate_id`` rows (except those of units whose
+    ``duplicate_id`` rows this run retries: they are rows to do)."""
+    records = [{"kind": "part", "name": name, "rows": m.get("rows", m["embedded"]) if name == m["part"] else 0}
+               for m in markers.values() for name in parts_of(m)]  # rows: for dedup.find_here's passes
+    records += [{"kind": "rejects", "name": m["rejects"], "rows": m["rejected"]} for uid, m in markers.items()
+                if m.get("rejects") and m.get("rejected_by_reason", {}).get("duplicate_id") and uid not in retried]
+    return sorted(records, key=lambda r: r["name"])
 
 
 def marker_totals(markers) -> dict:

@@ -21,17 +21,18 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 
 from pipeline import manifest, options as opts_mod, repair, report
-from pipeline.graph import build_graph
+from pipeline.graph import JobPlan, build_dedup_graph, build_graph
 from pipeline.guard import adopt_numerics, check_fingerprint
 from pipeline.interrupt import StopOnSignal
 from pipeline.lock import OutputLock
 from pipeline.options import EmbedOptions
-from pipeline.output import OutputAdmin, marker_totals
+from pipeline.output import OutputAdmin, marker_totals, snapshot
 from pipeline.pin import pin_model
 from pipeline.plan import outside_plan, plan_input, split_done
 from pipeline.progress import ProgressBar
 from transforms import metrics as metrics_mod
 from transforms.checkpoint import REJECTS, unit_id_of_part
+from transforms.dedup import find_here
 from transforms.errors import DocembedError, JobFailed, OutputError, UsageError
 from transforms.model import describe, prompts
 from transforms.numerics import check_request
@@ -149,8 +150,8 @@ def guard(output: OutputAdmin, plan, settings: EmbedSettings) -> Resume:
 @dataclasses.dataclass
 class Job:
     """A run's bookkeeping between ``before_job`` and ``after_job``: where it resumed from, its
-    settings, its started manifest, the units it does and retries, and the plan shards naming them
-    (none when there is nothing to do)."""
+    settings, its started manifest, the units it does and retries, and what its jobs read (None when
+    there is nothing to do)."""
 
     resume: Resume
     settings: EmbedSettings
@@ -159,21 +160,29 @@ class Job:
     before_retry: dict
     outside: list
     cleaned: list
-    shards: list
+    plan: JobPlan | None
 
 
-def before_job(opts, output: OutputAdmin, plan, settings: EmbedSettings) -> Job:
-    """With the lock held, before the graph: refuse an output made otherwise, tidy it, start the
-    manifest and write the plan shards of the units to do."""
+def before_job(opts, output: OutputAdmin, plan, settings: EmbedSettings, in_graph: bool = False) -> Job:
+    """With the lock held, before the jobs: refuse an output made otherwise, tidy it, start the
+    manifest and write what the jobs read: the units to do and the output's files as they are now
+    (``snapshot``), so that a task run again later sees the output as planned, not as this run
+    has changed it. ``in_graph``: the runner gets the records in its graph too (``JobPlan``)."""
     resume = guard(output, plan, settings)
     settings, markers, todo = resume.settings, resume.markers, resume.todo
     outside, cleaned = _tidy(output, opts, plan, resume)
-    retried = retry_units(markers, plan, opts.retry_rejects)
+    removed = bool(resume.superseded) or any(g.get("pruned") for g in outside)
+    retried = retry_units(markers, plan, opts.retry_rejects, repeats_too=removed)
     before_retry = {u.unit_id: markers[u.unit_id] for u in retried}
     record = manifest.started(settings, plan, opts.checkpoint_every)
     output.write_manifest(record)
-    shards = output.write_plan(settings.run_id, todo + retried) if todo or retried else []
-    return Job(resume, settings, record, retried, before_retry, outside, cleaned, shards)
+    job_plan = None
+    if todo or retried:
+        units = todo + retried
+        files = snapshot(markers, {u.unit_id for u in retried if "duplicate_id" in u.retry})
+        job_plan = JobPlan(output.write_plan(settings.run_id, units), output.write_snapshot(settings.run_id, files),
+                           (units, files), in_graph)
+    return Job(resume, settings, record, retried, before_retry, outside, cleaned, job_plan)
 
 
 def after_job(output: OutputAdmin, plan, job: Job, beam_metrics: dict) -> dict:
@@ -190,20 +199,43 @@ def after_job(output: OutputAdmin, plan, job: Job, beam_metrics: dict) -> dict:
 
 
 def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipeline, stop: StopOnSignal) -> dict:
-    job = before_job(opts, output, plan, settings)
+    job = before_job(opts, output, plan, settings, opts_mod.is_dask_runner(options))
     beam_metrics = {}
-    if job.shards:
+    if job.plan:
         units = {u.unit_id: (u.rows, u.text_bytes) for u in plan.units}
         local = opts_mod.is_local_runner(options)
+        find_duplicates(options, job, local, stop)
         bar = ProgressBar(output, units, [u.unit_id for u in job.resume.done]) if opts.progress and local \
             else contextlib.nullcontext()
         with bar:
-            result = run_graph(test_pipeline or beam.Pipeline(options=options), job.shards, job.settings, local, stop)
+            result = run_graph(test_pipeline or beam.Pipeline(options=options), job.plan, job.settings, local, stop)
         output.remove_plan()
-        counters = result.metrics().query(MetricsFilter().with_namespace(metrics_mod.NAMESPACE))["counters"]
-        beam_metrics = {c.key.metric.name: c.committed for c in counters}
+        beam_metrics = counters(result)
     stop.check()
     return after_job(output, plan, job, beam_metrics)
+
+
+def find_duplicates(options, job: Job, local: bool = True, stop: StopOnSignal | None = None) -> None:
+    """The duplicate-id check (``transforms.dedup``), to the end before the embedding job starts: a
+    job of its own on a cluster, in this process on local runners (``dedup.find_here``)."""
+    if not local:
+        run_graph(beam.Pipeline(options=options), job.plan, job.settings, local, stop, build=build_dedup_graph,
+                  what="duplicate-id job")
+        return
+    try:
+        find_here(*job.plan.records, job.settings)
+    except (DocembedError, OSError) as exc:  # as the job would fail on a worker
+        raise job_failed(exc) from exc
+
+
+def counters(result) -> dict:
+    """docembed's Beam counters from a finished job; {} on runners that collect none (Dask): the run's
+    manifest and report are built from the done-markers either way."""
+    try:
+        found = result.metrics().query(MetricsFilter().with_namespace(metrics_mod.NAMESPACE))["counters"]
+    except NotImplementedError:
+        return {}
+    return {c.key.metric.name: c.committed for c in found}
 
 
 def _tidy(output: OutputAdmin, opts, plan, resume: Resume) -> tuple[list[dict], list[str]]:
@@ -224,12 +256,16 @@ def _tidy(output: OutputAdmin, opts, plan, resume: Resume) -> tuple[list[dict], 
     return outside, output.clean_leftovers(markers)  # before the id check: unmarked parts are not "in the output"
 
 
-def retry_units(markers: dict, plan, reasons: str) -> list[WorkUnit]:
+def retry_units(markers: dict, plan, reasons: str, repeats_too: bool = False) -> list[WorkUnit]:
     """``--retry-rejects``: the done units of this plan holding rejections for these reasons, as units
-    whose rejections the job tries again."""
+    whose rejections the job tries again. ``repeats_too``: this run took units back (a changed or a
+    pruned file), which may have held the first occurrence of an id rejected elsewhere as
+    ``duplicate_id``; those rejections are judged again, so that such a row is embedded, not lost."""
     wanted = tuple(r.strip() for r in (reasons or "").split(",") if r.strip())
+    wanted += ("duplicate_id",) if repeats_too and "duplicate_id" not in wanted else ()
     planned = {u.unit_id for u in plan.units}
-    return [dataclasses.replace(WorkUnit.from_json(m), retry=wanted) for uid, m in sorted(markers.items())
+    return [dataclasses.replace(WorkUnit.from_json(m), retry=wanted, retry_rejects=m.get("rejects") or "")
+            for uid, m in sorted(markers.items())
             if wanted and uid in planned and set(m.get("rejected_by_reason", {})) & set(wanted)]
 
 
@@ -261,13 +297,14 @@ def prune(output: OutputAdmin, markers: dict, outside: list[dict]) -> None:
         group["pruned"] = True
 
 
-def run_graph(pipeline: beam.Pipeline, shards: list[str], settings: EmbedSettings, local: bool = True,
-              stop: StopOnSignal | None = None):
-    """Runs the graph to the end; returns the PipelineResult (its metrics: the docembed namespace).
+def run_graph(pipeline: beam.Pipeline, plan: JobPlan, settings: EmbedSettings, local: bool = True,
+              stop: StopOnSignal | None = None, build=build_graph, what: str = "job"):
+    """Runs the graph ``build`` adds (the embedding job's by default) to the end; returns the
+    PipelineResult (its metrics: the docembed namespace).
     On a remote runner, Beam's own lines naming the submitted job (its id, console URL, state
     changes) are shown, and the job id is printed as soon as it is known; ``stop`` gets the job, to
     cancel it if the launcher is interrupted."""
-    build_graph(pipeline, shards, settings)
+    build(pipeline, plan, settings)
     if not local:
         for name in SUBMISSION_LOGGERS:
             logging.getLogger(name).setLevel(logging.INFO)
@@ -276,22 +313,27 @@ def run_graph(pipeline: beam.Pipeline, shards: list[str], settings: EmbedSetting
         if stop is not None:
             stop.job = None if local else result
         if not local:
-            print(f"docembed: submitted job {_job_id(result)} to {type(pipeline.runner).__name__}; waiting for it "
+            print(f"docembed: submitted {what}{_job_id(result)} to {type(pipeline.runner).__name__}; waiting for it "
                   "(Ctrl-C stops taking new units; the job's committed units are kept)", file=sys.stderr, flush=True)
         result.wait_until_finish()
         return result
     except Exception as exc:  # Beam re-raises worker errors, sometimes wrapped: report the cause
         if stop is not None:
             stop.check()  # the workers failed because a signal stopped them: that is the news
-        raise JobFailed(
-            f"the job failed: {_cause(exc)}. Units committed so far are kept: fix the cause and "
-            "rerun the same command to resume"
-        ) from exc
+        raise job_failed(exc) from exc
+
+
+def job_failed(exc: BaseException) -> JobFailed:
+    """Exit 1, naming the cause of a job's failure (``_cause``)."""
+    return JobFailed(f"the job failed: {_cause(exc)}. Units committed so far are kept: fix the cause and rerun "
+                     "the same command to resume")
 
 
 def _job_id(result) -> str:
+    """" ID" of a submitted job, "" where the runner gives none (Dask)."""
     job_id = getattr(result, "job_id", None)  # Dataflow's result has job_id(); the portable one, _job_id
-    return str(job_id() if callable(job_id) else getattr(result, "_job_id", "(no id)"))
+    job_id = job_id() if callable(job_id) else getattr(result, "_job_id", None)
+    return f" {job_id}" if job_id else ""
 
 
 # How a docembed error raised on a remote worker reads in the text the runner sends back.

@@ -1,7 +1,8 @@
 """Verify: check an output dataset against its manifest, and against the input when given.
 
 Checks row counts, missing and duplicated ids (with ``--long-docs chunks``: chunk indices 0..n-1 per
-id, with neither gaps nor repeats), the embedding dimension, NaN/inf values, unit norms
+id, with neither gaps nor repeats), rows rejected as ``duplicate_id`` whose id no part holds (lost
+rows), part files that no done-marker claims, the embedding dimension, NaN/inf values, unit norms
 (when normalisation is on), that every part file is listed and present, that fingerprints agree, and
 that every part was made at the output's device and precision. With ``canaries`` (the CLI's default),
 it also loads the output's model in this environment, at the output's device and precision unless
@@ -19,11 +20,13 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import repair
 from pipeline.output import OutputAdmin
 from pipeline.plan import describe_outside, expand_input, outside_plan
 from transforms import canaries as canaries_mod, numerics, storage
+from transforms.checkpoint import parts_of
 from transforms.commit import CHUNK_COLUMNS, FINGERPRINT_KEY, NUMERICS_KEY
 from transforms.vectors import arrow_type as vector_type
 from transforms.dedup import read_ids
@@ -64,13 +67,14 @@ def verify(output_url: str, input_url: str | None = None, canaries: bool = True,
     outside = outside_plan(markers, {i["url"] for i in manifest.get("inputs", [])})
     report.notes += [f"{describe_outside(g)} stay in the output" + ("; `docembed run --prune-removed` deletes them"
                                                                     if g["gone"] else "") for g in outside]
-    ids, chunks = _check_parts(output, manifest, report)
+    ids, chunks = _check_parts(output, manifest, markers, report)
     rejects = output.read_rejects(markers)
     report.rejected = rejects.num_rows
     _check_counts(manifest, report)
     if chunks is not None:
         ids = _check_chunks(ids, chunks, report)
     _check_duplicates(ids, report)
+    _check_lost_repeats(ids, rejects, report)
     if input_url:
         _check_against_input(input_url, manifest, ids, rejects, report, outside)
     if canaries:
@@ -136,14 +140,18 @@ def load_model(ref: ModelRef, device: str, precision: str, **settings):
     return Embedder(materialize(ref), device, precision, **settings)
 
 
-def _check_parts(output: OutputAdmin, manifest: dict, report: Report) -> tuple[list[str], list | None]:
+def _check_parts(output: OutputAdmin, manifest: dict, markers: dict, report: Report) -> tuple[list[str], list | None]:
     """Every part's ids, and with ``--long-docs chunks`` each row's chunk index (else None)."""
     elsewhere = {p for u in manifest.get("units_from_other_inputs", [])
                  for p in u.get("parts", [u["part"]] if u.get("part") else [])}
     listed, present = set(manifest.get("parts", [])) | elsewhere, set(output.part_files())
+    claimed = {name for marker in markers.values() for name in parts_of(marker)}
     for name in sorted(listed - present):
         report.problems.append(f"part {name} is listed in the manifest but missing")
-    for name in sorted(present - listed):
+    for name in sorted(present - claimed):
+        report.problems.append(f"part {name} is claimed by no done-marker (a commit interrupted before its marker, "
+                               "or a file docembed did not write); the next `docembed run` into the output removes it")
+    for name in sorted((present & claimed) - listed):
         report.problems.append(f"part {name} is present but not listed in the manifest")
     chunked = with_defaults(manifest["fingerprint"])["long_docs"] == "chunks"
     ids: list[str] = []
@@ -232,6 +240,19 @@ def _check_counts(manifest: dict, report: Report) -> None:
     if counts["embedded"] + counts["rejected"] != counts["input_rows"]:
         report.problems.append(f"the manifest's embedded {counts['embedded']} + rejected {counts['rejected']} "
                                f"!= its input rows {counts['input_rows']}")
+
+
+def _check_lost_repeats(ids: list[str], rejects: pa.Table, report: Report) -> None:
+    """Rows rejected as ``duplicate_id`` must repeat an id the output holds: one whose id no part holds
+    was lost (its first occurrence is gone)."""
+    repeats = rejects.filter(pc.equal(rejects.column("reason"), "duplicate_id"))
+    held = set(ids)
+    lost = [(s, r, i) for i, s, r in zip(*(repeats.column(c).to_pylist() for c in ("id", "source", "row_index")))
+            if i not in held]
+    if lost:
+        examples = "; ".join(f"id {i!r} at {s} row {r}" for s, r, i in sorted(lost)[:EXAMPLES])
+        report.problems.append(f"{len(lost)} rows rejected as duplicate_id have no row with their id in the output "
+                               f"(lost rows: {examples}); `docembed run` with --retry-rejects duplicate_id embeds them")
 
 
 def _check_duplicates(ids: list[str], report: Report) -> None:

@@ -69,6 +69,84 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+WORKER_VENVS = Path("/var/tmp/docembed-test-worker-venvs")  # outside the checkout and ~/.cache, both hidden
+
+
+@pytest.fixture(scope="session")
+def worker_venv(tmp_path_factory) -> Path:
+    """A venv with docembed installed from its sdist (with its ``dask`` extra) and nothing else, as
+    ``--setup_file`` has Beam install it on workers. Building one takes about a minute, so the
+    dependencies are kept between test runs under a key of setup.py's bytes; docembed itself is
+    reinstalled from a fresh sdist every run."""
+    import hashlib
+    import shutil
+    import subprocess
+    import sys
+
+    dist = tmp_path_factory.mktemp("sdist")
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(dist)], cwd=REPO, check=True,
+                   capture_output=True)
+    sdist = next(dist.glob("docembed-*.tar.gz"))
+    venv = WORKER_VENVS / hashlib.sha256((REPO / "setup.py").read_bytes()).hexdigest()[:16]
+    if not (venv / ".complete").exists():  # built whole, or not at all (a test run killed midway)
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        _pip(venv, "install", "--quiet", f"{sdist}[dask]")
+        (venv / ".complete").touch()
+    else:
+        _pip(venv, "install", "--quiet", "--force-reinstall", "--no-deps", str(sdist))
+    return venv
+
+
+def _pip(venv: Path, *args: str) -> None:
+    import subprocess
+
+    done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def blind(command: list[str], env: dict, log: Path):
+    """Start ``command`` (from ``env``'s PATH: a worker venv) in its own mount namespace, with a tmpfs
+    over the checkout (and so over the launcher's venv) and over ``~/.cache`` (the hub cache and
+    docembed's model cache): it cannot read the launcher's code, packages or model files. Returns the
+    Popen of a new session (``kill_group`` stops it)."""
+    import shlex
+    import subprocess
+
+    hidden = [str(REPO), str(Path.home() / ".cache")]
+    script = ('for d in "$@"; do mkdir -p "$d" && mount -t tmpfs tmpfs "$d" || exit 3; done; '
+              f'[ -z "$(ls -A {REPO})" ] || exit 4; exec {shlex.join(command)}')
+    with open(log, "ab") as handle:
+        return subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *hidden],
+                                env=env, cwd="/", start_new_session=True, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def wait_port(port: int, proc, timeout: float = 60) -> None:
+    """Until something listens on ``port`` of 127.0.0.1; fails if ``proc`` exits first."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"a service exited at start (code {proc.returncode})"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    pytest.fail(f"nothing listens on port {port} after {timeout}s")
+
+
+def kill_group(proc) -> None:
+    """SIGKILL a process group and reap its leader (this host's init may not reap orphans)."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 

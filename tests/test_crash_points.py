@@ -44,8 +44,9 @@ def _argv(corpus, model) -> list[str]:
             "--model", model, "--lock-ttl", "2"]
 
 
-def _walk(corpus, model, outputs: dict[str, str], tmp_path) -> dict:
-    spec = {"argv": _argv(corpus, model), "outputs": outputs, "faults": FAULTS, "logs": str(tmp_path)}
+def _walk(corpus, model, outputs: dict[str, str], tmp_path, faults=FAULTS, again=()) -> dict:
+    spec = {"argv": _argv(corpus, model), "outputs": outputs, "faults": faults, "logs": str(tmp_path),
+            "again": list(again)}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "tests.crash_walk", str(tmp_path / "spec.json")], cwd=REPO,
@@ -54,9 +55,9 @@ def _walk(corpus, model, outputs: dict[str, str], tmp_path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _check(url: str, reference: dict, fault: str, codes: list[int], logs) -> None:
+def _check(url: str, reference: dict, fault: str, codes: list[int], logs, expected=(CRASH_EXIT, 0)) -> None:
     log = (logs / f"{fault.replace(':', '_').replace('@', '_')}.log").read_text()[-2000:]
-    assert codes == [CRASH_EXIT, 0], f"{fault}: {codes}\n{log}"
+    assert codes == list(expected), f"{fault}: {codes}\n{log}"
     output = OutputAdmin(url)
     markers = output.done_markers()
     named = {m["part"] for m in markers.values() if m["part"]} | {m["rejects"].split("/")[-1]
@@ -97,3 +98,22 @@ def test_every_crash_point_on_s3(s3, corpus, tiny_window_model, tmp_path):
     results = _walk(corpus, tiny_window_model, outputs, tmp_path)
     for fault in FAULTS:
         _check(outputs[fault], reference, fault, results[fault], tmp_path)
+
+
+# Points inside the embedding job after which a unit's files exist: its part, its rejections, its
+# marker; the first unit's and the second's.
+AGAIN = ["published:part@1", "published:rejects@1", "published:marker@1", "published:part@2", "published:marker@2"]
+
+
+def test_a_units_stages_run_again_after_its_part_or_marker_exists(corpus, tiny_window_model, tmp_path):
+    """As Flink or Spark re-run a stage after losing a worker: the killed run's embedding job is run
+    again as submitted (its plan, its settings, its lock token) after some of its units' parts or
+    markers exist, then the same command finishes. Nothing is done twice and the output is exact."""
+    run(_argv(corpus, tiny_window_model)[1:] + ["--output", str(tmp_path / "reference")])
+    reference = by_id(read_output(tmp_path / "reference"))
+    outputs = {fault: str(tmp_path / f"again-{k}") for k, fault in enumerate(AGAIN)}
+    results = _walk(corpus, tiny_window_model, outputs, tmp_path, AGAIN, again=AGAIN)
+    for fault in AGAIN:
+        _check(outputs[fault], reference, fault, results[fault], tmp_path, (CRASH_EXIT, 0, 0))
+        markers = OutputAdmin(outputs[fault]).done_markers()
+        assert len({m["run_id"] for m in markers.values()}) == 1, fault  # the re-run job committed what was left

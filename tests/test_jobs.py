@@ -8,7 +8,7 @@ import pytest
 from apache_beam.runners.direct.direct_runner import DirectRunner
 
 from pipeline.cli import main
-from pipeline.graph import build_graph
+from pipeline.graph import JobPlan, build_dedup_graph, build_graph
 from pipeline.jobs import expand_job, job_flags
 from pipeline.run import prepare
 from tests.conftest import REPO, SAMPLE, read_output, write_docs
@@ -34,11 +34,13 @@ def test_each_job_file_dry_runs_and_builds_its_graph_on_this_cpu_launcher(job, t
     flags = job_flags(str(job))
     assert settings.device == next((f.split("=")[1] for f in flags if f.startswith("--device=")), "auto")
     assert f"--device {settings.device}" in printed
-    pipeline = beam.Pipeline(runner=DirectRunner(), options=options)
-    build_graph(pipeline, ["_plans/run/units-00000.jsonl"], settings)
-    proto = pipeline.to_runner_api()  # serialises every step, as submitting would
-    labels = {t.unique_name for t in proto.components.transforms.values()}
-    assert {"ExpandPlan", "FindDuplicates", "ReadUnit", "EmbedUnit", "CommitUnit"} <= labels
+    plan = JobPlan(["_plans/run/units-00000.jsonl"], ["_plans/run/output-00000.jsonl"], ([], []))
+    for build, steps in [(build_dedup_graph, {"ExpandPlan", "ExpandOutput", "FindDuplicates"}),
+                         (build_graph, {"ExpandPlan", "ReadUnit", "EmbedUnit", "CommitUnit"})]:
+        pipeline = beam.Pipeline(runner=DirectRunner(), options=options)
+        build(pipeline, plan, settings)
+        proto = pipeline.to_runner_api()  # serialises every step, as submitting would
+        assert steps <= {t.unique_name for t in proto.components.transforms.values()}
 
 
 def test_flags_after_the_job_file_override_it(tmp_path):

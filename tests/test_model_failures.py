@@ -93,5 +93,5 @@ def test_retry_rejects_refuses_reasons_that_are_the_inputs(tmp_path, capsys):
 
     assert main(["run", "--input", "jobs/sample/docs.parquet", "--output", str(tmp_path / "o"),
                  "--retry-rejects", "empty_text,model_error"]) == 2
-    assert "--retry-rejects empty_text: only model_error, unreadable_file can turn out otherwise" in \
+    assert "--retry-rejects empty_text: only duplicate_id, model_error, unreadable_file can turn out otherwise" in \
         capsys.readouterr().err

@@ -91,3 +91,17 @@ def test_a_misspelt_flag_in_either_spelling_is_refused_with_exit_2(tmp_path, cap
     for flag in ("--checkpoint_evry=25", "--checkpoint-evry=25"):
         assert main(["run", "--input", "jobs/sample/docs.parquet", "--output", str(tmp_path / "o"), flag]) == 2
         assert "unknown flag" in capsys.readouterr().err
+
+
+def test_the_dask_runner_by_its_short_name_or_beams_path_with_its_own_flags():
+    """Beam registers the Dask flags only once its runner module is imported, and resolves the runner by
+    its full path only: docembed does both. One unit per Dask task unless the flags choose otherwise."""
+    parsed = options.parse(["--input", "a", "--output", "b", "--runner", "DaskRunner",
+                            "--dask_client_address", "scheduler:8786"]).get_all_options()
+    assert parsed["runner"] == options.DASK_RUNNER
+    assert (parsed["address"], parsed["partition_size"]) == ("scheduler:8786", 1)
+    parsed = options.parse(["--input", "a", "--output", "b", f"--runner={options.DASK_RUNNER}",
+                            "--dask_npartitions", "4"]).get_all_options()
+    assert (parsed["runner"], parsed["npartitions"], parsed["partition_size"]) == (options.DASK_RUNNER, 4, None)
+    with pytest.raises(UsageError, match="--dask_client_address apply to --runner DaskRunner only"):
+        options.parse(["--input", "a", "--output", "b", "--dask_client_address", "scheduler:8786"])

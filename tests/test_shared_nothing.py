@@ -14,12 +14,9 @@ the job API those runners use). The work is done by an external SDK worker pool
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,55 +26,7 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from tests.conftest import BUCKET, REPO, by_id, cosine, free_port, put_docs, s3_markers
-
-WORKER_VENVS = Path("/var/tmp/docembed-test-worker-venvs")  # outside the checkout and ~/.cache, both hidden
-
-
-@pytest.fixture(scope="session")
-def worker_venv(tmp_path_factory) -> Path:
-    """A venv with docembed installed from its sdist and nothing else. Building one takes about a
-    minute, so the dependencies are kept between test runs under a key of setup.py's bytes; docembed
-    itself is reinstalled from a fresh sdist every run."""
-    dist = tmp_path_factory.mktemp("sdist")
-    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(dist)], cwd=REPO, check=True,
-                   capture_output=True)
-    sdist = next(dist.glob("docembed-*.tar.gz"))
-    venv = WORKER_VENVS / hashlib.sha256((REPO / "setup.py").read_bytes()).hexdigest()[:16]
-    if not (venv / ".complete").exists():  # built whole, or not at all (a test run killed midway)
-        shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        _pip(venv, "install", "--quiet", str(sdist))
-        (venv / ".complete").touch()
-    else:
-        _pip(venv, "install", "--quiet", "--force-reinstall", "--no-deps", str(sdist))
-    return venv
-
-
-def _pip(venv: Path, *args: str) -> None:
-    done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", *args], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"a Beam service exited at start (code {proc.returncode})"
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    pytest.fail(f"nothing listens on port {port} after {timeout}s")
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    """SIGKILL a process group and reap its leader (this host's init may not reap orphans)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
+from tests.conftest import BUCKET, REPO, blind, by_id, cosine, free_port, kill_group, put_docs, s3_markers, wait_port
 
 @pytest.fixture(scope="module")
 def job_service():
@@ -86,9 +35,9 @@ def job_service():
     proc = subprocess.Popen([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
                              "--port", str(port)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_port(port, proc)
+    wait_port(port, proc)
     yield port
-    _kill(proc)
+    kill_group(proc)
 
 
 class Pool:
@@ -101,20 +50,14 @@ class Pool:
         self.proc = None
 
     def start(self) -> "Pool":
-        hidden = [str(REPO), str(Path.home() / ".cache")]
-        script = ('for d in "$@"; do mkdir -p "$d" && mount -t tmpfs tmpfs "$d" || exit 3; done; '
-                  f'[ -z "$(ls -A {REPO})" ] || exit 4; '
-                  f'exec python -m apache_beam.runners.worker.worker_pool_main --service_port={self.port}')
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
-                                          *hidden], env=self.env, cwd="/", start_new_session=True,
-                                         stdout=log, stderr=subprocess.STDOUT)
-        _wait_port(self.port, self.proc)
+        command = ["python", "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={self.port}"]
+        self.proc = blind(command, self.env, self.log)
+        wait_port(self.port, self.proc)
         return self
 
     def stop(self) -> None:
         if self.proc is not None:
-            _kill(self.proc)
+            kill_group(self.proc)
 
 
 @pytest.fixture
@@ -160,7 +103,7 @@ def test_shared_nothing_workers_embed_s3_to_s3_and_resume_after_launcher_and_poo
         assert launcher.poll() is None, launcher.communicate()
         assert time.monotonic() < deadline, f"no 3 units committed in time; pool log: {pool.log.read_text()[-3000:]}"
         time.sleep(0.2)
-    _kill(launcher)  # the launcher and the workers die together, as when a spot VM pool is reclaimed
+    kill_group(launcher)  # the launcher and the workers die together, as when a spot VM pool is reclaimed
     pool.stop()
     at_kill = len(s3_markers(fs, "sn/out"))
     assert 3 <= at_kill < 12

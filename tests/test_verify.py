@@ -53,7 +53,7 @@ def test_a_duplicated_part_is_reported(dataset, tmp_path, capsys):
     shutil.copy(parts[0], out / "part-copy.parquet")
     code, printed = _verify(capsys, out, dataset / "in")
     assert code == 1
-    assert "part part-copy.parquet is present but not listed in the manifest" in printed
+    assert "part part-copy.parquet is claimed by no done-marker" in printed
     assert "ids appear more than once" in printed
     assert "embedded ids are not in the input (or not once)" in printed
 

@@ -10,6 +10,9 @@ Layout of an output folder::
     _progress/<unit_id>.json      documents embedded so far in a unit that is running
     _rejects/<unit_id>[-retry-<k>].parquet  rows that could not be embedded, with their reasons
     _plans/<run_id>/units-N.jsonl the running run's work units, read by the job (not in its graph)
+    _plans/<run_id>/output-N.jsonl the output's files as the run was planned: its parts and the rejections
+                                  holding duplicate_id rows (what the duplicate-id check counts as there)
+    _plans/<run_id>/repeats/<unit_id>.json  the unit's rows whose id repeats an earlier one (``dedup``)
     _numerics.json                the device and precision of the output's vectors (``numerics``)
     _canaries.json                the canary texts' vectors as the output's first commit made them (``canaries``)
     _manifest.json                the run's fingerprint, plan and, when complete, counts and parts
@@ -47,6 +50,7 @@ ATTEMPTS = "_attempts"
 PROGRESS = "_progress"
 REJECTS = "_rejects"
 PLANS = "_plans"
+REPEATS = "repeats"
 NUMERICS = "_numerics.json"
 CANARIES = "_canaries.json"
 QUANTIZATION = "_quantization.json"
@@ -125,8 +129,22 @@ class UnitStore:
     # --- the unit's work -----------------------------------------------------------------
     def plan_units(self, shard: str) -> list[WorkUnit]:
         """The work units of one plan shard (``_plans/<run_id>/units-N.jsonl``)."""
+        return [WorkUnit.from_json(record) for record in self.plan_records(shard)]
+
+    def plan_records(self, shard: str) -> list[dict]:
+        """The JSON records of one plan shard (``_plans/<run_id>/*.jsonl``)."""
         with self.fs.open(self.path(shard), "rb") as handle:
-            return [WorkUnit.from_json(json.loads(line)) for line in handle.read().splitlines() if line.strip()]
+            return [json.loads(line) for line in handle.read().splitlines() if line.strip()]
+
+    def write_repeats(self, run_id: str, unit_id: str, rows: dict[int, str]) -> None:
+        """The unit's rows whose id repeats an earlier occurrence, {row: message}, found by ``dedup``."""
+        self.publish(posixpath.join(PLANS, run_id, REPEATS, f"{unit_id}.json"), dumps({"rows": sorted(rows.items())}))
+
+    def read_repeats(self, run_id: str, unit_id: str) -> dict[int, str]:
+        """What ``write_repeats`` wrote for the unit in this run; {} where its rows repeat nothing. The
+        duplicate-id job has finished before any unit is read, so a missing file means no repeats."""
+        record = self._read_json(self.path(PLANS, run_id, REPEATS, f"{unit_id}.json"))
+        return {int(row): message for row, message in (record or {}).get("rows", [])}
 
     def is_done(self, unit_id: str) -> bool:
         return self.fs.exists(self.path(CHECKPOINTS, f"{unit_id}.json"))
@@ -284,9 +302,11 @@ class UnitStore:
 
     # --- helpers -------------------------------------------------------------------------
     def _read_json(self, path: str) -> dict | None:
+        """The JSON record at ``path``, None where there is none. Read in one request: an object store
+        file opened for reading refuses to go on when the object is replaced under it (s3fs: EBUSY), as
+        the lock is by every heartbeat."""
         try:
-            with self.fs.open(path, "rb") as handle:
-                return json.load(handle)
+            return json.loads(self.fs.cat_file(path))
         except FileNotFoundError:
             return None
 

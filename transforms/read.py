@@ -4,7 +4,7 @@ Consumes ``WorkUnit``; produces ``UnitRows`` whose table has ``id`` (string), th
 (string) and the pass-through columns (cast to the types unified across files at planning), in file
 order, plus a ``_row`` column with each row's index in its file. Rows that cannot be embedded go to
 the rejections table with a reason (see ``transforms.rejects``) instead of being dropped; rows whose
-id repeats an earlier one come from ``dedup`` as a side input (``duplicate_id``).
+id repeats an earlier one are those the run's duplicate-id job found (``dedup``; ``duplicate_id``).
 """
 
 from __future__ import annotations
@@ -108,19 +108,22 @@ def _as_text(column: pa.Array) -> tuple[pa.Array, pa.Array]:
 
 
 class ReadUnit(beam.DoFn):
-    """WorkUnit (+ the side input of repeated ids, ``dedup``) -> UnitRows (with its rejections).
-    Units already done are skipped here, so a retried bundle or a second runner of the same unit
-    does no work twice."""
+    """WorkUnit -> UnitRows (with its rejections; the rows whose id repeats an earlier one are those
+    the run's duplicate-id job wrote to the plan, ``dedup``). A unit whose commit is already complete
+    is skipped: a runner may run this task again after the unit was committed (a lost worker's
+    finished task re-run), and the unit must not be done twice. Only this run can have committed a
+    unit of its plan, since it holds the output's lock, so the skip decides nothing about the output."""
 
     def __init__(self, settings: EmbedSettings):
         self._settings = settings
         self._output = UnitStore(settings.output)
 
-    def process(self, unit: WorkUnit, duplicates=None):
+    def process(self, unit: WorkUnit):
         retry, only = None, None
         if unit.retry:  # a done unit whose rejections for these reasons are tried again
             marker, kept, only = self._output.rejections_to_retry(unit.unit_id, unit.retry)
-            if not only:  # retried already (a retried bundle), or nothing to retry
+            # Nothing to retry, or this run's retry of the unit is committed already (a task run again).
+            if not only or (marker or {}).get("rejects") != unit.retry_rejects:
                 return
             retry = {"marker": marker, "kept": kept}
         elif self._output.is_done(unit.unit_id):
@@ -130,9 +133,8 @@ class ReadUnit(beam.DoFn):
             metrics.UNITS_LEFT.inc()
             return
         started_at, start = time.time(), time.perf_counter()
-        repeated = duplicates[unit.source] if duplicates is not None else ()  # a MultiMap: [] when none
-        mine = {row: message for row, message in repeated if unit.row_start <= row < unit.row_end}
-        rows, rejected = read_unit(unit, self._settings, mine, only)
+        repeated = self._output.read_repeats(self._settings.run_id, unit.unit_id)
+        rows, rejected = read_unit(unit, self._settings, repeated, only)
         seconds = {"read": time.perf_counter() - start}
         metrics.DOCS_READ.inc(unit.rows if only is None else len(only))
         if rows is None:  # the whole unit was unreadable and --skip-bad-files is on

@@ -138,6 +138,7 @@ class WorkUnit:
     text_bytes: int = 0  # estimated text size, for progress and ETAs; not part of the identity
     # --retry-rejects: a done unit whose rejections for these reasons are to be embedded again.
     retry: tuple[str, ...] = ()
+    retry_rejects: str = ""  # the rejections file the retry starts from, as the run was planned
 
     @property
     def rows(self) -> int:
