@@ -18,15 +18,19 @@ nothing and keeps no checkpoints: that is the pipeline's business.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
 import time
 
 import apache_beam as beam
 
+from pipeline import manifest
 from pipeline.graph import build_graph
 from pipeline.jobs import as_flags
 from pipeline.lock import OutputLock
 from pipeline.options import EmbedOptions, is_dask_runner, is_local_runner, parse
+from pipeline.output import write_errors
 from pipeline.run import add_report, after_job, before_job, check_writable, find_duplicates, prepare, resolve_settings
 from transforms.documents import EmbedBundle
 from transforms.errors import UsageError
@@ -71,17 +75,21 @@ class EmbedParquet(beam.PTransform):
         options, self._opts, self._output, self._plan, settings = prepare(self._argv)
         self._local = is_local_runner(options)
         check_writable(self._output)
-        self._lock = OutputLock(self._output, self._opts.lock_ttl, self._opts.wait_for_lock)
-        self._lock.__enter__()
+        # As `docembed run`: a failing write is one WriteFailed, and the manifest says how a run ended.
+        self._stack = contextlib.ExitStack()
         try:
+            self._stack.enter_context(write_errors(self._output.url))
+            self._lock = self._stack.enter_context(OutputLock(self._output, self._opts.lock_ttl,
+                                                              self._opts.wait_for_lock))
+            self._stack.enter_context(manifest.record_end(self._output, settings.run_id))
             if self._opts.overwrite:
                 self._output.remove_all()
             self._job = before_job(self._opts, self._output, self._plan,
                                    dataclasses.replace(settings, lock_token=self._lock.token), is_dask_runner(options))
             if self._job.plan:  # its own small job, run to the end before the user's pipeline runs
                 find_duplicates(options, self._job, self._local)
-        except BaseException as exc:
-            self._lock.__exit__(type(exc), exc, exc.__traceback__)
+        except BaseException:
+            self._stack.__exit__(*sys.exc_info())  # raises what the stack makes of it (WriteFailed, ...)
             raise
         return self
 
@@ -101,8 +109,12 @@ class EmbedParquet(beam.PTransform):
             if exc[0] is None:
                 if self._job.plan:
                     self._output.remove_plan()
-                self.summary = after_job(self._output, self._plan, self._job, {})
+                self.summary = after_job(self._output, self._job, {})
                 add_report(self.summary, self._output, self._started, self._started_at, 0, None)
-        finally:
-            self._lock.__exit__(*exc)
+                self._lock.check()
+        except BaseException:
+            if not self._stack.__exit__(*sys.exc_info()):
+                raise
+            return False
+        self._stack.__exit__(*exc)
         return False

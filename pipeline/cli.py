@@ -1,4 +1,5 @@
-"""CLI: ``docembed run|status``, the front door; maps docembed's errors to one line and exit code 2."""
+"""CLI: ``docembed run|status|verify|report``, the front door; maps docembed's errors to one line,
+``docembed: error: ...``, and each error's exit code (``USAGE`` lists them)."""
 
 from __future__ import annotations
 
@@ -18,15 +19,18 @@ USAGE = """usage: docembed run --input URL --output URL [options] [Beam flags]
        docembed report --output URL [--run-id ID] [--png FILE] [--json]
 
 run     embed Parquet documents into a Parquet dataset; rerun the same command to resume;
-        --dry-run prints the plan and what is already done, and runs nothing
-status  units and documents done so far, read from the output's checkpoints
-verify  check an output against its manifest (and its input), and re-embed its canary texts here:
-        exit 0 only when all holds
+        --dry-run prints the plan, what is already done and whether a run holds the lock; runs nothing
+status  units and documents done so far, read from the output's checkpoints, and whether a run is
+        running (its lock is live), or was interrupted or failed
+verify  check an output against its manifest (and its input: rows, and texts changed since they were
+        embedded), and re-embed its canary texts here: exit 0 only when all holds; while a run is
+        going, what it has committed so far
 report  print a past run's report (throughput, latency percentiles, stages, cost); --png draws it
 
-'docembed run --help' lists every option. Exit codes: 0 done, 1 the job failed, 2 a usage, input or
-configuration error found before any work, 3 drift flagged with --fail-on-drift (the run completed),
-75 another run holds the output's lock (try again later), 143 interrupted (rerun to resume)."""
+'docembed run --help' lists every option. Exit codes: 0 done, 1 the job failed or a write to the output
+failed once the run began, 2 a usage, input or configuration error found before any work (an output
+that cannot be written included), 3 drift flagged with --fail-on-drift (the run completed), 75 another
+run holds the output's lock (try again later), 143 interrupted (rerun to resume)."""
 
 DRIFT_EXIT = 3  # --fail-on-drift: the run completed, and its input or vectors drifted from earlier runs'
 
@@ -66,10 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         if command == "report":
             return _report(rest)
     except DocembedError as exc:
-        print(f"docembed: error: {redact_text(str(exc))}", file=sys.stderr)
+        print(f"docembed: error: {redact_text(error_line(exc))}", file=sys.stderr)
         return exc.exit_code
     print(f"docembed: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def error_line(exc: DocembedError) -> str:
+    """The error's message, then what else went wrong as the run stopped (its notes: a manifest or a
+    stop request that could not be written), on the same line: the first error stays the news."""
+    return "; ".join([str(exc), *(" ".join(note.split()) for note in getattr(exc, "__notes__", []))])
 
 
 def _redact(record: logging.LogRecord) -> bool:
@@ -92,9 +102,13 @@ def _drop_worker_start_notice(record: logging.LogRecord) -> bool:
 
 
 def _drop_traceback_of_known_errors(record: logging.LogRecord) -> bool:
-    """Beam logs a failing DoFn's exception with its traceback; for docembed's own errors the message
-    says all, and the CLI repeats it as its last line, so the traceback is left out."""
-    if record.exc_info and isinstance(record.exc_info[1], DocembedError):
+    """Beam logs a failing DoFn's exception with its traceback; for docembed's own errors and failed
+    reads and writes (an OSError: a full or read-only disk, a store's 5xx) the message says all, and
+    the CLI says it as its last line: Beam's record of it is left out, so the user reads it once."""
+    known = record.exc_info and isinstance(record.exc_info[1], (DocembedError, OSError))
+    if known and record.name.startswith("apache_beam") and record.levelno >= logging.ERROR:
+        return False
+    if known:
         record.exc_info, record.exc_text = None, None
     return True
 

@@ -2,17 +2,19 @@
 
 ``run_quality`` merges the statistics the done-markers of one run carry (``transforms.quality``) with
 their counts (truncated, rejected by reason). ``compare`` sets them against the pooled statistics of
-up to ``BASELINE_RUNS`` earlier runs (their reports' ``quality``), on four signals, each flagged past
-a threshold that grows with the sampling noise two runs of these sizes would show by chance, and
-never below a floor (so that huge runs are not flagged for trivial shifts):
+up to ``BASELINE_RUNS`` earlier runs (their reports' ``quality``), on five signals, each flagged only
+past what two runs of these sizes (n documents now, m before) would show by chance, and never for a
+shift below a floor (so that huge runs are not flagged for trivial shifts):
 
 - ``lengths``: the two-sample Kolmogorov-Smirnov statistic D between the runs' distributions of
   document length in tokens (the largest gap between their cumulative shares); flagged when
   D > max(0.2, 2.15 * sqrt((n + m) / (n * m))), the second term being KS's critical value at p = 2e-4;
 - ``mean cosine``: the cosine between the runs' mean vectors; flagged when 1 - cosine > max(0.1,
   4 x the gap sampling alone gives, ``quality.sampling_gap``);
-- ``truncated``, ``rejected``, ``mostly non-letters``: the share of documents; flagged when it moved
-  by more than max(0.05, 4 standard errors of the difference of two proportions).
+- ``truncated``, ``rejected``, ``mostly non-letters``: the share of documents; flagged when Fisher's
+  exact test, one-sided in the direction the share moved, gives p < ``SHARE_ALPHA`` (1e-4) and the
+  share moved by more than ``SHARE_FLOOR`` (5 points), both judged with the run's count moved back by
+  one document: one odd or blank document never decides, whatever the sizes.
 
 All pure: the callers read the markers and reports.
 """
@@ -27,8 +29,15 @@ from transforms import quality
 BASELINE_RUNS = 7  # a nightly job is compared with its last week
 
 KS_FLOOR, KS_COEFFICIENT = 0.2, 2.15  # KS's critical value at p = 2 exp(-2 x 2.15^2) = 1.9e-4
+# Measured on the bundled corpus at every run size from 5 to 2,000 (bench/drift_false_positives.py),
+# 1 - cosine stayed within 2.2x the gap predicted; a run so small that 4x its predicted gap is past 2
+# cannot be flagged on it at all (fewer than 7 documents there).
 COSINE_FLOOR, COSINE_NOISE = 0.1, 4.0
-SHARE_FLOOR, SHARE_SIGMAS = 0.05, 4.0
+SHARE_FLOOR = 0.05  # a share that moved by 5 points or less is never flagged, however many documents
+# Fisher's exact test at this level, one-sided: the exact tail of both runs' counts, right at any size
+# (the normal approximation it replaces called one odd document in five "4 sigma" against a base of 0).
+SHARE_ALPHA = 1e-4
+TAIL_PRECISION = 1e-12  # a tail sum stops when what is left of it is below this share of it
 
 
 def run_quality(markers) -> dict:
@@ -76,7 +85,7 @@ def compare(now: dict, earlier: list[dict], runs: list[str] | None = None) -> di
     # A run whose every row was rejected has no lengths or vectors, but its rejected share speaks.
     signals = [_lengths(now, base), _mean(now, base)] if now.get("docs") else []
     for name, (count, total) in shares(now).items():
-        signals.append(_share(name, count, total, *shares(base)[name]))
+        signals.append(share_signal(name, count, total, *shares(base)[name]))
     signals = [s for s in signals if s is not None]
     return {"runs": list(runs or []), "docs": base["docs"], "signals": signals,
             "flagged": any(s["flagged"] for s in signals)}
@@ -98,25 +107,99 @@ def _mean(now: dict, base: dict) -> dict | None:
     return {"name": "mean cosine", "value": cosine, "limit": limit, "flagged": cosine < limit}
 
 
-def _share(name: str, count: int, total: int, base_count: int, base_total: int) -> dict | None:
+def share_signal(name: str, count: int, total: int, base_count: int, base_total: int) -> dict | None:
+    """One share signal: ``count`` of ``total`` now against ``base_count`` of ``base_total`` before,
+    with Fisher's one-sided p-value (``p``) and the level it is held to (``alpha``)."""
     if not total or not base_total:
         return None
-    p, p0 = count / total, base_count / base_total
-    pooled_p = (count + base_count) / (total + base_total)
-    limit = max(SHARE_FLOOR, SHARE_SIGMAS * math.sqrt(pooled_p * (1 - pooled_p) * (1 / total + 1 / base_total)))
-    return {"name": name, "value": p - p0, "limit": limit, "flagged": abs(p - p0) > limit, "now": p, "before": p0}
+    now, before = count / total, base_count / base_total
+    p, flagged = 1.0, False
+    if count * base_total != base_count * total:
+        up = count * base_total > base_count * total
+        # Judged with one of the documents that moved the share counted the other way: one odd
+        # document in a handful, or one blank text against millions without any, is not a drift.
+        moved_back = count - 1 if up else count + 1
+        p = share_p(moved_back, total, base_count, base_total, up)
+        shift = moved_back / total - before
+        flagged = p < SHARE_ALPHA and (shift if up else -shift) > SHARE_FLOOR
+    return {"name": name, "value": now - before, "limit": SHARE_FLOOR, "flagged": flagged, "now": now,
+            "before": before, "p": p, "alpha": SHARE_ALPHA}
+
+
+def share_p(count: int, total: int, base_count: int, base_total: int, up: bool) -> float:
+    """Fisher's exact test, one-sided: the chance that ``total`` documents drawn without replacement
+    from both runs' documents hold ``count`` or more (``up``), or ``count`` or fewer, of the two runs'
+    ``count + base_count`` counted ones. Exact at any sizes; both sizes count."""
+    return hypergeometric_tail(count, total, count + base_count, total + base_total, up)
+
+
+def hypergeometric_tail(x: int, draws: int, marked: int, population: int, upper: bool) -> float:
+    """P(X >= x) (``upper``) or P(X <= x), X the marked items among ``draws`` taken without replacement
+    from ``population`` items of which ``marked`` are marked. The tail is summed from the end nearer
+    the distribution's mode outwards, term by term (each from the one before), in log space, and
+    stops once the rest is provably negligible: a few thousand steps at most for millions of items."""
+    low, high = max(0, draws - (population - marked)), min(draws, marked)
+    if (x <= low) if upper else (x >= high):
+        return 1.0
+    if (x > high) if upper else (x < low):
+        return 0.0
+    mode = (draws + 1) * (marked + 1) // (population + 2)
+    if upper:
+        return _tail_from(x, +1, draws, marked, population) if x > mode else \
+            max(0.0, 1.0 - _tail_from(x - 1, -1, draws, marked, population))
+    return _tail_from(x, -1, draws, marked, population) if x < mode else \
+        max(0.0, 1.0 - _tail_from(x + 1, +1, draws, marked, population))
+
+
+def _tail_from(x: int, step: int, draws: int, marked: int, population: int) -> float:
+    """The hypergeometric probabilities summed from ``x`` away from the mode (``step`` +1 or -1), where
+    they only fall: the pmf is log-concave, so once a term's ratio to the one before is r < 1, all that
+    is left is below term * r / (1 - r)."""
+    log_first = (_log_choose(marked, x) + _log_choose(population - marked, draws - x)
+                 - _log_choose(population, draws))
+    term, total = 1.0, 1.0  # relative to the first term, which may be far below the smallest float
+    while True:
+        ratio = _next_ratio(x, step, draws, marked, population)
+        term *= ratio
+        total += term
+        x += step
+        if ratio == 0.0 or (ratio < 1 and term * ratio / (1 - ratio) < TAIL_PRECISION * total):
+            return min(1.0, math.exp(log_first + math.log(total)))
+
+
+def _next_ratio(x: int, step: int, draws: int, marked: int, population: int) -> float:
+    """P(X = x + step) / P(X = x) for the hypergeometric X above; 0 past the end of its support."""
+    others = population - marked
+    if step > 0:
+        if x >= min(draws, marked):
+            return 0.0
+        return (marked - x) * (draws - x) / ((x + 1) * (others - draws + x + 1))
+    if x <= max(0, draws - others):
+        return 0.0
+    return x * (others - draws + x) / ((marked - x + 1) * (draws - x + 1))
+
+
+def _log_choose(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
 
 
 def describe(signal: dict) -> str:
-    """One signal as the drift line shows it, with its limit."""
+    """One signal as the drift line shows it, with the limit that applied."""
     name, value, limit = signal["name"], signal["value"], signal["limit"]
     if name == "lengths":
         return (f"lengths KS {value:.2f} {'>' if signal['flagged'] else '<='} {limit:.2f} "
                 f"(median {signal['before']:.0f} -> {signal['now']:.0f} tokens)")
     if name == "mean cosine":
         return f"mean-vector cosine {value:.3f} {'<' if signal['flagged'] else '>='} {limit:.3f}"
-    return (f"{name} {100 * signal['before']:.1f}% -> {100 * signal['now']:.1f}% "
-            f"({'beyond' if signal['flagged'] else 'within'} ±{100 * limit:.1f} pts)")
+    shares = f"{name} {100 * signal['before']:.1f}% -> {100 * signal['now']:.1f}%"
+    if "p" not in signal:  # a report of an earlier version: a limit in points, no p-value
+        return f"{shares} ({'beyond' if signal['flagged'] else 'within'} ±{100 * limit:.1f} pts)"
+    p, alpha = signal["p"], signal.get("alpha", SHARE_ALPHA)
+    # Past 1e-99 the exact figure says nothing more (and below 1e-308 a float holds 0).
+    shown = "p < 1e-99" if p < 1e-99 else f"p {p:.2g} {'<' if p < alpha else '>='} {alpha:g}"
+    if p < alpha and not signal["flagged"]:  # certain, but a move within the floor
+        shown += f", within ±{100 * limit:.1f} pts"
+    return f"{shares} ({shown})"
 
 
 def format_line(drift: dict | None) -> str:

@@ -11,7 +11,9 @@ Ctrl-C (SIGINT) means stop now: the launcher sends SIGTERM to its local worker p
 terminal has usually reached them already) and exits as soon as they are gone, with nothing left to
 wait for. Beam starts those processes with a fixed command, so what they print as they die is theirs.
 Either way the launcher says one line, "interrupted; rerun to resume", exits with code 143, and leaves
-out the runner's errors about the workers it lost.
+out the runner's errors about the workers it lost. When the stop request cannot be written (a full or
+read-only disk, a failing store), the workers cannot be told: the launcher says so in that line, naming
+the file and the cause, and stops at once, abandoning the units in hand.
 """
 
 from __future__ import annotations
@@ -56,13 +58,19 @@ class StopOnSignal:
         self._excepthook, threading.excepthook = threading.excepthook, self._thread_error
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, error, traceback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         for handler in logging.getLogger().handlers:
             handler.removeFilter(self._quiet)
         threading.excepthook = self._excepthook
-        self.output.clear_stop()
+        try:
+            self.output.clear_stop()
+        except OSError as exc:
+            if error is None:
+                raise
+            # The run's own error stays the news; the next run removes the request before it starts.
+            error.add_note(f"the stop request could not be removed ({exc})")
 
     def check(self) -> None:
         if self.signalled.is_set():
@@ -72,9 +80,12 @@ class StopOnSignal:
         if self.signalled.is_set():  # a second signal: stop now
             self._abandon()
         self.signalled.set()
+        try:
+            self.output.request_stop(time.time() + self.grace_s)
+        except OSError as exc:  # raised here, it would surface anywhere in the main thread
+            self._abandon(f"the workers could not be told to stop: {exc}; the units in hand were abandoned")
         print(f"docembed: {signal.Signals(signum).name}: finishing the unit in hand (up to "
               f"{self.grace_s:.0f}s), then stopping", file=sys.stderr, flush=True)
-        self.output.request_stop(time.time() + self.grace_s)
         threading.Thread(target=self._after_grace, daemon=True).start()
         if signum == signal.SIGINT:  # Ctrl-C: stop now; local workers are told to go at once
             children = _children()

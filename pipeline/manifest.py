@@ -1,14 +1,18 @@
-"""Manifest: what ``_manifest.json`` records about a run (written at the start, completed at the end)."""
+"""Manifest: what ``_manifest.json`` records about a run: written at the start (status "running"),
+completed at the end ("complete"), or, when the run stops short, how it ended: "interrupted" (a stop
+signal) or "failed" (with its error), and when (``record_end``)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import time
 
 from pipeline.plan import Plan
-from pipeline.output import marker_totals
+from pipeline.output import OutputAdmin, marker_totals, one_line
 from transforms import storage
 from transforms.checkpoint import parts_of
+from transforms.errors import Interrupted
 from transforms.records import EmbedSettings
 
 _LIBRARIES = ("apache-beam", "torch", "transformers", "sentence-transformers", "pyarrow")
@@ -67,6 +71,40 @@ def completed(manifest: dict, markers: dict[str, dict], plan: Plan, numerics: di
                                      "parts": parts_of(m)}
                                     for m in earlier],
     }
+
+
+def ended(manifest: dict, status: str, error: str = "") -> dict:
+    """``manifest`` as a run that stopped short leaves it: ``status`` ("interrupted" or "failed"), when
+    (``ended_at``) and, for a failure, the error (one line)."""
+    return {**manifest, "status": status, "ended_at": time.time(), **({"error": error} if error else {})}
+
+
+def how_it_ended(exc: BaseException) -> tuple[str, str]:
+    """(status, error) for a run stopped by ``exc``: a stop signal interrupts it, anything else fails it."""
+    if isinstance(exc, Interrupted):
+        return "interrupted", ""
+    return "failed", storage.redact_text(one_line(exc))[:1000]
+
+
+@contextlib.contextmanager
+def record_end(output: OutputAdmin, run_id: str):
+    """Around a run holding the lock: when it raises, the manifest this run started says how it ended
+    (``ended``). A manifest that is not this run's (it stopped before writing its own) is left as it
+    is. Where the manifest cannot be read or written, a note on the error says so: the error that
+    stopped the run stays the news."""
+    try:
+        yield
+    except BaseException as exc:
+        status, error = how_it_ended(exc)
+        try:
+            current, _ = output.load_manifest()
+            if current and current.get("run_id") == run_id:
+                output.write_manifest(ended(current, status, error))
+        except OSError as failed:
+            why = "the same error" if one_line(failed) == one_line(exc) else one_line(failed)
+            exc.add_note(f"the manifest could not record that the run {status} ({why}), so it may still say "
+                         "'running'")
+        raise
 
 
 def _version(name: str) -> str | None:

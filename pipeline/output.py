@@ -8,6 +8,7 @@ file, the stop request and the reports. No other module opens the folder's files
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import uuid
@@ -18,12 +19,39 @@ import pyarrow.parquet as pq
 from transforms.checkpoint import (ATTEMPTS, CANARIES, CHECKPOINTS, LOCK, MANIFEST, NUMERICS, PLANS, PROGRESS, REJECTS,
                                    STOP, UnitStore, dumps, files_of, parts_of)
 from transforms import rejects
-from transforms.errors import DamagedRecord
+from transforms.errors import DamagedRecord, OutputError
 from transforms.records import WorkUnit
 
 REPORTS = "_reports"
 # Units per plan shard: 100,000 units (a billion rows at --checkpoint-every 10000) are 20 shards.
 UNITS_PER_SHARD = 5000
+
+
+class WriteFailed(OutputError):
+    """A write or a removal in the output folder failed once the run had begun (a full, read-only or
+    failing disk; an object store answering 5xx): exit 1, as a failed job. Committed units are kept."""
+
+    exit_code = 1
+
+
+@contextlib.contextmanager
+def write_errors(url: str):
+    """Around a run once its checks are done: an OSError raised inside (a write of the launcher's
+    failed: the lock, the manifest, the plan, the stop request, the report, a removal) raised again as
+    ``WriteFailed``, on one line naming the file and the cause (``storage.naming``), notes kept."""
+    try:
+        yield
+    except OSError as exc:
+        failed = WriteFailed(f"a write to --output {url} failed: {one_line(exc)}; units committed so far are kept: "
+                             "fix the cause and rerun the same command to resume")
+        for note in getattr(exc, "__notes__", []):
+            failed.add_note(note)
+        raise failed from exc
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's message on one line; an error without a message is named by its type."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class OutputAdmin(UnitStore):
@@ -125,10 +153,7 @@ class OutputAdmin(UnitStore):
 
     def remove_plan(self) -> None:
         """After the job: the plan shards are done with (the lock makes them this run's only)."""
-        try:
-            self.fs.rm(self.path(PLANS), recursive=True)
-        except FileNotFoundError:
-            pass
+        self._remove_quietly(self.path(PLANS), recursive=True)
 
     def write_report(self, run_id: str, report: dict) -> str:
         name = posixpath.join(REPORTS, f"{run_id}.json")
@@ -146,7 +171,7 @@ class OutputAdmin(UnitStore):
         """Raises OSError when nothing can be written under the folder."""
         probe = f"_probe-{uuid.uuid4().hex}"
         self.publish(probe, b"")
-        self.fs.rm(self.path(probe))
+        self.remove(probe)
 
     # --- the lock (pipeline/lock.py) and the stop request (pipeline/interrupt.py) ----------
     def create_lock(self, record: dict) -> bool:
@@ -175,7 +200,7 @@ class OutputAdmin(UnitStore):
         removed = []
         for sub in (ATTEMPTS, PROGRESS, PLANS):
             for path in self._ls(self.path(sub)):
-                self.fs.rm(path, recursive=True)
+                self._remove_quietly(path, recursive=True)
                 removed.append(path)
         orphans = [self.path(n) for n in self.part_files() if n not in named]
         orphans += [p for p in self._ls(self.path(REJECTS))
@@ -198,7 +223,7 @@ class OutputAdmin(UnitStore):
         paths = sorted(self._ls(self.root), key=lambda p: first.get(posixpath.basename(p), 2))
         for path in paths:
             if posixpath.basename(path) != LOCK:
-                self.fs.rm(path, recursive=True)
+                self._remove_quietly(path, recursive=True)
 
     # --- helpers -------------------------------------------------------------------------
     def _read_json_dir(self, sub: str) -> tuple[dict[str, object], dict[str, str]]:

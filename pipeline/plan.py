@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from transforms import storage
+from transforms.digest import footer_digest
 from transforms.errors import InputError, OutputError
 from transforms.records import WorkUnit
 
@@ -43,6 +44,7 @@ class Plan:
     units: tuple[WorkUnit, ...]
     skipped: tuple[dict, ...] = ()  # {"url", "error"} of unreadable files left out (--skip-bad-files)
     passthrough_schema: pa.Schema | None = None
+    rows_per_unit: int = 0  # --checkpoint-every: the cut of files the output does not hold yet
 
     @property
     def rows(self) -> int:
@@ -76,7 +78,7 @@ def plan_input(url: str, columns: dict[str, str], rows_per_unit: int, skip_bad_f
     passthrough = [name for role, name in columns.items() if role not in ("id", "text")]
     schema = unify_passthrough([(f.url, f.schema) for f in files], passthrough)
     units = [u for f in files for u in units_for_file(f, rows_per_unit)]
-    return Plan(tuple(files), tuple(units), skipped, schema)
+    return Plan(tuple(files), tuple(units), skipped, schema, rows_per_unit)
 
 
 def _inspect_or_skip(url: str, columns: dict[str, str], skip_bad_files: bool):
@@ -119,6 +121,7 @@ def _inspect(url: str, columns: dict[str, str]) -> InputFile:
         with fs.open(path, "rb") as handle:
             metadata = pq.ParquetFile(handle).metadata
             schema = metadata.schema.to_arrow_schema()
+            footer = footer_digest(handle)
     except (pa.ArrowException, OSError) as exc:
         raise BadFile(
             f"{url} is not a readable Parquet file ({exc}); fix or remove it, or pass --skip-bad-files"
@@ -129,7 +132,7 @@ def _inspect(url: str, columns: dict[str, str]) -> InputFile:
     text_index = leaves.index(columns["text"]) if columns["text"] in leaves else None
     text_bytes = () if text_index is None else tuple(
         metadata.row_group(i).column(text_index).total_uncompressed_size for i in range(metadata.num_row_groups))
-    return InputFile(url, int(info.get("size") or 0), storage.file_fingerprint(info), metadata.num_rows,
+    return InputFile(url, int(info.get("size") or 0), storage.input_identity(info, footer), metadata.num_rows,
                      groups, schema, text_bytes)
 
 
@@ -197,9 +200,41 @@ def plan_ranges(row_groups: tuple[int, ...], rows_per_unit: int) -> list[tuple[i
 def units_for_file(file: InputFile, rows_per_unit: int) -> list[WorkUnit]:
     return [
         WorkUnit(storage.redact(file.url), file.fingerprint, a, b, groups,
-                 text_bytes=_unit_text_bytes(file, a, b, groups))
+                 text_bytes=_unit_text_bytes(file, a, b, groups), cut=rows_per_unit)
         for a, b, groups in plan_ranges(file.row_groups, rows_per_unit)
     ]
+
+
+def align(plan: Plan, markers: dict[str, dict], earlier_cut: int | None = None) -> Plan:
+    """The plan as the output already holds its files: a file with committed units keeps the cut
+    they were made with, so that --checkpoint-every may change between runs and apply to files never
+    embedded (``_cut_of``); and a file whose committed units recorded its identity as earlier versions
+    did keeps that record while the file still matches it (``storage.same_input``)."""
+    by_source: dict[str, list[dict]] = {}
+    for marker in markers.values():
+        by_source.setdefault(marker["source"], []).append(marker)
+    files, units = [], []
+    for file in plan.files:
+        mine = [m for m in by_source.get(storage.redact(file.url), [])
+                if storage.same_input(m["file_fingerprint"], file.fingerprint)]
+        if mine and mine[0]["file_fingerprint"] != file.fingerprint:
+            file = dataclasses.replace(file, fingerprint=mine[0]["file_fingerprint"])
+        files.append(file)
+        units += units_for_file(file, _cut_of(file, mine, plan.rows_per_unit, earlier_cut))
+    return dataclasses.replace(plan, files=tuple(files), units=tuple(units))
+
+
+def _cut_of(file: InputFile, mine: list[dict], rows_per_unit: int, earlier_cut: int | None) -> int:
+    """The cut that gives back every committed range of ``file``: this run's if it does, else the one
+    its markers record (``cut``), the output's manifest's (``earlier_cut``: markers written before
+    the cut was recorded), or a committed unit's own size; none that does: this run's (``split_done``
+    then names the conflict)."""
+    committed = {(m["row_start"], m["row_end"]) for m in mine}
+    candidates = [rows_per_unit, *(m.get("cut") for m in mine), earlier_cut, *(b - a for a, b in committed)]
+    for cut in dict.fromkeys(c for c in candidates if c):
+        if committed <= {(a, b) for a, b, _ in plan_ranges(file.row_groups, cut)}:
+            return cut
+    return rows_per_unit
 
 
 def _unit_text_bytes(file: InputFile, start: int, end: int, groups: tuple[int, ...]) -> int:
@@ -221,9 +256,10 @@ def _unit_text_bytes(file: InputFile, start: int, end: int, groups: tuple[int, .
 def split_done(plan: Plan, markers: dict[str, dict]) -> tuple[list[WorkUnit], list[WorkUnit], list[dict]]:
     """(units to do, units already done, markers superseded).
 
-    A committed unit whose file is still in the input but has changed since (another etag, size or
-    modification time) is superseded: its rows are to be replaced by the file's new units. A resume
-    that would embed a row twice is refused: unit boundaries that moved (--checkpoint-every changed).
+    A committed unit whose file is still in the input but has changed since (``storage.input_identity``:
+    another etag, size, modification or change time, or footer) is superseded: its rows are to be
+    replaced by the file's new units. A resume that would embed a row twice is refused: unit
+    boundaries that moved where ``align`` could not tell the cut the units were made with.
     """
     fingerprints = {storage.redact(f.url): f.fingerprint for f in plan.files}
     superseded = [m for m in markers.values()
@@ -242,7 +278,8 @@ def split_done(plan: Plan, markers: dict[str, dict]) -> tuple[list[WorkUnit], li
             if a < unit.row_end and unit.row_start < b:
                 raise OutputError(
                     f"{unit.source}: rows {a}-{b} were committed as one unit, but this run plans rows "
-                    f"{unit.row_start}-{unit.row_end}; resume with the --checkpoint-every of the first run, "
+                    f"{unit.row_start}-{unit.row_end}, and its markers do not record the --checkpoint-every "
+                    "they were cut with; resume with the --checkpoint-every of the run that embedded it, "
                     "or use --overwrite"
                 )
         todo.append(unit)

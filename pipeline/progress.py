@@ -123,4 +123,13 @@ def format_dry_run(d: dict) -> str:
     for skipped in d["skipped_files"]:
         lines.append(f"  skipped    {skipped['url']} (--skip-bad-files): {skipped['error']}")
     lines += [f"  damaged    {r}; a run would redo it" for r in d["repairs"]]
+    lines += [f"  lock       {lock_line(d['lock'])}"] if d.get("lock") else []
     return "\n".join(lines)
+
+
+def lock_line(lock: dict) -> str:
+    """What the output's lock (``lock.lock_state``) means for a run started now."""
+    if lock["live"]:
+        return (f"held by a running run ({lock['holder']}): a run started now would exit 75; wait for it, or "
+                "pass --wait-for-lock SECONDS")
+    return f"left by a run that is no longer running ({lock['holder']}; {lock['stale']}): a run takes it over"

@@ -68,9 +68,21 @@ def hint(shares: dict[str, float]) -> str:
     return "balanced: no stage dominates"
 
 
+def unjudged(markers: dict[str, dict], reports: list[dict], run_id: str) -> list[str]:
+    """Runs whose committed units no report has judged for drift, ``run_id`` aside: runs that ended
+    without writing one (killed, stopped, failed while finishing) and that no later run's report took
+    up (its ``judged_runs``). So every committed unit is judged by exactly one report, however runs end."""
+    judged = {r["run_id"] for r in reports} | {j for r in reports for j in r.get("judged_runs", [])}
+    return sorted({m.get("run_id") for m in markers.values()} - judged - {run_id, None})
+
+
 def build(run_id: str, markers: dict[str, dict], wall_s: float, started_at: float, settings, workers_flag: int,
-          cost_per_hour: float | None) -> dict:
+          cost_per_hour: float | None, judged: list[str] = ()) -> dict:
+    """The report of run ``run_id`` from the output's done-markers. Its timings, counts and costs are
+    the run's own units'; its ``quality``, which drift is judged on, also covers the units of the
+    ``judged`` runs (``unjudged``), recorded as ``judged_runs``."""
     mine = sorted((m for m in markers.values() if m.get("run_id") == run_id), key=lambda m: m["committed_at"])
+    late = [m for m in markers.values() if m.get("run_id") in set(judged)]
     batches = [b for m in mine for b in m.get("batch_stats", [])]
     totals = marker_totals(mine)
     docs, tokens, padded = totals["embedded"], totals["tokens"], totals["padded_tokens"]
@@ -123,7 +135,9 @@ def build(run_id: str, markers: dict[str, dict], wall_s: float, started_at: floa
         "hint": hint(shares),
         "timeline": [[round(m["committed_at"] - started_at, 3), m["embedded"]] for m in mine],
         "batch_latencies_s": [b[3] for b in batches],
-        "quality": drift.run_quality(mine),
+        "quality": drift.run_quality(mine + late),
+        "judged_runs": list(judged),
+        "judged_units": len(late),
         "canaries": canary_summary(mine, settings.canary_threshold),
     }
     return report
@@ -213,8 +227,15 @@ def format_report(r: dict, counts: bool = True) -> str:
         f"  hint       {r['hint']}",
         *(f"  {label:<10} {line}" for label, line in drift.format_quality(r.get("quality") or {})),
         *([f"  canaries   {format_canaries(r['canaries'])}"] if r.get("canaries") else []),
+        *([f"  judged     {judged_line(r)}"] if r.get("judged_runs") else []),
         *([f"  drift      {drift.format_line(r['drift'])}"] if "drift" in r else []),
     ])
+
+
+def judged_line(r: dict) -> str:
+    runs = r["judged_runs"]
+    return (f"the statistics and drift below include {r.get('judged_units', 0)} units committed by "
+            f"{'run' if len(runs) == 1 else 'runs'} {', '.join(runs)}, which ended without a report")
 
 
 def format_canaries(c: dict) -> str:

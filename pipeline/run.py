@@ -24,18 +24,18 @@ from pipeline import manifest, options as opts_mod, repair, report
 from pipeline.graph import JobPlan, build_dedup_graph, build_graph
 from pipeline.guard import adopt_numerics, check_fingerprint
 from pipeline.interrupt import StopOnSignal
-from pipeline.lock import OutputLock
+from pipeline.lock import OutputLock, lock_state
 from pipeline.options import EmbedOptions
-from pipeline.output import OutputAdmin, marker_totals, snapshot
+from pipeline.output import OutputAdmin, marker_totals, snapshot, write_errors
 from pipeline.pin import pin_model
-from pipeline.plan import outside_plan, plan_input, split_done
+from pipeline.plan import Plan, align, outside_plan, plan_input, split_done
 from pipeline.progress import ProgressBar
 from transforms import metrics as metrics_mod
 from transforms.checkpoint import REJECTS, unit_id_of_part
 from transforms.dedup import find_here
 from transforms.errors import DocembedError, JobFailed, OutputError, UsageError
 from transforms.model import describe, prompts
-from transforms.numerics import check_request
+from transforms.numerics import check_here, check_request
 from transforms.records import EmbedSettings, WorkUnit
 
 # Beam's loggers that print a remote job's id, console URL and state changes.
@@ -44,37 +44,38 @@ SUBMISSION_LOGGERS = ("apache_beam.runners.dataflow.dataflow_runner", "apache_be
 
 
 def run(argv: list[str], test_pipeline: beam.Pipeline | None = None) -> dict:
-    """Embed the input into the output folder, resuming what an earlier run left; returns the summary."""
+    """Embed the input into the output folder, resuming what an earlier run left; returns the summary.
+    Once the output is found writable, a write of the launcher's that fails (the lock, the manifest,
+    the plan, the stop request, the report, a removal) raises ``WriteFailed`` (exit 1) naming the file
+    and the cause, and a run that stops short leaves a manifest saying how (``manifest.record_end``)."""
     started, started_at = time.monotonic(), time.time()
     options, opts, output, plan, settings = prepare(argv)
     check_writable(output)
-    with OutputLock(output, opts.lock_ttl, opts.wait_for_lock) as lock, \
-            StopOnSignal(output, opts.grace_period) as stop:
+    with write_errors(output.url), OutputLock(output, opts.lock_ttl, opts.wait_for_lock) as lock, \
+            StopOnSignal(output, opts.grace_period) as stop, manifest.record_end(output, settings.run_id):
         if opts.overwrite:
             output.remove_all()
-        try:
-            settings = dataclasses.replace(settings, lock_token=lock.token)
-            summary = _run_locked(options, opts, output, plan, settings, test_pipeline, stop)
-            add_report(summary, output, started, started_at, _workers(options), opts.cost_per_hour)
-        except OSError as exc:  # bookkeeping writes on the launcher: the store failed under us
-            raise OutputError(f"writing to --output {output.url} failed: {exc}; rerun to resume") from exc
+        settings = dataclasses.replace(settings, lock_token=lock.token)
+        summary = _run_locked(options, opts, output, plan, settings, test_pipeline, stop)
+        add_report(summary, output, started, started_at, _workers(options), opts.cost_per_hour)
+        lock.check()  # its work is done, but another run may have taken the output over meanwhile
         summary["fail_on_drift"] = opts.fail_on_drift
-    if lock.lost.is_set():
-        raise OutputError(f"another run took over {output.url}'s lock during this run; check the output with "
-                          "`python -m pipeline verify`")
     return summary
 
 
 def add_report(summary: dict, output: OutputAdmin, started: float, started_at: float, workers: int,
                cost_per_hour: float | None) -> None:
     """The run's seconds (since the monotonic ``started``) into ``summary``, and, when it committed
-    units, its report, built from the done-markers and written under the output's reports."""
+    units or earlier runs' units are still unjudged (``report.unjudged``), its report, built from the
+    done-markers and written under the output's reports."""
     summary["seconds"] = time.monotonic() - started
-    if summary["units_committed"]:
-        built = report.build(summary["run_id"], output.done_markers(), summary["seconds"], started_at,
-                             summary["settings"], workers, cost_per_hour)
-        summary["report"] = report.with_drift(built, report.history(output, before=summary["run_id"]))
-        summary["report_file"] = output.write_report(summary["run_id"], summary["report"])
+    run_id, markers, reports = summary["run_id"], output.done_markers(), report.history(output)
+    late = report.unjudged(markers, reports, run_id)
+    if summary["units_committed"] or late:
+        built = report.build(run_id, markers, summary["seconds"], started_at, summary["settings"], workers,
+                             cost_per_hour, late)
+        summary["report"] = report.with_drift(built, [r for r in reports if r["run_id"] < run_id])
+        summary["report_file"] = output.write_report(run_id, summary["report"])
 
 
 def prepare(argv: list[str]):
@@ -91,15 +92,17 @@ def prepare(argv: list[str]):
 
 def dry_run(argv: list[str]) -> dict:
     """What a run would do, read without writing anything: the plan, what is already done, the
-    settings; the same checks as a run (fingerprint, numerics, unit boundaries) raise the same errors."""
+    settings, and the output's lock (``lock.lock_state``: a live one makes a run exit 75); the same
+    checks as a run (fingerprint, numerics, unit boundaries) raise the same errors."""
     options, opts, output, plan, settings = prepare(argv)
     if opts.overwrite:  # the run would delete everything first
-        resume = Resume(settings, {}, [], [], *split_done(plan, {}))
+        resume = Resume(settings, {}, [], [], *split_done(plan, {}), plan=plan)
     else:
         resume = guard(output, plan, settings)
     todo, done = resume.todo, resume.done
     runner = options.get_all_options().get("runner") or "DirectRunner"
-    return {"settings": resume.settings, "runner": runner, "files": len(plan.files),
+    plan = resume.plan
+    return {"settings": resume.settings, "runner": runner, "lock": lock_state(output), "files": len(plan.files),
             "skipped_files": list(plan.skipped), "units": len(plan.units), "rows": plan.rows,
             "text_bytes": sum(u.text_bytes for u in plan.units),
             "units_done": len(done), "rows_done": sum(u.rows for u in done),
@@ -118,7 +121,7 @@ class Resume:
     """Where a run starts from: its settings (the output's numerics adopted), the markers of units
     really done, the damaged units to redo, what is wrong with the manifest (if anything), and the
     plan's units to do, done, and superseded (their input file changed); where ``_canaries.json`` is
-    damaged, the manifest's copy to restore."""
+    damaged, the manifest's copy to restore; the plan, its files cut as the output holds them."""
 
     settings: EmbedSettings
     markers: dict
@@ -128,6 +131,7 @@ class Resume:
     done: list
     superseded: list
     canaries_copy: dict | None = None
+    plan: Plan | None = None  # the run's plan as the output holds its files (``plan.align``)
 
     def repairs(self) -> list[str]:
         return self.manifest_damage + [d.describe() for d in self.damage]
@@ -143,8 +147,9 @@ def guard(output: OutputAdmin, plan, settings: EmbedSettings) -> Resume:
     canaries_damage = repair.canaries_damage(output, manifest)
     manifest_damage += [canaries_damage] if canaries_damage else []
     markers, damage = repair.find(output)
+    plan = align(plan, markers, ((manifest or {}).get("settings") or {}).get("checkpoint_every"))
     return Resume(settings, markers, damage, manifest_damage, *split_done(plan, markers),
-                  canaries_copy=manifest["canaries"] if canaries_damage else None)
+                  canaries_copy=manifest["canaries"] if canaries_damage else None, plan=plan)
 
 
 @dataclasses.dataclass
@@ -169,7 +174,7 @@ def before_job(opts, output: OutputAdmin, plan, settings: EmbedSettings, in_grap
     (``snapshot``), so that a task run again later sees the output as planned, not as this run
     has changed it. ``in_graph``: the runner gets the records in its graph too (``JobPlan``)."""
     resume = guard(output, plan, settings)
-    settings, markers, todo = resume.settings, resume.markers, resume.todo
+    plan, settings, markers, todo = resume.plan, resume.settings, resume.markers, resume.todo
     outside, cleaned = _tidy(output, opts, plan, resume)
     removed = bool(resume.superseded) or any(g.get("pruned") for g in outside)
     retried = retry_units(markers, plan, opts.retry_rejects, repeats_too=removed)
@@ -185,9 +190,9 @@ def before_job(opts, output: OutputAdmin, plan, settings: EmbedSettings, in_grap
     return Job(resume, settings, record, retried, before_retry, outside, cleaned, job_plan)
 
 
-def after_job(output: OutputAdmin, plan, job: Job, beam_metrics: dict) -> dict:
+def after_job(output: OutputAdmin, job: Job, beam_metrics: dict) -> dict:
     """After the graph ran: the manifest completed from the markers; returns the run's summary."""
-    markers = output.done_markers()
+    plan, markers = job.resume.plan, output.done_markers()
     output.write_manifest(manifest.completed(job.record, markers, plan, output.read_numerics(),
                                              output.read_quantization(), output.read_canaries()))
     resume, settings = job.resume, job.settings
@@ -202,7 +207,7 @@ def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipelin
     job = before_job(opts, output, plan, settings, opts_mod.is_dask_runner(options))
     beam_metrics = {}
     if job.plan:
-        units = {u.unit_id: (u.rows, u.text_bytes) for u in plan.units}
+        units = {u.unit_id: (u.rows, u.text_bytes) for u in job.resume.plan.units}
         local = opts_mod.is_local_runner(options)
         find_duplicates(options, job, local, stop)
         bar = ProgressBar(output, units, [u.unit_id for u in job.resume.done]) if opts.progress and local \
@@ -212,7 +217,7 @@ def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipelin
         output.remove_plan()
         beam_metrics = counters(result)
     stop.check()
-    return after_job(output, plan, job, beam_metrics)
+    return after_job(output, job, beam_metrics)
 
 
 def find_duplicates(options, job: Job, local: bool = True, stop: StopOnSignal | None = None) -> None:
@@ -356,10 +361,12 @@ def _cause(exc: BaseException) -> str:
 
 
 def check_writable(output: OutputAdmin) -> None:
+    """Before the lock: a probe file written and removed, so that an output that cannot be written
+    (read-only, full, no permission) is refused before any work, as a configuration error (exit 2)."""
     try:
         output.check_writable()
     except OSError as exc:
-        raise OutputError(f"cannot write to --output {output.url}: {exc}") from exc
+        raise OutputError(f"cannot write to --output {output.url}: {' '.join(str(exc).split())}") from exc
 
 
 def resolve_settings(opts: EmbedOptions, passthrough_schema=None, threads: int = 0,
@@ -368,6 +375,8 @@ def resolve_settings(opts: EmbedOptions, passthrough_schema=None, threads: int =
     described from its configuration files (dimension, window, pooling) without loading its weights.
     Device and precision stay as asked; each worker resolves them on its own hardware."""
     check_request(opts.device, opts.precision)
+    if local_runner:
+        check_here(opts.device, opts.precision)
     ref, folder = pin_model(opts.model, opts.model_revision, local_runner)
     prefix = prompt_text(folder, opts.prompt_name) if opts.prompt_name else opts.prefix
     card = describe(folder, opts.max_seq_length, prefix, opts.truncate_dim)

@@ -4,7 +4,11 @@ Checks row counts, missing and duplicated ids (with ``--long-docs chunks``: chun
 id, with neither gaps nor repeats), rows rejected as ``duplicate_id`` whose id no part holds (lost
 rows), part files that no done-marker claims, the embedding dimension, NaN/inf values, unit norms
 (when normalisation is on), that every part file is listed and present, that fingerprints agree, and
-that every part was made at the output's device and precision. With ``canaries`` (the CLI's default),
+that every part was made at the output's device and precision. With the input, also that each unit's
+texts are still those its vectors were made from (the digest its done-marker recorded,
+``transforms.digest``). While a run holds the output's live lock (``lock.lock_state``), it checks what
+is committed (the units with done-markers, and their parts) and says a run is in progress; the
+manifest, which that run completes at its end, is not held against it. With ``canaries`` (the CLI's default),
 it also loads the output's model in this environment, at the output's device and precision unless
 others are asked for, re-embeds the canary texts pinned in ``_canaries.json`` and reports each one's
 cosine to the pinned vector: below the threshold, appending to the output from here would be refused.
@@ -23,16 +27,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import repair
+from pipeline.lock import lock_state
 from pipeline.output import OutputAdmin
 from pipeline.plan import describe_outside, expand_input, outside_plan
+from pipeline.status import run_state
 from transforms import canaries as canaries_mod, numerics, storage
 from transforms.checkpoint import parts_of
 from transforms.commit import CHUNK_COLUMNS, FINGERPRINT_KEY, NUMERICS_KEY
+from transforms.digest import texts_digest
+from transforms.read import read_rows
 from transforms.vectors import arrow_type as vector_type
 from transforms.dedup import read_ids
 from transforms.errors import DamagedRecord, ModelError, OutputError
 from transforms.model_ref import ModelRef
-from transforms.records import with_defaults
+from transforms.records import WorkUnit, with_defaults
 
 FLOAT16_NORM_TOLERANCE = 5e-3  # float16 keeps about 3 significant digits per value
 NORM_TOLERANCE = 1e-3
@@ -59,27 +67,40 @@ def verify(output_url: str, input_url: str | None = None, canaries: bool = True,
     if manifest is None:
         raise OutputError(f"{output_url} has no _manifest.json: it is not a docembed output")
     report = Report()
-    if manifest.get("status") != "complete":
-        report.problems.append("the last run into this output did not complete (_manifest.json status "
-                               f"{manifest.get('status')!r}); rerun it to finish")
     markers, damage = repair.find(output)
+    live = _check_run(output, manifest, markers, report)
     report.problems += [f"{d.describe()}; rerun to redo it" for d in damage]
     outside = outside_plan(markers, {i["url"] for i in manifest.get("inputs", [])})
     report.notes += [f"{describe_outside(g)} stay in the output" + ("; `docembed run --prune-removed` deletes them"
                                                                     if g["gone"] else "") for g in outside]
-    ids, chunks = _check_parts(output, manifest, markers, report)
+    ids, chunks = _check_parts(output, manifest, markers, report, live)
     rejects = output.read_rejects(markers)
     report.rejected = rejects.num_rows
-    _check_counts(manifest, report)
+    if not live:  # a live run's manifest is its start's (or, a moment after it took the lock, the last run's)
+        _check_counts(manifest, report)
     if chunks is not None:
         ids = _check_chunks(ids, chunks, report)
     _check_duplicates(ids, report)
     _check_lost_repeats(ids, rejects, report)
     if input_url:
-        _check_against_input(input_url, manifest, ids, rejects, report, outside)
+        _check_against_input(input_url, manifest, ids, rejects, report, outside, markers if live else None)
+        _check_texts(input_url, manifest, markers, report)
     if canaries:
         _check_canaries(output, manifest, report, device, precision, threshold)
     return report
+
+
+def _check_run(output: OutputAdmin, manifest: dict, markers: dict, report: Report) -> bool:
+    """Whether a run is in progress (a live lock: a note, and what it committed is checked); otherwise
+    a last run that did not complete is a problem, saying how it ended (``status.run_state``)."""
+    lock = lock_state(output)
+    run = run_state(manifest, lock, markers, (manifest.get("plan") or {}).get("units"))
+    if run["live"]:
+        report.notes.append(f"a run is in progress ({lock['holder']}): checked the {len(markers)} units it has "
+                            "committed so far, not the manifest it completes at its end")
+    elif run["state"] != "complete":
+        report.problems.append(f"the last run into this output did not complete: {run['line']}")
+    return run["live"]
 
 
 def _check_canaries(output: OutputAdmin, manifest: dict, report: Report, device: str, precision: str,
@@ -140,35 +161,60 @@ def load_model(ref: ModelRef, device: str, precision: str, **settings):
     return Embedder(materialize(ref), device, precision, **settings)
 
 
-def _check_parts(output: OutputAdmin, manifest: dict, markers: dict, report: Report) -> tuple[list[str], list | None]:
-    """Every part's ids, and with ``--long-docs chunks`` each row's chunk index (else None)."""
-    elsewhere = {p for u in manifest.get("units_from_other_inputs", [])
-                 for p in u.get("parts", [u["part"]] if u.get("part") else [])}
-    listed, present = set(manifest.get("parts", [])) | elsewhere, set(output.part_files())
-    claimed = {name for marker in markers.values() for name in parts_of(marker)}
-    for name in sorted(listed - present):
-        report.problems.append(f"part {name} is listed in the manifest but missing")
-    for name in sorted(present - claimed):
-        report.problems.append(f"part {name} is claimed by no done-marker (a commit interrupted before its marker, "
-                               "or a file docembed did not write); the next `docembed run` into the output removes it")
-    for name in sorted((present & claimed) - listed):
-        report.problems.append(f"part {name} is present but not listed in the manifest")
+def _check_parts(output: OutputAdmin, manifest: dict, markers: dict, report: Report,
+                 live: bool = False) -> tuple[list[str], list | None]:
+    """Every part's ids, and with ``--long-docs chunks`` each row's chunk index (else None). Only a
+    completed manifest lists parts; during a live run only the parts done-markers claim are checked
+    (one published a moment before its marker is a commit in flight, not a stray file), and not
+    against the manifest, which the run completes at its end."""
+    present, claimed = set(output.part_files()), {name for marker in markers.values() for name in parts_of(marker)}
+    if live:
+        in_flight, present = present - claimed, present & claimed
+        report.notes += [f"{len(in_flight)} parts not yet claimed by a done-marker (commits in flight) were "
+                         "left out"] if in_flight else []
+    else:
+        _check_listing(manifest, present, claimed, report)
+    counted = set(manifest["parts"]) if "parts" in manifest and not live else claimed
     chunked = with_defaults(manifest["fingerprint"])["long_docs"] == "chunks"
     ids: list[str] = []
     chunks: list[int] | None = [] if chunked else None
     for name in sorted(present):
-        table = _check_part(output, name, manifest, report)
+        try:
+            table = _check_part(output, name, manifest, report, name in counted)
+        except FileNotFoundError:
+            if not live:
+                raise
+            continue  # taken back by the running run (its input file changed) since it was listed
         ids += table.column("id").to_pylist()
         if chunked:
             chunks += _chunk_column(table, name, report)
     return ids, chunks
 
 
-def _check_part(output: OutputAdmin, name: str, manifest: dict, report: Report) -> pa.Table:
+def _check_listing(manifest: dict, present: set[str], claimed: set[str], report: Report) -> None:
+    """Parts against the done-markers, and against the manifest's list where it has one (a run lists
+    its parts as it completes: a run that stopped short, or is going, has listed none)."""
+    for name in sorted(present - claimed):
+        report.problems.append(f"part {name} is claimed by no done-marker (a commit interrupted before its marker, "
+                               "or a file docembed did not write); the next `docembed run` into the output removes it")
+    if "parts" not in manifest:
+        return
+    elsewhere = {p for u in manifest.get("units_from_other_inputs", [])
+                 for p in u.get("parts", [u["part"]] if u.get("part") else [])}
+    listed = set(manifest["parts"]) | elsewhere
+    for name in sorted(listed - present):
+        report.problems.append(f"part {name} is listed in the manifest but missing")
+    for name in sorted((present & claimed) - listed):
+        report.problems.append(f"part {name} is present but not listed in the manifest")
+
+
+def _check_part(output: OutputAdmin, name: str, manifest: dict, report: Report, counted: bool = True) -> pa.Table:
+    """One part's fingerprint, numerics, vector type, finiteness and norms; ``counted``: its rows count
+    towards ``report.rows`` (the rows the manifest's counts are compared with)."""
     fingerprint = with_defaults(manifest["fingerprint"])
     table = output.read_part(name)
     report.parts += 1
-    report.rows += table.num_rows if name in manifest.get("parts", []) else 0
+    report.rows += table.num_rows if counted else 0
     metadata = table.schema.metadata or {}
     stored = metadata.get(FINGERPRINT_KEY)
     if stored is None or with_defaults(json.loads(stored)) != fingerprint:
@@ -262,14 +308,18 @@ def _check_duplicates(ids: list[str], report: Report) -> None:
 
 
 def _check_against_input(input_url: str, manifest: dict, ids: list[str], rejects: pa.Table,
-                         report: Report, outside: list[dict]) -> None:
+                         report: Report, outside: list[dict], committed: dict | None = None) -> None:
+    """Every input row embedded or rejected, once. ``committed``: during a live run, its markers: only
+    the rows of committed units are expected yet."""
     id_column = manifest["settings"]["id_column"]
     rejected_rows = set(zip(rejects.column("source").to_pylist(), rejects.column("row_index").to_pylist()))
     expected: collections.Counter = collections.Counter()
     for url in expand_input(input_url):
         file_ids = read_ids(url, id_column, skip_bad_files=True).to_pylist()
         source = storage.redact(url)  # as rejections name it
-        expected.update(i for row, i in enumerate(file_ids) if (source, row) not in rejected_rows)
+        done = _rows_done(committed, source) if committed is not None else None
+        expected.update(i for row, i in enumerate(file_ids) if (source, row) not in rejected_rows
+                        and (done is None or row in done))
     got = collections.Counter(ids)
     missing, unexpected = expected - got, got - expected
     if missing:
@@ -279,6 +329,45 @@ def _check_against_input(input_url: str, manifest: dict, ids: list[str], rejects
         why = f" ({sum(g['rows'] for g in outside)} rows come from files no longer in the input, above)" if outside else ""
         report.problems.append(f"{sum(unexpected.values())} embedded ids are not in the input (or not "
                                f"once){why}, e.g. {sorted(unexpected)[:EXAMPLES]}")
+
+
+def _rows_done(markers: dict, source: str) -> set[int]:
+    """The rows of ``source`` that committed units hold."""
+    return {row for m in markers.values() if m["source"] == source for row in range(m["row_start"], m["row_end"])}
+
+
+TEXTS_CHANGED = "texts changed since they were embedded: their vectors belong to the old texts; rerun to re-embed"
+
+
+def _check_texts(input_url: str, manifest: dict, markers: dict, report: Report) -> None:
+    """Each committed unit of an input file: its texts read again (the unit's rows of the text column,
+    all of them, rejected ones too) against the digest its done-marker recorded. A file rewritten in
+    place with other texts keeps its size and time, and shows here. Markers written before markers
+    recorded the digest are counted in one note."""
+    text_column, unchecked = manifest["settings"]["text_column"], 0
+    for url in expand_input(input_url):
+        source = storage.redact(url)  # as markers name it
+        mine = sorted((m for m in markers.values() if m["source"] == source), key=lambda m: m["row_start"])
+        unchecked += sum(1 for m in mine if not m.get("text_digest"))
+        changed = [_texts_differ(url, m, text_column) for m in mine if m.get("text_digest")]
+        changed = [c for c in changed if c]
+        if changed:
+            more = f" and {len(changed) - EXAMPLES} more units" if len(changed) > EXAMPLES else ""
+            report.problems.append(f"{source} {', '.join(changed[:EXAMPLES])}{more}: {TEXTS_CHANGED}")
+    if unchecked:
+        report.notes.append(f"{unchecked} units' texts could not be checked against the input: their done-markers "
+                            "were written before docembed recorded a digest of the texts")
+
+
+def _texts_differ(url: str, marker: dict, text_column: str) -> str | None:
+    """"rows A-B" (B exclusive) where the unit's texts now differ from those it embedded, else None."""
+    rows = f"rows {marker['row_start']}-{marker['row_end']}"
+    fs, path = storage.filesystem(url)
+    try:
+        table = read_rows(fs, path, WorkUnit.from_json(marker), [text_column])
+    except (pa.ArrowException, OSError, IndexError, KeyError, ValueError) as exc:  # the file shrank or lost a column
+        return f"{rows} (cannot be read as embedded: {' '.join(str(exc).split())[:200]})"
+    return rows if texts_digest(table.column(text_column)) != marker["text_digest"] else None
 
 
 def format_report(output_url: str, report: Report) -> str:

@@ -281,3 +281,44 @@ def gcs(monkeypatch):
     server.stop()
     gcsfs.GCSFileSystem.clear_instance_cache()
     assert "STORAGE_EMULATOR_HOST" not in os.environ
+
+
+def relay(handler, body: bytes, drop_answer: bool = False) -> None:
+    """For test proxies in front of the S3 server: forward the request ``handler`` holds (its ``body``
+    already read) to ``handler.server.upstream`` and send the answer back. ``drop_answer``: close the
+    connection instead, as when the store did the work but its answer was lost."""
+    import http.client
+
+    upstream = http.client.HTTPConnection(*handler.server.upstream, timeout=60)
+    upstream.request(handler.command, handler.path, body=body, headers=dict(handler.headers))
+    answer = upstream.getresponse()
+    data = answer.read()
+    upstream.close()
+    if drop_answer:
+        handler.close_connection = True
+        handler.connection.close()
+        return
+    handler.send_response(answer.status)
+    for key, value in answer.getheaders():  # a HEAD answer keeps the object's own Content-Length
+        if key.lower() not in ("transfer-encoding", "connection") and (
+                key.lower() != "content-length" or handler.command == "HEAD"):
+            handler.send_header(key, value)
+    if handler.command != "HEAD":
+        handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    if handler.command != "HEAD":
+        handler.wfile.write(data)
+
+
+def tmpfs(tmp_path, size: str):
+    """A real tmpfs of ``size`` (mount's syntax) at ``tmp_path / "disk"``, unmounted after the test;
+    skipped where mounting is not allowed. Use as a generator fixture's body: ``yield from``."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("this machine does not allow mounting a tmpfs")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)

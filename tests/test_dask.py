@@ -107,6 +107,18 @@ def _launch(cluster: Cluster, corpus: dict, mode: str, output) -> subprocess.Pop
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _run_with_one_worker(cluster: Cluster, argv: list[str], name: str) -> subprocess.CompletedProcess:
+    """The command ``argv`` on the cluster with one worker of its own, to the end."""
+    command = [sys.executable, "-m", "pipeline", *argv, "--runner", "DaskRunner", "--dask_client_address",
+               cluster.address]
+    worker = cluster.worker(name)
+    try:
+        return subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                              text=True, timeout=600)
+    finally:
+        kill_group(worker)
+
+
 def _finish(launcher: subprocess.Popen, cluster: Cluster) -> str:
     try:
         out, err = launcher.communicate(timeout=600)
@@ -177,13 +189,18 @@ def test_the_duplicate_id_job_names_the_repeats_under_error(cluster, corpus, tmp
     document is embedded."""
     argv = _argv(corpus, "keep-first", tmp_path / "out")
     argv[argv.index("keep-first")] = "error"
-    command = [sys.executable, "-m", "pipeline", *argv, "--runner", "DaskRunner", "--dask_client_address",
-               cluster.address]
-    worker = cluster.worker("error")
-    done = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-                          text=True, timeout=600)
-    kill_group(worker)
+    done = _run_with_one_worker(cluster, argv, "error")
     assert done.returncode == 1, done.stderr[-2000:]
     assert "docembed: error: the job failed: 3 rows repeat an id" in done.stderr
     assert not OutputAdmin(str(tmp_path / "out")).done_markers()
     assert pq.read_table(corpus["keep-first"]).num_rows == 40
+
+
+def test_a_device_the_workers_lack_is_refused_once(cluster, corpus, tmp_path):
+    """The launcher of a cluster job cannot see the workers' hardware: a worker refuses --device cuda
+    (it has no GPU), the job fails with exit 1, and the refusal is printed once."""
+    done = _run_with_one_worker(cluster, [*_argv(corpus, "error", tmp_path / "out"), "--device", "cuda"], "nogpu")
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.count("torch sees no CUDA device") == 1, done.stderr[-3000:]
+    assert done.stderr.count("docembed: error: the job failed:") == 1
+    assert not OutputAdmin(str(tmp_path / "out")).done_markers()

@@ -6,7 +6,6 @@ resumed by the same command; either way the final output equals an uninterrupted
 
 from __future__ import annotations
 
-import http.client
 import http.server
 import os
 import random
@@ -18,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import BUCKET, REPO, by_id, free_port, put_docs
+from tests.conftest import BUCKET, REPO, by_id, free_port, put_docs, relay
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")
@@ -65,25 +64,7 @@ class _Forward(http.server.BaseHTTPRequestHandler):
             return
         if fault == "delay":
             time.sleep(1.0)
-        upstream = http.client.HTTPConnection(*self.server.upstream, timeout=60)
-        upstream.request(self.command, self.path, body=body, headers=dict(self.headers))
-        answer = upstream.getresponse()
-        data = answer.read()
-        upstream.close()
-        if fault == "reset-after":  # the store did it; the client never hears
-            self.close_connection = True
-            self.connection.close()
-            return
-        self.send_response(answer.status)
-        for key, value in answer.getheaders():  # a HEAD answer keeps the object's own Content-Length
-            if key.lower() not in ("transfer-encoding", "connection") and (
-                    key.lower() != "content-length" or self.command == "HEAD"):
-                self.send_header(key, value)
-        if self.command != "HEAD":
-            self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        relay(self, body, drop_answer=fault == "reset-after")  # reset-after: the store did it; the client never hears
 
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
 

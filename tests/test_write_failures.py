@@ -10,7 +10,7 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from pipeline.cli import main
-from tests.conftest import read_output, write_docs
+from tests.conftest import read_output, tmpfs, write_docs
 
 
 def _inputs(tmp_path, docs, count=120):
@@ -27,13 +27,7 @@ def _argv(tmp_path, out):
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 160 KiB tmpfs, so writes fail with ENOSPC; skipped where mounting is not allowed."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("this machine does not allow mounting a tmpfs")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    yield from tmpfs(tmp_path, "160k")
 
 
 def test_disk_full_midway_then_rerun_after_freeing_space(tmp_path, docs, small_disk, capsys):

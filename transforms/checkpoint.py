@@ -177,18 +177,20 @@ class UnitStore:
     # --- committing ----------------------------------------------------------------------
     def publish(self, relative: str, data: bytes, kind: str | None = None) -> None:
         """Make ``data`` appear at ``relative`` whole or not at all (``storage.publish``)."""
-        kind = kind or faults.kind(relative)
-        faults.hit(f"publish:{kind}")
-        storage.publish(self.fs, self.path(relative), data, self.path(ATTEMPTS))
-        faults.hit(f"published:{kind}")
+        kind, path = kind or faults.kind(relative), self.path(relative)
+        url = storage.full_url(self.fs, path)  # what an error raised at the fault points names
+        faults.hit(f"publish:{kind}", path=url)
+        storage.publish(self.fs, path, data, self.path(ATTEMPTS))
+        faults.hit(f"published:{kind}", path=url)
 
     def create(self, relative: str, data: bytes, kind: str | None = None) -> bool:
         """Make ``data`` appear at ``relative`` unless something is there already; True when this
         call made it (``storage.create_exclusive``)."""
-        kind = kind or faults.kind(relative)
-        faults.hit(f"publish:{kind}")
-        created = storage.create_exclusive(self.fs, self.path(relative), data, self.path(ATTEMPTS))
-        faults.hit(f"published:{kind}")
+        kind, path = kind or faults.kind(relative), self.path(relative)
+        url = storage.full_url(self.fs, path)
+        faults.hit(f"publish:{kind}", path=url)
+        created = storage.create_exclusive(self.fs, path, data, self.path(ATTEMPTS))
+        faults.hit(f"published:{kind}", path=url)
         return created
 
     def write_part(self, unit_id: str, data: bytes, retry: int = 0) -> str:
@@ -321,11 +323,11 @@ class UnitStore:
         except FileNotFoundError:
             return []
 
-    def _remove_quietly(self, path: str) -> None:
-        try:
-            self.fs.rm(path)
-        except FileNotFoundError:
-            pass
+    def _remove_quietly(self, path: str, recursive: bool = False) -> None:
+        """Remove ``path`` (absolute) if it is there (``storage.remove``: an OSError names it), passing
+        the ``remove:KIND`` fault point. A fault raised there counts as the removal's own failure."""
+        point, url = f"remove:{faults.kind(posixpath.relpath(path, self.root))}", storage.full_url(self.fs, path)
+        storage.remove(self.fs, path, recursive, before=lambda: faults.hit(point, path=url))
 
 
 def dumps(record: dict) -> bytes:

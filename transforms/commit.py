@@ -120,6 +120,7 @@ def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStore
         "numerics": done.numerics,
         "canaries": checked,
         "quality": done.quality,
+        "text_digest": done.text_digest,  # what verify --input compares the input's texts with
     }
     output.mark_done(unit_id, record)
     return record

@@ -134,7 +134,7 @@ def embed_unit(embedder: Embedder, rows: UnitRows, settings: EmbedSettings, on_b
     return UnitEmbeddings(rows.unit, table, rejected, vectors, embedded.truncated, embedded.tokens,
                           embedded.padded_tokens, embedded.batches, seconds, stats, rows.started_at, chunks,
                           window_count, embedded.text_tokens, sum(n for i, n in embedded.dropped.items() if keep[i]),
-                          retry=rows.retry, quality=unit_quality)
+                          retry=rows.retry, quality=unit_quality, text_digest=rows.text_digest)
 
 
 class EmbedUnit(beam.DoFn):

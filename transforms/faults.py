@@ -3,8 +3,11 @@
 Armed only by the environment variable ``DOCEMBED_FAULT``, a comma-separated list of
 ``POINT@N[:ACTION]``: at the N-th time this process passes POINT (``*`` for every time), do ACTION:
 ``crash`` (the default: ``os._exit(97)``, as a SIGKILL or a lost VM would stop it, with no cleanup),
-``raise`` (a RuntimeError, as a broken device would raise; ``raise>V`` only where the point's value
-exceeds V, as a device short of memory fails only on large batches), ``perturb=S`` (multiply every
+``raise`` (a RuntimeError, as a broken device would raise; at the store's points an OSError (EIO), as
+a failing store would; ``raise>V`` only where the point's value exceeds V, as a device short of memory
+fails only on large batches), ``errno=NAME`` (a real OSError with that errno, ``ENOSPC``, ``EROFS``,
+``EIO``, ..., naming the file, as the operating system or an object store client raises it: a full
+disk, a file system remounted read-only, a failing disk or a store answering 5xx), ``perturb=S`` (multiply every
 weight of the point's model by 1 + S x N(0, 1), seeded: a worker whose numbers differ while every
 label agrees, as another GPU type or library build would), or ``pause``: create the file
 ``$DOCEMBED_FAULT_GATE.arrived.PID.K`` and wait until ``$DOCEMBED_FAULT_GATE.K`` exists, K being how
@@ -14,7 +17,12 @@ lookup. The points:
 
 - ``publish:KIND`` before, and ``published:KIND`` after, the store makes a file appear, where KIND
   is what the file is: ``part``, ``rejects``, ``marker``, ``manifest``, ``plan``, ``lock``,
-  ``heartbeat``, ``numerics``, ``canaries``, ``progress``, ``report`` or ``probe``;
+  ``heartbeat``, ``numerics``, ``canaries``, ``quantization``, ``progress``, ``report``, ``stop``
+  (the stop request) or ``probe``;
+- ``remove:KIND`` before the store removes a file or folder of that kind (KIND as above, and
+  ``scratch`` for ``_attempts/``): the stop request, the lock, the plan folder, progress records,
+  leftovers, taken-back units, the probe; passed whether the file is there or not, and a fault raised
+  where nothing is there is no failure, as a read-only disk's refusal to unlink a missing file is none;
 - ``forward``: each batch the model runs; its value is the batch's padded tokens;
 - ``loaded``: a worker's model, just loaded (the point for ``perturb``).
 """
@@ -22,6 +30,7 @@ lookup. The points:
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import posixpath
 import time
@@ -39,8 +48,13 @@ def _armed() -> dict[str, list[tuple[str, str]]]:
     return armed
 
 
-def hit(point: str, value: float = 0, target=None) -> None:
-    """Pass ``point``: crash, raise or perturb ``target`` (a torch module) here if the environment asks."""
+# Points where docembed is about to touch the store: there ``raise`` is a failing store (an OSError).
+STORE_POINTS = ("publish:", "published:", "remove:")
+
+
+def hit(point: str, value: float = 0, target=None, path: str = "") -> None:
+    """Pass ``point``: crash, raise or perturb ``target`` (a torch module) here if the environment asks;
+    ``path``: the file a store point is about, named by the errors raised there."""
     if "DOCEMBED_FAULT" not in os.environ:
         return
     _passed[point] += 1
@@ -49,6 +63,10 @@ def hit(point: str, value: float = 0, target=None) -> None:
             if action.startswith("perturb="):
                 _perturb(target, float(action.split("=", 1)[1]))
                 continue
+            if action.startswith("errno="):
+                raise _os_error(getattr(errno, action[6:]), path)
+            if action == "raise" and point.startswith(STORE_POINTS):
+                raise OSError(errno.EIO, f"fault injected at {point} (DOCEMBED_FAULT)", path)
             if action == "raise" or (action.startswith("raise>") and value > float(action[6:])):
                 raise RuntimeError(f"fault injected at {point} (DOCEMBED_FAULT)")
             if action.startswith("raise>"):
@@ -57,6 +75,12 @@ def hit(point: str, value: float = 0, target=None) -> None:
                 _pause(_passed[point])
                 continue
             os._exit(CRASH_EXIT)
+
+
+def _os_error(code: int, path: str) -> OSError:
+    """The OSError the system raises for ``code`` on ``path`` (its subclass too: ENOENT is a
+    FileNotFoundError), as ``open`` or ``os.replace`` would."""
+    return OSError(code, os.strerror(code), *([path] if path else []))
 
 
 def _perturb(model, scale: float) -> None:
@@ -80,11 +104,11 @@ def kind(relative: str) -> str:
     """What a bookkeeping name in the output folder is, for ``publish:KIND`` points."""
     base, top = posixpath.basename(relative), relative.split("/")[0]
     by_folder = {"_checkpoints": "marker", "_rejects": "rejects", "_plans": "plan", "_progress": "progress",
-                 "_reports": "report"}
+                 "_reports": "report", "_attempts": "scratch"}
     if top in by_folder:
         return by_folder[top]
     if base.startswith("part-"):
         return "part"
     return {"_manifest.json": "manifest", "_lock.json": "lock", "_numerics.json": "numerics",
-            "_canaries.json": "canaries"}.get(
+            "_canaries.json": "canaries", "_quantization.json": "quantization", "_stop": "stop"}.get(
         base, "probe" if base.startswith("_probe") else "other")

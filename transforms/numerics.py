@@ -38,6 +38,15 @@ def check_request(device: str, precision: str) -> None:
         raise UsageError("--precision int8 is a CPU mode; on CUDA use fp16 or bf16")
 
 
+def check_here(device: str, precision: str) -> None:
+    """On a local runner the workers are this machine: refuse, before any work, what its hardware
+    cannot give (``resolve``'s refusals, exit 2). The default (``auto`` or the CPU at fp32, which
+    every machine gives) is not checked, so that a plain run does not import torch here for it."""
+    if device in ("auto", "cpu") and precision in ("auto", "fp32"):
+        return
+    resolve(device, precision)
+
+
 def resolve(device: str, precision: str) -> dict:
     """This worker's numerics for the requested ``device`` and ``precision`` (``auto`` allowed);
     raises DeviceUnavailable, naming this host and what it lacks, where it cannot honour them."""
@@ -54,6 +63,12 @@ def resolve(device: str, precision: str) -> dict:
     device = ("cuda" if has_cuda else "cpu") if device == "auto" else device
     if precision == "auto":
         precision = "fp16" if device == "cuda" else "fp32"
+    if device == "cpu" and precision == "fp16" and not has_cuda:
+        raise DeviceUnavailable(
+            f"worker {host}: --precision fp16 runs on CUDA only, and torch sees no CUDA device on this "
+            f"worker (torch {torch.__version__}, CUDA build: {torch.version.cuda}); on the CPU use fp32, "
+            "or bf16 on CPUs with native bf16"
+        )
     check_request(device, precision)
     if device == "cpu":
         _check_cpu_features(host, precision)

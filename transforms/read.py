@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from transforms import metrics, rejects, storage
 from transforms.checkpoint import UnitStore
 from transforms.dedup import DECODE_ERRORS
+from transforms.digest import footer_digest, texts_digest
 from transforms.errors import InputError
 from transforms.records import EmbedSettings, UnitRows, WorkUnit
 
@@ -27,29 +28,39 @@ ROW = "_row"
 
 
 def read_unit(unit: WorkUnit, settings: EmbedSettings, duplicates: dict[int, str] | None = None,
-              only: set[int] | None = None) -> tuple[pa.Table, pa.Table]:
-    """(rows to embed, rejections) for ``unit``; columns as in the module docstring. ``duplicates``:
-    {row: message} of the unit's rows whose id repeats an earlier one; ``only``: read these rows of
-    the unit and no others (a retry of its rejections)."""
+              only: set[int] | None = None) -> tuple[pa.Table, pa.Table, str]:
+    """(rows to embed, rejections, the digest of the unit's texts) for ``unit``; columns as in the
+    module docstring. ``duplicates``: {row: message} of the unit's rows whose id repeats an earlier
+    one; ``only``: read these rows of the unit and no others (a retry of its rejections)."""
     fs, path = storage.filesystem(settings.locate(unit.source))
-    if storage.file_fingerprint(fs.info(path)) != unit.file_fingerprint:
+    if not storage.same_input(unit.file_fingerprint, identity(fs, path)):
         raise InputError(f"{unit.source} changed after it was planned; rerun to plan it again")
     wanted = range(unit.row_start, unit.row_end) if only is None else sorted(only)
+    columns = [settings.id_column, settings.text_column, *settings.passthrough_columns]
     try:
-        table = _read_rows(fs, path, unit, settings)
+        table = read_rows(fs, path, unit, columns)
     except DECODE_ERRORS as exc:
         if not settings.skip_bad_files:
             raise InputError(f"{unit.source}: rows {unit.row_start}-{unit.row_end} cannot be read: {exc}") from exc
         reasons = ["unreadable_file"] * len(wanted)
         return None, rejects.rejections(pa.nulls(len(wanted), pa.string()), pa.array(wanted, pa.int64()), unit.source,
-                                        reasons, [f"cannot read these rows: {exc}"] * len(wanted))
+                                        reasons, [f"cannot read these rows: {exc}"] * len(wanted)), ""
+    text_digest = texts_digest(table.column(settings.text_column))
     if only is not None:
         table = table.filter(pc.is_in(table.column(ROW), pa.array(wanted, pa.int64())))
-    return split_rejections(table, unit, settings, duplicates or {})
+    return *split_rejections(table, unit, settings, duplicates or {}), text_digest
 
 
-def _read_rows(fs, path: str, unit: WorkUnit, settings: EmbedSettings) -> pa.Table:
-    columns = list(dict.fromkeys([settings.id_column, settings.text_column, *settings.passthrough_columns]))
+def identity(fs, path: str) -> str:
+    """The file's ``storage.input_identity`` now."""
+    info = fs.info(path)
+    with fs.open(path, "rb") as handle:
+        return storage.input_identity(info, footer_digest(handle))
+
+
+def read_rows(fs, path: str, unit: WorkUnit, columns: list[str]) -> pa.Table:
+    """The unit's row range of ``columns`` (each once), reading only its row groups, plus ``_row``."""
+    columns = list(dict.fromkeys(columns))
     with fs.open(path, "rb") as handle:
         parquet = pq.ParquetFile(handle)
         first_row = sum(parquet.metadata.row_group(i).num_rows for i in range(unit.row_groups[0]))
@@ -134,10 +145,10 @@ class ReadUnit(beam.DoFn):
             return
         started_at, start = time.time(), time.perf_counter()
         repeated = self._output.read_repeats(self._settings.run_id, unit.unit_id)
-        rows, rejected = read_unit(unit, self._settings, repeated, only)
+        rows, rejected, text_digest = read_unit(unit, self._settings, repeated, only)
         seconds = {"read": time.perf_counter() - start}
         metrics.DOCS_READ.inc(unit.rows if only is None else len(only))
         if rows is None:  # the whole unit was unreadable and --skip-bad-files is on
             rows = pa.table({"id": pa.array([], pa.string()), self._settings.text_column: pa.array([], pa.string()),
                              ROW: pa.array([], pa.int64())})
-        yield UnitRows(unit, rows, rejected, seconds, started_at, retry)
+        yield UnitRows(unit, rows, rejected, seconds, started_at, retry, text_digest)

@@ -139,6 +139,7 @@ class WorkUnit:
     # --retry-rejects: a done unit whose rejections for these reasons are to be embedded again.
     retry: tuple[str, ...] = ()
     retry_rejects: str = ""  # the rejections file the retry starts from, as the run was planned
+    cut: int = 0  # the --checkpoint-every its file was cut with (0 in markers written before it was kept)
 
     @property
     def rows(self) -> int:
@@ -180,6 +181,7 @@ class UnitRows:
     started_at: float = 0.0  # wall clock when the unit's reading began
     # A retry of rejections: {"marker": the unit's done-marker, "kept": its rejections not retried}.
     retry: Optional[dict] = None
+    text_digest: str = ""  # of the unit's text column as read (``transforms.digest``), for its marker
 
 
 @dataclasses.dataclass
@@ -208,3 +210,4 @@ class UnitEmbeddings:
     retry: Optional[dict] = None  # as UnitRows.retry
     quality: dict = dataclasses.field(default_factory=dict)  # the unit's statistics (transforms.quality)
     canaries: Optional[dict] = None  # the worker's canary record (transforms.canaries)
+    text_digest: str = ""  # as UnitRows.text_digest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -32,6 +33,66 @@ def is_local(fs) -> bool:
 
 
 def publish(fs, path: str, data: bytes, scratch_dir: str) -> None:
+    """Make ``data`` appear at ``path`` whole or not at all (``_publish``); an OSError names ``path``
+    (``naming``), not the scratch file it may have come from."""
+    with _named(fs, path):
+        _publish(fs, path, data, scratch_dir)
+
+
+def remove(fs, path: str, recursive: bool = False, before=None) -> None:
+    """Remove ``path`` if it is there; an OSError names it (``naming``). A removal that fails while
+    nothing is there is no failure: a read-only disk refuses to unlink even a missing file.
+    ``before``: called first, as part of the removal (a fault point): what it raises is the removal's."""
+    with _named(fs, path):
+        try:
+            if before is not None:
+                before()
+            fs.rm(path, recursive=recursive)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            if _still_there(fs, path):
+                raise
+
+
+def _still_there(fs, path: str) -> bool:
+    try:
+        return fs.exists(path)
+    except OSError:  # the store cannot even say: the removal failed
+        return True
+
+
+@contextlib.contextmanager
+def _named(fs, path: str):
+    """An OSError raised inside, raised again naming ``path`` (``naming``). Not chained: the job's
+    error reporting names the innermost cause, which must be this one."""
+    try:
+        yield
+    except OSError as exc:
+        named = naming(exc, full_url(fs, path))
+        if named is exc:
+            raise
+        raise named from None
+
+
+def naming(exc: OSError, url: str) -> OSError:
+    """``exc`` as an OSError of the same errno (and so the same subclass) whose message names ``url``
+    and the cause, on one line: ``[Errno 28] No space left on device: '/out/_manifest.json'``. A local
+    write's own error names a scratch file or nothing; an object store's carries its HTTP error."""
+    cause = " ".join(str(exc.strerror or exc).split())
+    if getattr(exc, "filename", None) == url:
+        return exc
+    inner = " ".join(str(exc.__cause__ or "").split())  # an object store client's error: its HTTP status
+    cause += f" ({inner})" if inner and inner not in cause else ""
+    if exc.errno is not None:
+        return OSError(exc.errno, cause, url)
+    try:
+        return type(exc)(f"{cause}: {url!r}")
+    except TypeError:  # a subclass with a constructor of its own
+        return OSError(f"{cause}: {url!r}")
+
+
+def _publish(fs, path: str, data: bytes, scratch_dir: str) -> None:
     """Make ``data`` appear at ``path`` whole or not at all.
 
     Local disks: write a uniquely named file under ``scratch_dir``, fsync it, then ``os.replace`` it
@@ -72,6 +133,13 @@ SETTLE_S = 1.0
 
 
 def create_exclusive(fs, path: str, data: bytes, scratch_dir: str) -> bool:
+    """Create ``path`` holding ``data`` unless it exists; True when this call created it
+    (``_create_exclusive``); an OSError names ``path`` (``naming``)."""
+    with _named(fs, path):
+        return _create_exclusive(fs, path, data, scratch_dir)
+
+
+def _create_exclusive(fs, path: str, data: bytes, scratch_dir: str) -> bool:
     """Create ``path`` holding ``data`` unless it exists; True when this call created it.
 
     Local disks: a scratch file hard-linked into place (``link`` fails when the name exists, and the
@@ -149,6 +217,28 @@ def file_fingerprint(info: dict) -> str:
         if info.get(key):
             return f"{key}:{str(info[key]).strip(chr(34))}:size={info.get('size')}"
     return f"mtime:{modified_time(info)}:size={info.get('size')}"
+
+
+def input_identity(info: dict, footer_digest: str) -> str:
+    """What units and markers record of an input file, to tell when its content changed:
+    ``file_fingerprint`` (the store's etag, generation or CRC where it gives one, else size and
+    modification time), then, for a local file, the inode's change time, which ``touch``, ``cp -p``,
+    ``rsync -t`` and ``tar -x`` cannot set back, and the digest of its Parquet footer (row counts,
+    sizes and statistics of every column chunk), fields joined by ``|``."""
+    extra = [f"ctime={info['created']}"] if _is_local_info(info) else []
+    return "|".join([file_fingerprint(info), *extra, f"footer={footer_digest}"])
+
+
+def same_input(recorded: str, current: str) -> bool:
+    """Whether a file's identity now (``input_identity``) is the one recorded. Outputs written before
+    identities had the change time and footer recorded ``file_fingerprint`` alone: those are
+    compared on it, as they were."""
+    return recorded == current if "|" in recorded else recorded == current.split("|", 1)[0]
+
+
+def _is_local_info(info: dict) -> bool:
+    # fsspec's local file system gives the inode ("ino") and st_ctime as "created"; object stores don't.
+    return "ino" in info and info.get("created") is not None
 
 
 def modified_time(info: dict):
