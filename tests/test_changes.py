@@ -4,6 +4,7 @@ earlier way still resume; --checkpoint-every may change for files not yet cut; t
 that ended without a report are judged for drift by the next run; a precision this machine cannot
 give is refused before any work."""
 
+import collections
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pipeline.cli import main
 from pipeline.report import unjudged
 from pipeline.run import run
 from tests.conftest import BUCKET, REPO, by_id, cosine, read_output, write_docs
-from transforms import storage
+from transforms import faults, storage
 from transforms.faults import CRASH_EXIT
 
 FLAGS = ["--no-progress", "--checkpoint-every", "10"]
@@ -95,6 +96,7 @@ def test_checkpoint_every_may_change_for_files_not_yet_cut(tmp_path, docs, monke
     ids, texts = docs
     inp, out = tmp_path / "in", tmp_path / "out"
     write_docs(inp / "day1.parquet", ids[:30], texts[:30], row_group_size=10)
+    monkeypatch.setattr(faults, "_passed", collections.Counter())  # passages count per process: from here
     monkeypatch.setenv("DOCEMBED_FAULT", "publish:marker@2:raise")  # the run fails after its first unit
     assert main(["run", "--input", str(inp), "--output", str(out), *FLAGS]) == 1
     monkeypatch.delenv("DOCEMBED_FAULT")

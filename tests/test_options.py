@@ -25,9 +25,10 @@ def test_unknown_flags_and_missing_values_are_all_named():
     assert "--output is required" in message and "--min-batch-size 0" in message
 
 
-def test_cuda_without_cuda_fails_on_the_worker_naming_it_never_a_fallback(tmp_path, capsys):
-    """The launcher does not look for a GPU (on a cluster it has none); the worker, here the same
-    machine, does, in its setup, before any unit is embedded."""
+def test_cuda_without_cuda_is_refused_before_any_work_on_a_local_runner_never_a_fallback(tmp_path, capsys):
+    """On a local runner the workers are this machine: the launcher asks its hardware before any work
+    and refuses with exit 2, naming it; nothing is written. (Cluster workers refuse in their setup:
+    tests/test_dask.py.)"""
     import socket
 
     torch = pytest.importorskip("torch")
@@ -35,10 +36,10 @@ def test_cuda_without_cuda_fails_on_the_worker_naming_it_never_a_fallback(tmp_pa
         pytest.skip("this machine has CUDA")
     code = main(["run", "--input", "jobs/sample/docs.parquet", "--output", str(tmp_path / "o"),
                  "--device", "cuda", "--no-progress"])
-    assert code == 1
+    assert code == 2 and not (tmp_path / "o").exists()
     err = capsys.readouterr().err
+    assert err.count("docembed: error:") == 1
     assert f"worker {socket.gethostname()}: --device cuda was asked for, but torch sees no CUDA device" in err
-    assert not list((tmp_path / "o").glob("part-*"))
 
 
 def test_half_precision_on_cpu_is_refused(tmp_path, capsys):
