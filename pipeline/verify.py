@@ -83,8 +83,9 @@ def verify(output_url: str, input_url: str | None = None, canaries: bool = True,
     _check_duplicates(ids, report)
     _check_lost_repeats(ids, rejects, report)
     if input_url:
-        _check_against_input(input_url, manifest, ids, rejects, report, outside, markers if live else None)
-        _check_texts(input_url, manifest, markers, report)
+        urls = expand_input(input_url)  # listed once, for both checks
+        _check_against_input(urls, manifest, ids, rejects, report, outside, markers if live else None)
+        _check_texts(urls, manifest, markers, report)
     if canaries:
         _check_canaries(output, manifest, report, device, precision, threshold)
     return report
@@ -307,14 +308,14 @@ def _check_duplicates(ids: list[str], report: Report) -> None:
         report.problems.append(f"{len(repeated)} ids appear more than once, e.g. {repeated[:EXAMPLES]}")
 
 
-def _check_against_input(input_url: str, manifest: dict, ids: list[str], rejects: pa.Table,
+def _check_against_input(urls: list[str], manifest: dict, ids: list[str], rejects: pa.Table,
                          report: Report, outside: list[dict], committed: dict | None = None) -> None:
-    """Every input row embedded or rejected, once. ``committed``: during a live run, its markers: only
+    """Every row of the input files ``urls`` embedded or rejected, once. ``committed``: during a live run, its markers: only
     the rows of committed units are expected yet."""
     id_column = manifest["settings"]["id_column"]
     rejected_rows = set(zip(rejects.column("source").to_pylist(), rejects.column("row_index").to_pylist()))
     expected: collections.Counter = collections.Counter()
-    for url in expand_input(input_url):
+    for url in urls:
         file_ids = read_ids(url, id_column, skip_bad_files=True).to_pylist()
         source = storage.redact(url)  # as rejections name it
         done = _rows_done(committed, source) if committed is not None else None
@@ -339,13 +340,13 @@ def _rows_done(markers: dict, source: str) -> set[int]:
 TEXTS_CHANGED = "texts changed since they were embedded: their vectors belong to the old texts; rerun to re-embed"
 
 
-def _check_texts(input_url: str, manifest: dict, markers: dict, report: Report) -> None:
-    """Each committed unit of an input file: its texts read again (the unit's rows of the text column,
+def _check_texts(urls: list[str], manifest: dict, markers: dict, report: Report) -> None:
+    """Each committed unit of the input files ``urls``: its texts read again (the unit's rows of the text column,
     all of them, rejected ones too) against the digest its done-marker recorded. A file rewritten in
     place with other texts keeps its size and time, and shows here. Markers written before markers
     recorded the digest are counted in one note."""
     text_column, unchecked = manifest["settings"]["text_column"], 0
-    for url in expand_input(input_url):
+    for url in urls:
         source = storage.redact(url)  # as markers name it
         mine = sorted((m for m in markers.values() if m["source"] == source), key=lambda m: m["row_start"])
         unchecked += sum(1 for m in mine if not m.get("text_digest"))
