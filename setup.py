@@ -1,6 +1,7 @@
-"""Packaging for docembed: installs the ``pipeline`` and ``transforms`` packages and the ``docembed``
-command, and serves as Dataflow's ``--setup_file`` (Beam builds an sdist of it and workers pip-install
-that, so only what the sdist holds reaches a worker: the two packages, not ``tests/`` or ``jobs/``).
+"""Packaging for docembed: installs one import package, ``docembed`` (its ``pipeline`` and ``transforms``
+live inside it, so a user's own pipeline.py or transforms.py cannot shadow them), and the ``docembed``
+command. It serves as Dataflow's ``--setup_file``: Beam builds an sdist of it and workers pip-install
+that, so only what the sdist holds reaches a worker (the package, not ``tests/`` or ``jobs/``).
 
 install_requires names what a worker needs to run a job: the vector-changing libraries pinned to the
 versions in requirements.txt (a worker on another torch, transformers or tokenizers could make
@@ -10,7 +11,12 @@ does not read requirements.txt, which an sdist would not carry; tests/test_packa
 in step. Beam is pinned to match the worker container.
 """
 
+import re
+
 import setuptools
+
+# The version lives in the package (docembed.__version__, printed by `docembed --version`).
+VERSION = re.search(r'__version__ = "([^"]+)"', open("docembed/__init__.py").read()).group(1)
 
 # Libraries whose version can change the vectors: pinned exactly, as in requirements.txt.
 VECTOR_LIBRARIES = [
@@ -22,10 +28,10 @@ VECTOR_LIBRARIES = [
 
 setuptools.setup(
     name="docembed",
-    version="0.1.0",
+    version=VERSION,
     description="Offline, resumable batch document embedding on Apache Beam",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*"]),
+    packages=setuptools.find_packages(include=["docembed", "docembed.*"]),
     install_requires=[
         "apache-beam==2.77.0",
         "pyarrow>=14,<26",
@@ -40,5 +46,5 @@ setuptools.setup(
     ],
     # dask: Beam's DaskRunner and a Dask cluster's scheduler and workers (the same versions everywhere).
     extras_require={"report": ["matplotlib"], "dask": ["dask==2026.8.0", "distributed==2026.8.0"]},
-    entry_points={"console_scripts": ["docembed=pipeline.cli:console"]},
+    entry_points={"console_scripts": ["docembed=docembed.cli:console"]},
 )

@@ -45,12 +45,12 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import drift  # noqa: E402
-from transforms import quality  # noqa: E402
-from transforms.inference import embed_rows  # noqa: E402
-from transforms.model import Embedder  # noqa: E402
-from transforms.model_ref import ModelRef, packaged_default  # noqa: E402
-from transforms.records import EmbedSettings  # noqa: E402
+from docembed.quality import drift  # noqa: E402
+from docembed.quality import stats as quality  # noqa: E402
+from docembed.transforms.inference import embed_rows  # noqa: E402
+from docembed.model.embedder import Embedder  # noqa: E402
+from docembed.model.ref import ModelRef, packaged_default  # noqa: E402
+from docembed.records import EmbedSettings  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "jobs" / "sample" / "docs.parquet"

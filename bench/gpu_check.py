@@ -1,6 +1,6 @@
 """GPU check: correctness against a CPU fp32 reference, and throughput of docembed's model loop on CUDA.
 
-Runs docembed's own inference path (``transforms.inference.embed_rows``: token-length sorting,
+Runs docembed's own inference path (``docembed.transforms.inference.embed_rows``: token-length sorting,
 token-budget batches, tokenization overlapped with the model, pinned memory, non-blocking copies), not
 Beam, so it needs no packages beyond the GPU image's (torch, transformers, sentence-transformers,
 pyarrow). Assets come from bench/prepare_gpu_assets.py.
@@ -22,10 +22,10 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from transforms.inference import embed_rows  # noqa: E402
-from transforms.model import Embedder  # noqa: E402
-from transforms.model_ref import ModelRef  # noqa: E402
-from transforms.records import EmbedSettings  # noqa: E402
+from docembed.transforms.inference import embed_rows  # noqa: E402
+from docembed.model.embedder import Embedder  # noqa: E402
+from docembed.model.ref import ModelRef  # noqa: E402
+from docembed.records import EmbedSettings  # noqa: E402
 
 
 def settings_for(batch: int, window: int) -> EmbedSettings:

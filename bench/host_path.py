@@ -63,7 +63,7 @@ def timed(cmd: list[str], env: dict, cwd: Path = REPO) -> tuple[float, str]:
 
 def docembed_run(corpus: Path, model: Path, out: Path, threads: int, env: dict, checkout: Path = REPO) -> dict:
     """The docembed command, from ``checkout`` (its packages are then the ones imported)."""
-    cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(corpus), "--output", str(out), "--model",
+    cmd = [sys.executable, "-m", "docembed", "run", "--input", str(corpus), "--output", str(out), "--model",
            str(model), "--threads", str(threads), "--device", "cpu", "--no-progress"]
     wall, _ = timed(cmd, {**env, "PYTHONPATH": str(checkout)}, checkout)
     markers = [json.loads(p.read_text()) for p in (out / "_checkpoints").glob("*.json")]
@@ -76,7 +76,7 @@ TOKENIZER_ONLY = """
 import json, sys, time
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
-from transforms.tokens import CHARS_PER_TOKEN, cap_text
+from docembed.transforms.prepare.tokens import CHARS_PER_TOKEN, cap_text
 texts = pq.read_table(sys.argv[1], columns=["text"]).column("text").to_pylist()
 window = int(sys.argv[3])
 tok = Tokenizer.from_file(sys.argv[2] + "/tokenizer.json")

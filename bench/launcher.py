@@ -48,10 +48,10 @@ def launch(argv: list[str]) -> dict:
     import apache_beam as beam
     from apache_beam.runners.direct.direct_runner import DirectRunner
 
-    from pipeline import manifest
-    from pipeline.graph import JobPlan, build_graph
-    from pipeline.plan import split_done
-    from pipeline.run import prepare
+    from docembed.pipeline.admin import manifest
+    from docembed.pipeline.graph import JobPlan, build_graph
+    from docembed.pipeline.plan import split_done
+    from docembed.pipeline.run import prepare
 
     started = time.perf_counter()
     options, opts, output, plan, settings = prepare(argv)
@@ -74,10 +74,10 @@ def synthetic(units: int, output: str) -> dict:
     import apache_beam as beam
     from apache_beam.runners.direct.direct_runner import DirectRunner
 
-    from pipeline.graph import JobPlan, build_graph
-    from pipeline.output import OutputAdmin
-    from pipeline.run import prepare
-    from transforms.records import WorkUnit
+    from docembed.pipeline.graph import JobPlan, build_graph
+    from docembed.store.admin import OutputAdmin
+    from docembed.pipeline.run import prepare
+    from docembed.records import WorkUnit
 
     _, _, _, _, settings = prepare(["--input", str(REPO / "jobs" / "sample" / "docs.parquet"), "--output", output])
     settings = dataclasses.replace(settings, output=output)

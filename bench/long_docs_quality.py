@@ -19,7 +19,7 @@ first 200 tokens: what truncate already covers). A passage is kept only when non
 shingles occurs in any other document, so there is one right answer. Queries are embedded with the same
 model through sentence-transformers (all-MiniLM-L6-v2 has no query prompt, so none is used).
 
-Each mode runs as `python -m pipeline run` on the same input, one after another. truncate and mean are
+Each mode runs as `python -m docembed run` on the same input, one after another. truncate and mean are
 scored by cosine to the document's one vector; chunks by the best cosine over the document's chunks.
 Reported: top-1 and top-10 hit rates of the right document, MRR@10, rows embedded, wall seconds of the
 command (ratio against truncate from the same invocation), output size; plus consistency checks of the
@@ -250,8 +250,8 @@ def run_mode(mode: str, corpus: Path, out_dir: Path, flag_exists: bool, reuse: b
     With `reuse`, an earlier run's output is read instead when it was made from the same corpus bytes
     (for re-scoring without re-embedding; its wall seconds are the earlier run's)."""
     if not flag_exists and mode != "truncate":
-        raise RuntimeError("--long-docs is not in pipeline/options.py yet")
-    cmd = [PY, "-m", "pipeline", "run", "--input", str(corpus), "--output", str(out_dir), "--overwrite",
+        raise RuntimeError("--long-docs is not in docembed/pipeline/options.py yet")
+    cmd = [PY, "-m", "docembed", "run", "--input", str(corpus), "--output", str(out_dir), "--overwrite",
            "--no-progress"] + (MODES[mode] if flag_exists else [])
     stamp = out_dir.parent / f"{out_dir.name}.run.json"
     digest = hashlib.sha256(corpus.read_bytes()).hexdigest()
@@ -399,7 +399,7 @@ def build_markdown(args, command, corpus_notes, stats_lines, results, metrics_by
              command,
              "```",
              "",
-             "Each mode is one `python -m pipeline run --input WORK/corpus.parquet --output WORK/MODE --overwrite "
+             "Each mode is one `python -m docembed run --input WORK/corpus.parquet --output WORK/MODE --overwrite "
              "--no-progress` plus:",
              ""] + [f"- {mode}: `{' '.join(MODES[mode])}`" for mode in results] + [
              "",
@@ -549,7 +549,7 @@ def main():
     modes = [m for m in args.modes.split(",") if m]
     flag_exists = has_long_docs_flag()
     if not flag_exists:
-        print("note: --long-docs is not in pipeline/options.py yet: running truncate only, without the flag")
+        print("note: --long-docs is not in docembed/pipeline/options.py yet: running truncate only, without the flag")
         modes = ["truncate"]
 
     # corpus: the two sources drawn with their own seeded generators, so one does not shift the other

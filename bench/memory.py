@@ -52,7 +52,7 @@ def main():
             for k in range(copies)]).slice(0, count)
         corpus = work / f"corpus-{count}.parquet"
         pq.write_table(table, corpus, row_group_size=1000)
-        cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(corpus), "--output",
+        cmd = [sys.executable, "-m", "docembed", "run", "--input", str(corpus), "--output",
                str(work / f"out-{count}"), "--no-progress", *shlex.split(args.extra_args)]
         cost, _ = measure(cmd, {**os.environ, "PYTHONPATH": str(REPO)})
         records.append({"docs": count, "command": cmd, **cost})

@@ -3,12 +3,12 @@
     python bench/output_dtypes.py [--docs 2000] [--queries 200] [--threads 2] [--out bench/results/output-dtypes.md]
 
 One docembed run (fp32, float32 output, units of half the corpus) embeds the corpus; its vectors are then
-stored in each dtype with the same code a commit uses (``transforms.vectors``), calibrated, as an output
+stored in each dtype with the same code a commit uses (``docembed.vectors``), calibrated, as an output
 is, on the first unit. The second unit is held out of the calibration: from it, ``--queries`` documents
 are the queries and the rest the corpus searched. Top-10 overlap: the share of float32's ten nearest
 documents (cosine) that the dtype's own search finds: by the dot product of the stored values (Hamming
 distance for the binary forms), and for int8 and uint8 also after decoding each value to its bucket's
-centre with the manifest's ranges (``transforms.vectors.dequantize``), as a reader that has them can. Size: the Parquet bytes of the embedding column alone (zstd, as pyarrow writes).
+centre with the manifest's ranges (``docembed.vectors.dequantize``), as a reader that has them can. Size: the Parquet bytes of the embedding column alone (zstd, as pyarrow writes).
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from transforms.vectors import CALIBRATED, OUTPUT_DTYPES, calibration, column, dequantize, quantize  # noqa: E402
+from docembed.vectors import CALIBRATED, OUTPUT_DTYPES, calibration, column, dequantize, quantize  # noqa: E402
 
 
 def embed(docs: int, threads: int, work: Path) -> tuple[list[str], np.ndarray]:
     corpus, out = work / "corpus.parquet", work / "out"
     subprocess.run([sys.executable, "bench/corpus.py", "--docs", str(docs), "--out", str(corpus)], cwd=REPO,
                    check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "pipeline", "run", "--input", str(corpus), "--output", str(out),
+    subprocess.run([sys.executable, "-m", "docembed", "run", "--input", str(corpus), "--output", str(out),
                     "--checkpoint-every", str(docs // 2), "--threads", str(threads), "--device", "cpu",
                     "--precision", "fp32", "--no-progress"], cwd=REPO, check=True, capture_output=True)
     order = pq.read_table(corpus, columns=["id"]).column("id").to_pylist()

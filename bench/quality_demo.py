@@ -11,7 +11,7 @@
   whose workers compute at the same labels but with weights perturbed by 2% (the tests' hook,
   ``DOCEMBED_FAULT=loaded@*:perturb=0.02``, standing for another build), refused by the canaries.
 
-Every command runs as a user would run it (``python -m pipeline ...`` in a subprocess, --fail-on-drift
+Every command runs as a user would run it (``python -m docembed ...`` in a subprocess, --fail-on-drift
 on); the lines a reader needs are printed with the command and its exit code.
 """
 
@@ -52,7 +52,7 @@ def write_day(path: Path, rows: range, change=None) -> None:
 def docembed(args: list[str], log, env: dict | None = None) -> int:
     shown = " ".join(a if not a.startswith("/") else Path(a).name for a in args)
     prefix = " ".join(f"{k}={v}" for k, v in (env or {}).items())
-    done = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "docembed", *args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
     log(f"$ {prefix + ' ' if prefix else ''}docembed {shown}   # exit {done.returncode}")
     for line in (done.stdout + done.stderr).splitlines():

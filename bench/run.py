@@ -9,7 +9,7 @@ every contender in its own process, the repeats interleaved, each run timed in t
 Contenders (--threads T is passed to each; nothing else sets thread counts):
     st                python bench/contenders.py st: sentence-transformers encode(batch_size=128)
     beam              python bench/contenders.py beam: ReadFromParquet -> RunInference -> WriteToParquet
-    fp32, int8, bf16  python -m pipeline run --precision P --device cpu --no-progress --threads T
+    fp32, int8, bf16  python -m docembed run --precision P --device cpu --no-progress --threads T
 int8 and bf16 are skipped, and the report says so, on a CPU without the instructions they need.
 
 The corpus is built once (bench/corpus.py). Each repeat measures the fp32 matrix-multiply peak
@@ -241,7 +241,7 @@ def run_beam(b: Bench, folder: Path) -> tuple[dict, list[str], np.ndarray]:
 
 def run_docembed(b: Bench, precision: str, folder: Path) -> tuple[dict, list[str], np.ndarray]:
     out = folder / "docembed"
-    cmd = [PY, "-m", "pipeline", "run", "--input", str(b.corpus.path), "--output", str(out), "--no-progress",
+    cmd = [PY, "-m", "docembed", "run", "--input", str(b.corpus.path), "--output", str(out), "--no-progress",
            "--precision", precision, "--device", "cpu", "--threads", str(b.threads)]
     cost, _ = measure(cmd, b.env)
     markers = [json.loads(p.read_text()) for p in sorted((out / "_checkpoints").glob("*.json"))]

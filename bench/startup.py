@@ -4,7 +4,7 @@ each command in a fresh process, wall time from Popen to reap, the repeats inter
     python bench/startup.py --repeats 5 --threads 2 --out bench/results/startup.md [--baseline DIR]
 
 Per repeat, in this order: python -c "import torch", python -c "import apache_beam",
-python -c "import transformers.modeling_utils", and python -m pipeline run --input C --output FRESH_DIR
+python -c "import transformers.modeling_utils", and python -m docembed run --input C --output FRESH_DIR
 --no-progress --threads T (a new output folder each time, so that it really embeds; its 10 rows are
 checked). Reported: median and min-max wall per command, and docembed's median over import torch's
 (the target is at most 2.5x). The raw record of every run is written next to the report (.json).
@@ -39,7 +39,7 @@ IMPORTS = ("torch", "apache_beam", "transformers.modeling_utils")
 def commands(corpus: Path, out: Path, threads: int, baseline: str | None) -> dict[str, tuple[list[str], Path | None]]:
     """(command, the output folder it must fill) of one repeat, by label; out must be new each repeat."""
     def run(folder: Path) -> list[str]:
-        return [PY, "-m", "pipeline", "run", "--input", str(corpus), "--output", str(folder), "--no-progress",
+        return [PY, "-m", "docembed", "run", "--input", str(corpus), "--output", str(folder), "--no-progress",
                 "--threads", str(threads)]
 
     found = {**{f"import {m}": ([PY, "-c", f"import {m}"], None) for m in IMPORTS}, "docembed run": (run(out), out)}

@@ -247,8 +247,8 @@ def bare_settings(output: str, **changes):
     """EmbedSettings with placeholder model fields, for tests of bookkeeping that never embed."""
     import dataclasses
 
-    from transforms.model_ref import ModelRef
-    from transforms.records import EmbedSettings
+    from docembed.model.ref import ModelRef
+    from docembed.records import EmbedSettings
 
     settings = EmbedSettings(output=output, model_ref=ModelRef("", "local", ""), dim=1, max_seq_length=8, pooling="",
                              normalize=True, precision="auto", device="auto", prefix="", id_column="id",

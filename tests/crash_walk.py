@@ -27,10 +27,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 import sentence_transformers  # noqa: F401 - imported before forking, so each child starts warm
 import transformers  # noqa: F401
 
-import pipeline.run as run_mod
-import transforms.embed  # noqa: F401
-from pipeline.cli import main
-from pipeline.options import QUIET_WORKERS
+import docembed.pipeline.run as run_mod
+import docembed.transforms.embed  # noqa: F401
+from docembed.cli import main
+from docembed.pipeline.options import QUIET_WORKERS
 
 
 def forked(argv: list[str], fault: str | None, log: str, record: str | None = None) -> int:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from apache_beam.testing.util import assert_that
 
-from pipeline.api import EmbedDocuments
+from docembed.pipeline.api import EmbedDocuments
 from tests.conftest import REPO, cosine
 
 
@@ -48,7 +48,7 @@ def test_an_element_without_text_fails_the_pipeline_naming_the_field():
 
 def test_the_readme_embed_parquet_example_runs_and_resumes_as_docembed_run_does(tmp_path, docs, monkeypatch,
                                                                                  capsys, reference_model):
-    from pipeline.cli import main
+    from docembed.cli import main
     from tests.conftest import by_id, read_output, write_docs
 
     ids, texts = docs
@@ -72,7 +72,7 @@ def test_the_readme_embed_parquet_example_runs_and_resumes_as_docembed_run_does(
 
 
 def test_embed_parquet_outside_its_block_is_refused(tmp_path, docs):
-    from pipeline.api import EmbedParquet
+    from docembed.pipeline.api import EmbedParquet
 
     with pytest.raises(Exception, match="apply EmbedParquet inside `with EmbedParquet"):
         with beam.Pipeline() as p:
@@ -80,7 +80,7 @@ def test_embed_parquet_outside_its_block_is_refused(tmp_path, docs):
 
 
 def test_embed_documents_options_are_checked_as_the_commands_are():
-    from transforms.errors import UsageError
+    from docembed.errors import UsageError
 
     with pytest.raises(UsageError, match="--prefix and --prompt-name both give the text before each document"):
         EmbedDocuments(prefix="query: ", prompt_name="query")

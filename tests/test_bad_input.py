@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
-from pipeline.run import run
+from docembed.cli import main
+from docembed.pipeline.run import run
 from tests.conftest import by_id, cosine, read_output, write_docs
 
 FLAGS = ["--no-progress"]

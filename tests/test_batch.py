@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from transforms.batch import padded_tokens, plan_batches
+from docembed.transforms.prepare.batch import padded_tokens, plan_batches
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -10,13 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.output import OutputAdmin
-from pipeline.run import run
+from docembed.store.admin import OutputAdmin
+from docembed.pipeline.run import run
 from tests.conftest import REPO, by_id, cosine, read_output, write_docs
-from transforms import canaries
-from transforms.checkpoint import UnitStore
-from transforms.errors import CanaryMismatch
-from transforms.vectors import pack
+from docembed.model import canaries
+from docembed.store.units import UnitStore
+from docembed.errors import CanaryMismatch
+from docembed.vectors import pack
 
 CPU = {"device": "cpu", "precision": "fp32", "host": "worker-a", "cpu": "AMD EPYC",
        "libraries": {"torch": "2.13.0", "transformers": "5.0", "tokenizers": "0.23"}}
@@ -87,7 +87,7 @@ def _cli(argv: list[str], fault: str | None = None) -> subprocess.CompletedProce
     env["PYTHONPATH"] = str(REPO)
     if fault:
         env["DOCEMBED_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "pipeline", "run", *argv], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "docembed", "run", *argv], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -127,8 +127,8 @@ def test_a_resumed_run_whose_worker_numbers_differ_is_refused_and_names_the_caus
 
 
 def test_verify_reports_each_canary_cosine_and_fails_where_the_model_differs(tmp_path, docs, monkeypatch, capsys):
-    from pipeline.cli import main
-    from pipeline.verify import load_model, verify
+    from docembed.cli import main
+    from docembed.pipeline.admin.verify import load_model, verify
 
     ids, texts = docs
     write_docs(tmp_path / "in.parquet", ids[:8], texts[:8])
@@ -152,8 +152,8 @@ def test_verify_reports_each_canary_cosine_and_fails_where_the_model_differs(tmp
 
 
 def test_damaged_canaries_are_restored_from_the_manifest_and_refused_without_a_copy(tmp_path, docs, capsys):
-    from pipeline.cli import main
-    from pipeline.verify import verify
+    from docembed.cli import main
+    from docembed.pipeline.admin.verify import verify
 
     ids, texts = docs
     write_docs(tmp_path / "in" / "a.parquet", ids[:4], texts[:4])

@@ -13,12 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
-from pipeline.report import unjudged
-from pipeline.run import run
+from docembed.cli import main
+from docembed.pipeline.admin.report import unjudged
+from docembed.pipeline.run import run
 from tests.conftest import BUCKET, REPO, by_id, cosine, read_output, write_docs
-from transforms import faults, storage
-from transforms.faults import CRASH_EXIT
+from docembed.store import faults, storage
+from docembed.store.faults import CRASH_EXIT
 
 FLAGS = ["--no-progress", "--checkpoint-every", "10"]
 
@@ -141,7 +141,7 @@ def test_a_drifted_run_killed_before_its_report_is_flagged_by_the_next_run(tmp_p
     assert main(["run", "--input", str(inp), "--output", str(out), *FLAGS, "--fail-on-drift"]) == 0
     write_docs(inp / "day2.parquet", ids[60:90], _html(texts[60:90]), row_group_size=10)
     # Killed once every unit is committed, as it writes its report.
-    killed = subprocess.run([sys.executable, "-m", "pipeline", "run", "--input", str(inp), "--output", str(out),
+    killed = subprocess.run([sys.executable, "-m", "docembed", "run", "--input", str(inp), "--output", str(out),
                              *FLAGS, "--fail-on-drift"], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO), "DOCEMBED_FAULT": "publish:report@1"})
     assert killed.returncode == CRASH_EXIT, killed.stderr

@@ -2,8 +2,8 @@
 
 import pyarrow as pa
 
-from pipeline.output import OutputAdmin
-from transforms.checkpoint import part_name
+from docembed.store.admin import OutputAdmin
+from docembed.store.units import part_name
 
 
 def test_publish_leaves_no_scratch_and_replaces_whole(tmp_path):

@@ -15,9 +15,9 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.output import OutputAdmin
-from pipeline.run import run
-from pipeline.verify import verify
+from docembed.store.admin import OutputAdmin
+from docembed.pipeline.run import run
+from docembed.pipeline.admin.verify import verify
 from tests.conftest import BUCKET, REPO, by_id, read_output, write_docs
 
 COMMIT = [f"{when}:{kind}@1" for kind in ("part", "rejects", "numerics", "canaries", "marker")

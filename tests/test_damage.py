@@ -10,8 +10,8 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
-from pipeline.output import OutputAdmin
+from docembed.cli import main
+from docembed.store.admin import OutputAdmin
 from tests.conftest import read_output, write_docs
 
 FLAGS = ["--no-progress", "--checkpoint-every", "20"]

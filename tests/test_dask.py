@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.output import OutputAdmin
-from pipeline.run import run
-from pipeline.verify import verify
+from docembed.store.admin import OutputAdmin
+from docembed.pipeline.run import run
+from docembed.pipeline.admin.verify import verify
 from tests.conftest import REPO, blind, by_id, free_port, kill_group, read_output, wait_port, write_docs
 
 CRASH_EXIT = 97
@@ -101,7 +101,7 @@ def reference(corpus, tmp_path_factory) -> dict:
 
 
 def _launch(cluster: Cluster, corpus: dict, mode: str, output) -> subprocess.Popen:
-    command = [sys.executable, "-m", "pipeline", *_argv(corpus, mode, output), "--runner", "DaskRunner",
+    command = [sys.executable, "-m", "docembed", *_argv(corpus, mode, output), "--runner", "DaskRunner",
                "--dask_client_address", cluster.address]
     return subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -109,7 +109,7 @@ def _launch(cluster: Cluster, corpus: dict, mode: str, output) -> subprocess.Pop
 
 def _run_with_one_worker(cluster: Cluster, argv: list[str], name: str) -> subprocess.CompletedProcess:
     """The command ``argv`` on the cluster with one worker of its own, to the end."""
-    command = [sys.executable, "-m", "pipeline", *argv, "--runner", "DaskRunner", "--dask_client_address",
+    command = [sys.executable, "-m", "docembed", *argv, "--runner", "DaskRunner", "--dask_client_address",
                cluster.address]
     worker = cluster.worker(name)
     try:

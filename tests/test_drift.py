@@ -18,10 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import drift
-from pipeline.cli import main
+from docembed.quality import drift
+from docembed.cli import main
 from tests.conftest import SAMPLE
-from transforms import quality
+from docembed.quality import stats as quality
 
 
 def test_percentiles_from_the_histogram_are_within_its_bin_width():
@@ -122,7 +122,7 @@ def test_three_incremental_runs_the_third_of_html_fires_the_drift_line_there_onl
 
 
 def test_flagged_runs_are_left_out_of_the_baseline_until_the_whole_window_is_flagged():
-    from pipeline.report import with_drift
+    from docembed.pipeline.admin.report import with_drift
 
     def report(run_id, length, flagged):
         stats = quality.unit_stats(np.full(100, length), np.zeros(100, bool), np.ones(100), np.eye(4)[np.zeros(100, int)])
@@ -156,8 +156,8 @@ def test_the_non_letter_scan_is_right_on_sliced_arrays_and_across_its_batches():
 
 
 def test_reports_whose_statistics_are_not_well_formed_are_left_out_of_the_baseline(tmp_path):
-    from pipeline.output import OutputAdmin
-    from pipeline.report import history, with_drift
+    from docembed.store.admin import OutputAdmin
+    from docembed.pipeline.admin.report import history, with_drift
 
     output = OutputAdmin(str(tmp_path))
     good = {**quality.unit_stats(np.full(50, 20), np.zeros(50, bool), np.ones(50), np.eye(4)[np.zeros(50, int)]),

@@ -11,14 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.options import EmbedOptions, parse
-from pipeline.run import resolve_settings, run
+from docembed.pipeline.options import EmbedOptions, parse
+from docembed.pipeline.run import resolve_settings, run
 from tests.conftest import by_id, cosine, read_output, vectors, write_docs
-from pipeline.output import OutputAdmin
-from transforms.commit import commit_unit
-from transforms.errors import FingerprintMismatch
-from transforms import rejects
-from transforms.records import UnitEmbeddings, WorkUnit
+from docembed.store.admin import OutputAdmin
+from docembed.transforms.commit import commit_unit
+from docembed.errors import FingerprintMismatch
+from docembed.transforms import rejects
+from docembed.records import UnitEmbeddings, WorkUnit
 
 
 def _inputs(tmp_path, docs):
@@ -155,7 +155,7 @@ def test_rows_that_cannot_be_embedded_are_recorded_with_a_reason(tmp_path):
 
 
 def test_status_reads_the_checkpoints_of_a_finished_run(finished, capsys):
-    from pipeline.cli import main
+    from docembed.cli import main
 
     tmp, _, summary = finished
     assert main(["status", "--output", str(tmp / "out")]) == 0

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pipeline.run import run
+from docembed.pipeline.run import run
 
 
 def test_gs_to_gs(gcs, docs):

@@ -7,12 +7,12 @@ import apache_beam as beam
 import pytest
 from apache_beam.runners.direct.direct_runner import DirectRunner
 
-from pipeline.cli import main
-from pipeline.graph import JobPlan, build_dedup_graph, build_graph
-from pipeline.jobs import expand_job, job_flags
-from pipeline.run import prepare
+from docembed.cli import main
+from docembed.pipeline.graph import JobPlan, build_dedup_graph, build_graph
+from docembed.pipeline.jobs import expand_job, job_flags
+from docembed.pipeline.run import prepare
 from tests.conftest import REPO, SAMPLE, read_output, write_docs
-from transforms.errors import UsageError
+from docembed.errors import UsageError
 
 JOBS = sorted((REPO / "jobs").glob("*.yaml"))
 
@@ -66,7 +66,7 @@ def test_a_bad_job_file_is_a_clear_error(tmp_path):
 def test_yaml_booleans_become_the_flags_beam_and_docembed_really_have(tmp_path):
     """false is Beam's --no_use_public_ips and docembed's --no-progress; a flag that is off by default
     gives nothing; a flag that takes a value gets the word."""
-    from pipeline.options import EmbedOptions, parse
+    from docembed.pipeline.options import EmbedOptions, parse
 
     job = tmp_path / "job.yaml"
     job.write_text("docembed:\n  progress: false\n  normalize: false\n  chunk-text: false\n  overwrite: true\n"

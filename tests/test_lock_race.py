@@ -15,9 +15,9 @@ from tests.conftest import BUCKET, REPO
 ROUNDS = 20
 RACER = """
 import sys
-from pipeline.lock import OutputLock
-from pipeline.output import OutputAdmin
-from transforms.errors import LockHeld
+from docembed.pipeline.lock import OutputLock
+from docembed.store.admin import OutputAdmin
+from docembed.errors import LockHeld
 
 output = OutputAdmin(sys.argv[1])
 for line in sys.stdin:

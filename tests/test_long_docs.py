@@ -11,12 +11,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.run import run
-from pipeline.verify import verify
+from docembed.pipeline.run import run
+from docembed.pipeline.admin.verify import verify
 from tests.conftest import REPO, SAMPLE, by_id, read_output, vectors, write_docs
 from tests.test_resume import _markers, _wait_for_units
-from transforms import chunk
-from transforms.errors import FingerprintMismatch, UsageError
+from docembed.transforms.prepare import chunk
+from docembed.errors import FingerprintMismatch, UsageError
 
 WINDOW = 254  # all-MiniLM-L6-v2: 256 tokens less [CLS] and [SEP]
 OVERLAP = 32
@@ -168,7 +168,7 @@ def test_each_mode_writes_its_schema_and_counts(modes, tokenizer):
 
 
 def test_truncation_over_a_tenth_is_said_plainly(modes):
-    from pipeline.progress import format_summary
+    from docembed.pipeline.progress import format_summary
 
     _, _, outs, summaries = modes
     text = format_summary(summaries["truncate"])
@@ -266,7 +266,7 @@ def test_sigkill_then_rerun_in_chunks_mode_equals_an_uninterrupted_run(tmp_path)
     rows = [r for r in table.to_pylist() if len(r["text"]) > 600][:60]
     source = write_docs(tmp_path / "in.parquet", [r["id"] for r in rows], [r["text"] for r in rows], row_group_size=5)
     out = tmp_path / "resumed"
-    command = [sys.executable, "-m", "pipeline", "run", "--input", str(source), "--output", str(out),
+    command = [sys.executable, "-m", "docembed", "run", "--input", str(source), "--output", str(out),
                "--long-docs", "chunks", "--checkpoint-every", "5", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE,
@@ -297,7 +297,7 @@ def test_a_5_mb_document_flows_through_ordinary_batches_in_bounded_memory(tmp_pa
     source = write_docs(tmp_path / "in.parquet", ["big"] + [f"d{i}" for i in range(50)], [big] + texts[:50])
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", "--input", str(source), "--output", str(out), "--model",
+        [sys.executable, "-m", "docembed", "run", "--input", str(source), "--output", str(out), "--model",
          tiny_window_model, "--long-docs", "chunks", "--chunk-overlap", "16", "--no-progress"],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr

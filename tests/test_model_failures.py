@@ -5,10 +5,10 @@ and a rerun retries it. Only documents that fail while the probe passes are reje
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.output import OutputAdmin
-from pipeline.run import run
+from docembed.store.admin import OutputAdmin
+from docembed.pipeline.run import run
 from tests.conftest import by_id, cosine, read_output, write_docs
-from transforms.errors import JobFailed
+from docembed.errors import JobFailed
 
 FLAGS = ["--no-progress", "--checkpoint-every", "20"]
 
@@ -59,8 +59,8 @@ def test_retry_rejects_moves_rows_from_the_rejections_into_the_output_once_the_c
     documents get through one by one, the long ones are rejected as model_error. With the device fixed,
     --retry-rejects model_error embeds exactly those, through the same atomic commit, and the output
     equals an uninterrupted run's."""
-    from pipeline.cli import main
-    from pipeline.verify import verify
+    from docembed.cli import main
+    from docembed.pipeline.admin.verify import verify
 
     ids, texts = docs
     short = [t for t in texts if len(t) < 60][:20]
@@ -89,7 +89,7 @@ def test_retry_rejects_moves_rows_from_the_rejections_into_the_output_once_the_c
 
 
 def test_retry_rejects_refuses_reasons_that_are_the_inputs(tmp_path, capsys):
-    from pipeline.cli import main
+    from docembed.cli import main
 
     assert main(["run", "--input", "jobs/sample/docs.parquet", "--output", str(tmp_path / "o"),
                  "--retry-rejects", "empty_text,model_error"]) == 2

@@ -15,11 +15,11 @@ import fsspec
 import numpy as np
 import pytest
 
-from pipeline.pin import pin_model
+from docembed.pipeline.pin import pin_model
 from tests.conftest import REPO, by_id, cosine, read_output, write_docs
-from transforms.errors import ModelError, UsageError
-from transforms.model import Embedder, describe
-from transforms.model_ref import DEFAULT_MODEL, ModelRef, content_hash, materialize, packaged_default
+from docembed.errors import ModelError, UsageError
+from docembed.model.embedder import Embedder, describe
+from docembed.model.ref import DEFAULT_MODEL, ModelRef, content_hash, materialize, packaged_default
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_a_hub_id_is_pinned_to_a_commit_and_found_in_the_workers_hub_cache(tmp_p
     ids, texts = docs
     write_docs(tmp_path / "in.parquet", ids[:12], texts[:12])
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    base = [sys.executable, "-m", "pipeline", "run", "--input", str(tmp_path / "in.parquet"), "--no-progress"]
+    base = [sys.executable, "-m", "docembed", "run", "--input", str(tmp_path / "in.parquet"), "--no-progress"]
     done = subprocess.run([*base, "--output", str(tmp_path / "out"), "--model", "acme/minilm"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

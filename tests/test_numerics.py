@@ -6,15 +6,15 @@ import json
 import pyarrow as pa
 import pytest
 
-from pipeline.guard import adopt_numerics
-from pipeline.output import OutputAdmin
-from pipeline.run import run
+from docembed.pipeline.guard import adopt_numerics
+from docembed.store.admin import OutputAdmin
+from docembed.pipeline.run import run
 from tests.conftest import bare_settings, write_docs
-from transforms import rejects
-from transforms.checkpoint import UnitStore
-from transforms.commit import commit_unit
-from transforms.errors import FingerprintMismatch, NumericsMismatch
-from transforms.records import UnitEmbeddings, WorkUnit
+from docembed.transforms import rejects
+from docembed.store.units import UnitStore
+from docembed.transforms.commit import commit_unit
+from docembed.errors import FingerprintMismatch, NumericsMismatch
+from docembed.records import UnitEmbeddings, WorkUnit
 
 CPU = {"device": "cpu", "precision": "fp32", "host": "worker-a", "libraries": {"torch": "2.13.0"}}
 GPU = {"device": "cuda", "precision": "fp16", "host": "worker-b", "gpu": "NVIDIA L4", "libraries": {"torch": "2.13.0"}}
@@ -67,7 +67,7 @@ def test_an_output_written_before_numerics_were_pinned_is_read_from_its_manifest
 
 
 def test_verify_reports_parts_made_at_other_numerics_than_the_outputs(tmp_path, docs):
-    from pipeline.verify import verify
+    from docembed.pipeline.admin.verify import verify
 
     ids, texts = docs
     write_docs(tmp_path / "in.parquet", ids[:4], texts[:4])
@@ -83,7 +83,7 @@ def test_an_output_of_the_earlier_layout_resumes_and_gets_its_numerics_pinned(tm
     (manifest and parts) and no _numerics.json: they resume, and verify still passes."""
     import pyarrow.parquet as pq
 
-    from pipeline.verify import verify
+    from docembed.pipeline.admin.verify import verify
 
     ids, texts = docs
     write_docs(tmp_path / "in" / "day1.parquet", ids[:4], texts[:4])

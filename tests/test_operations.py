@@ -11,8 +11,8 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
-from pipeline.run import run
+from docembed.cli import main
+from docembed.pipeline.run import run
 from tests.conftest import REPO, bare_settings, by_id, cosine, read_output, write_docs
 
 FLAGS = ["--no-progress", "--checkpoint-every", "10"]
@@ -47,7 +47,7 @@ def test_incremental_runs_embed_only_new_files_and_replace_changed_ones(tmp_path
 
 
 def _start(inp, out, *extra):
-    cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(inp), "--output", str(out), *FLAGS, *extra]
+    cmd = [sys.executable, "-m", "docembed", "run", "--input", str(inp), "--output", str(out), *FLAGS, *extra]
     return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -201,9 +201,9 @@ def test_ctrl_c_on_a_multiprocess_run_exits_at_once_with_one_line(tmp_path, docs
 
 
 def test_a_run_that_lost_its_lock_refuses_to_commit(tmp_path):
-    from transforms.checkpoint import UnitStore
-    from transforms.commit import check_lock
-    from transforms.errors import CommitError
+    from docembed.store.units import UnitStore
+    from docembed.transforms.commit import check_lock
+    from docembed.errors import CommitError
 
     output = UnitStore(str(tmp_path))
     output.publish("_lock.json", json.dumps({"token": "theirs", "host": "h", "pid": 1}).encode())
@@ -217,8 +217,8 @@ def test_a_run_that_lost_its_lock_refuses_to_commit(tmp_path):
 def test_a_garbage_lock_file_is_taken_over_at_once_instead_of_blocking(tmp_path):
     """docembed writes its lock whole (an exclusive create of a complete file), so a lock file that
     cannot be read is no run's: it is taken over at once, with no TTL to wait out."""
-    from pipeline.lock import OutputLock
-    from pipeline.output import OutputAdmin
+    from docembed.pipeline.lock import OutputLock
+    from docembed.store.admin import OutputAdmin
 
     (tmp_path / "_lock.json").write_text('{"token": "x", "host"')
     started = time.monotonic()
@@ -230,8 +230,8 @@ def test_a_garbage_lock_file_is_taken_over_at_once_instead_of_blocking(tmp_path)
 def test_the_lock_of_a_zombie_process_is_taken_over_at_once(tmp_path):
     """A killed run whose parent never reaps it stays a zombie: signal 0 still reaches its pid, but it
     is dead, and its lock is taken over at once."""
-    from pipeline.lock import OutputLock, process_alive
-    from pipeline.output import OutputAdmin
+    from docembed.pipeline.lock import OutputLock, process_alive
+    from docembed.store.admin import OutputAdmin
 
     zombie = subprocess.Popen(["sleep", "60"])
     zombie.kill()
@@ -251,7 +251,7 @@ def test_the_lock_of_a_zombie_process_is_taken_over_at_once(tmp_path):
 
 
 def test_resuming_with_other_columns_is_refused(tmp_path, docs):
-    from transforms.errors import FingerprintMismatch
+    from docembed.errors import FingerprintMismatch
 
     ids, texts = docs
     write_docs(tmp_path / "in.parquet", ids[:5], texts[:5], title=["t"] * 5)
@@ -261,8 +261,8 @@ def test_resuming_with_other_columns_is_refused(tmp_path, docs):
 
 
 def test_passthrough_names_that_clash_with_the_output_columns_are_refused():
-    from pipeline.options import parse
-    from transforms.errors import UsageError
+    from docembed.pipeline.options import parse
+    from docembed.errors import UsageError
 
     with pytest.raises(UsageError, match="--passthrough-columns embedding"):
         parse(["--input", "a", "--output", "b", "--passthrough-columns", "embedding"])

@@ -2,9 +2,9 @@
 
 import pytest
 
-from pipeline import options
-from pipeline.cli import main
-from transforms.errors import UsageError
+from docembed.pipeline import options
+from docembed.cli import main
+from docembed.errors import UsageError
 
 
 def test_beam_flags_pass_through_and_ours_parse():
@@ -78,7 +78,7 @@ def test_every_docembed_flag_takes_its_underscore_spelling_too():
 
 
 def test_the_underscore_spelling_takes_effect_in_a_run(tmp_path, docs):
-    from pipeline.run import run
+    from docembed.pipeline.run import run
     from tests.conftest import write_docs
 
     ids, texts = docs

@@ -2,10 +2,10 @@
 
 import pytest
 
-from pipeline.plan import InputFile, Plan, expand_input, plan_input, plan_ranges, split_done
+from docembed.pipeline.plan import InputFile, Plan, expand_input, plan_input, plan_ranges, split_done
 from tests.conftest import write_docs
-from transforms.errors import InputError, OutputError
-from transforms.records import WorkUnit
+from docembed.errors import InputError, OutputError
+from docembed.records import WorkUnit
 
 COLUMNS = {"id": "id", "text": "text"}
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import cosine, sample_docs
-from transforms.errors import DeviceUnavailable, UsageError
-from transforms.model import Embedder
-from transforms.numerics import check_request, cpu_has_native_bf16, cpu_has_vnni, resolve
+from docembed.errors import DeviceUnavailable, UsageError
+from docembed.model.embedder import Embedder
+from docembed.model.numerics import check_request, cpu_has_native_bf16, cpu_has_vnni, resolve
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
-from pipeline.output import OutputAdmin
+from docembed.cli import main
+from docembed.store.admin import OutputAdmin
 from tests.conftest import read_output, write_docs
 
 FLAGS = ["--checkpoint-every", "10", "--no-progress", "--on-duplicate-id", "keep-first"]
@@ -97,9 +97,9 @@ def test_the_duplicate_id_job_and_the_local_check_write_the_same_repeats(repeate
     import apache_beam as beam
     from apache_beam.runners.direct.direct_runner import DirectRunner
 
-    from pipeline.graph import build_dedup_graph
-    from pipeline.run import before_job, prepare, run_graph
-    from transforms.dedup import find_here
+    from docembed.pipeline.graph import build_dedup_graph
+    from docembed.pipeline.run import before_job, prepare, run_graph
+    from docembed.transforms.dedup import find_here
 
     tmp, argv, ids = repeated
     write_docs(tmp / "in" / "c.parquet", [ids[0], "n1", "n1", "n2"], list(docs[1][30:34]))

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.report import hint, percentiles
-from pipeline.run import run
-from pipeline.status import eta
+from docembed.cli import main
+from docembed.pipeline.admin.report import hint, percentiles
+from docembed.pipeline.run import run
+from docembed.pipeline.admin.status import eta
 from tests.conftest import write_docs
 
 

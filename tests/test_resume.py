@@ -10,15 +10,15 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.run import run
-from pipeline.status import status
+from docembed.pipeline.run import run
+from docembed.pipeline.admin.status import status
 from tests.conftest import REPO, by_id, read_output, write_docs
 
 UNIT_ROWS = 10
 
 
 def _command(input_glob, out):
-    return [sys.executable, "-m", "pipeline", "run", "--input", input_glob, "--output", str(out),
+    return [sys.executable, "-m", "docembed", "run", "--input", input_glob, "--output", str(out),
             "--checkpoint-every", str(UNIT_ROWS), "--no-progress"]
 
 

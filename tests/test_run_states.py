@@ -18,11 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
-from pipeline.lock import why_stale
-from pipeline.run import run
-from pipeline.status import format_status, run_state, status
-from pipeline.verify import verify
+from docembed.cli import main
+from docembed.pipeline.lock import why_stale
+from docembed.pipeline.run import run
+from docembed.pipeline.admin.status import format_status, run_state, status
+from docembed.pipeline.admin.verify import verify
 from tests.conftest import REPO, by_id, read_output, write_docs
 
 UNITS = 4
@@ -51,7 +51,7 @@ def reference(corpus, tiny_window_model, tmp_path_factory) -> dict:
 def _held_at(out, corpus, model, gate, fault: str) -> subprocess.Popen:
     """A run held by a fault gate at ``fault`` (``POINT@N:pause``), once it is there."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "DOCEMBED_FAULT": fault, "DOCEMBED_FAULT_GATE": str(gate)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", *_flags(corpus, model), "--output", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "docembed", "run", *_flags(corpus, model), "--output", str(out)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     passage = fault.split("@")[1].split(":")[0]
     deadline = time.monotonic() + 240

@@ -21,7 +21,7 @@ def test_s3_in_and_out_with_sigkill_and_resume(s3, docs, reference_model):
     ids, texts = docs
     _put_docs(fs, "in/a.parquet", ids[:100], texts[:100])
     _put_docs(fs, "in/b.parquet", ids[100:160], texts[100:160])
-    cmd = [sys.executable, "-m", "pipeline", "run", "--input", f"s3://{BUCKET}/in/", "--output",
+    cmd = [sys.executable, "-m", "docembed", "run", "--input", f"s3://{BUCKET}/in/", "--output",
            f"s3://{BUCKET}/out", "--checkpoint-every", "10", "--no-progress"]
     run_env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=run_env, start_new_session=True,
@@ -55,9 +55,9 @@ def test_s3_in_and_out_with_sigkill_and_resume(s3, docs, reference_model):
 
 
 def test_the_lock_on_s3_uses_a_conditional_put(s3):
-    from pipeline.lock import OutputLock
-    from pipeline.output import OutputAdmin
-    from transforms.errors import LockHeld
+    from docembed.pipeline.lock import OutputLock
+    from docembed.store.admin import OutputAdmin
+    from docembed.errors import LockHeld
 
     output = OutputAdmin(f"s3://{BUCKET}/locked")
     with OutputLock(output, ttl_s=60):

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
+from docembed.cli import main
 from tests.conftest import free_port, read_output
 
 SECRET = "s3cret-canary"

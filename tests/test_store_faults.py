@@ -86,7 +86,7 @@ def test_a_store_that_resets_delays_and_throttles_still_gives_the_exact_output(s
     fs, env = s3
     ids, texts = docs
     put_docs(fs, "faulty/in/a.parquet", ids[:60], texts[:60])
-    base = [sys.executable, "-m", "pipeline", "run", "--input", f"s3://{BUCKET}/faulty/in/", "--no-progress",
+    base = [sys.executable, "-m", "docembed", "run", "--input", f"s3://{BUCKET}/faulty/in/", "--no-progress",
             "--checkpoint-every", "10"]
     reference = subprocess.run([*base, "--output", str(tmp_path / "reference")], cwd=REPO, capture_output=True,
                                text=True, env={**os.environ, **env, "PYTHONPATH": str(REPO)}, timeout=600)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from transforms.tokens import CHARS_PER_TOKEN, cap_text, dropped_tokens, first_windows
+from docembed.transforms.prepare.tokens import CHARS_PER_TOKEN, cap_text, dropped_tokens, first_windows
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from sentence_transformers.util.quantization import quantize_embeddings
 
-from pipeline.run import run
-from pipeline.verify import verify
+from docembed.pipeline.run import run
+from docembed.pipeline.admin.verify import verify
 from tests.conftest import read_output, write_docs
-from transforms.vectors import calibration, quantize
+from docembed.vectors import calibration, quantize
 
 DOCS = 120
 
@@ -82,7 +82,7 @@ def test_compact_outputs_verify_and_are_smaller(outputs):
 
 @pytest.mark.parametrize("dtype", ["int8", "uint8"])
 def test_decoding_with_the_ranges_lands_within_half_a_bucket(dtype):
-    from transforms.vectors import dequantize
+    from docembed.vectors import dequantize
 
     vectors = np.random.default_rng(1).normal(size=(200, 16)).astype(np.float32)
     ranges = calibration(vectors)

@@ -62,7 +62,7 @@ def corpus(tmp_path_factory, docs):
 @pytest.fixture(scope="module")
 def reference(corpus, tiny_window_model, tmp_path_factory) -> dict:
     """id -> vector of an uninterrupted run (in this process)."""
-    from pipeline.run import run
+    from docembed.pipeline.run import run
 
     out = tmp_path_factory.mktemp("reference") / "out"
     run([*_argv(corpus, tiny_window_model)[1:], "--output", str(out)])
@@ -105,8 +105,8 @@ def _check_failure(name: str, result: dict, code: int, says: list[str], manifest
 
 
 def _check_rerun(name: str, url: str, result: dict, reference: dict) -> None:
-    from pipeline.output import OutputAdmin
-    from pipeline.verify import verify
+    from docembed.store.admin import OutputAdmin
+    from docembed.pipeline.admin.verify import verify
 
     assert result["codes"][1] == 0, f"{name}: the rerun exited {result['codes'][1]}\n{result['rerun_log'][-3000:]}"
     output = OutputAdmin(url)
@@ -149,7 +149,7 @@ def test_each_failing_write_gives_one_line_exit_1_a_recorded_end_and_an_exact_re
 def test_an_output_that_cannot_be_written_is_refused_before_any_work_with_exit_2(corpus, tiny_window_model, tmp_path,
                                                                                  monkeypatch, capsys):
     """The probe that ``check_writable`` writes before the lock fails: a configuration error (2)."""
-    from pipeline.cli import main
+    from docembed.cli import main
 
     # Every passage: this process may have passed the point in earlier tests (faults count per process).
     monkeypatch.setenv("DOCEMBED_FAULT", "publish:probe@*:errno=EROFS")
@@ -180,7 +180,7 @@ def test_the_output_file_system_turning_read_only_mid_run(corpus, tiny_window_mo
     the line says so; status says the run is no longer running; after the remount read-write, the same
     command completes exactly."""
     out, gate = small_mount / "out", tmp_path / "gate"
-    argv = [sys.executable, "-m", "pipeline", *_argv(corpus, tiny_window_model), "--output", str(out)]
+    argv = [sys.executable, "-m", "docembed", *_argv(corpus, tiny_window_model), "--output", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "DOCEMBED_FAULT": "published:marker@1:pause",
            "DOCEMBED_FAULT_GATE": str(gate)}
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -197,7 +197,7 @@ def test_the_output_file_system_turning_read_only_mid_run(corpus, tiny_window_mo
     assert sum("Read-only file system" in line for line in err.splitlines()) == 1, err[-3000:]  # said once
     assert "the manifest could not record that the run failed" in said[0], said[0]
 
-    from pipeline.status import status
+    from docembed.pipeline.admin.status import status
 
     assert status(str(out))["state"] == "interrupted"  # its manifest says "running", and no run holds the lock
     subprocess.run(["mount", "-o", "remount,rw", str(small_mount)], check=True)
@@ -254,8 +254,8 @@ def _s3_table(url: str):
 
 def _state(url: str, path: str) -> int:
     """In a child: the output's manifest and status line after the failed run, into ``path``."""
-    from pipeline.output import OutputAdmin
-    from pipeline.status import format_status, status
+    from docembed.store.admin import OutputAdmin
+    from docembed.pipeline.admin.status import format_status, status
 
     manifest, _ = OutputAdmin(url).load_manifest()
     said = format_status(status(url)) if manifest else ""

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from pipeline.cli import main
+from docembed.cli import main
 from tests.conftest import read_output, tmpfs, write_docs
 
 

@@ -7,8 +7,7 @@
 FROM apache/beam_python3.11_sdk:2.77.0
 
 COPY setup.py requirements.txt /opt/docembed/
-COPY pipeline /opt/docembed/pipeline
-COPY transforms /opt/docembed/transforms
+COPY docembed /opt/docembed/docembed
 
 # The CPU build of the pinned torch first (2.13.0+cpu satisfies torch==2.13.0), then docembed with
 # everything else at requirements.txt's versions (a constraints file: it installs nothing by itself).

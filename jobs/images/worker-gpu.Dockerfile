@@ -10,8 +10,7 @@ FROM apache/beam_python3.11_sdk:2.77.0
 
 # The sdist's two packages and what pins them; tests/ and jobs/ stay out, as on a --setup_file worker.
 COPY setup.py requirements.txt /opt/docembed/
-COPY pipeline /opt/docembed/pipeline
-COPY transforms /opt/docembed/transforms
+COPY docembed /opt/docembed/docembed
 
 # PyPI's torch wheels for Linux x86_64 are CUDA builds (the CUDA libraries come as nvidia-* wheels), so
 # the pinned torch==2.13.0 is the CUDA build here. requirements.txt is a constraints file: it pins

@@ -1,0 +1,31 @@
+"""docembed: offline, resumable batch document embedding on Apache Beam.
+
+Parquet documents (an id and a text column) in, one Parquet row per document (``id``, ``embedding``,
+chosen pass-through columns) out; a run killed at any moment resumes with the same command. The
+package is laid out in the order a document flows, and by where each part runs::
+
+    docembed/
+      cli.py, __main__.py   the commands: run, status, verify, report
+      pipeline/             the launcher: options, planning, the Beam graph, a run's lifecycle
+        admin/              commands on an output: status, verify, report, repair, manifest
+      transforms/           the workers' stages: read -> prepare (tokens, windows, batches) -> embed -> commit
+      model/                the model contract, used by both sides (no Beam)
+      store/                the output folder's format (layout.py) and access to it
+      quality/              statistics a unit carries, and drift between runs
+
+For use inside your own Beam pipeline: ``EmbedDocuments`` (a PCollection of documents in, embeddings
+out) and ``EmbedParquet`` (a whole resumable run, as one transform).
+"""
+
+__version__ = "0.1.0"
+__all__ = ["EmbedDocuments", "EmbedParquet", "__version__"]
+
+
+def __getattr__(name: str):
+    # The public transforms are imported on first use: `docembed --version` and the workers' modules
+    # (which import this package first) need not load Beam's graph-building code to start.
+    if name in ("EmbedDocuments", "EmbedParquet"):
+        from docembed.pipeline import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'docembed' has no attribute {name!r}")
