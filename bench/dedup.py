@@ -51,7 +51,8 @@ def add_repeats(folder: Path) -> int:
 def child(argv: list[str]) -> dict:
     """In this process: the launcher's bookkeeping, then the duplicate-id job."""
     from docembed.pipeline.options import is_dask_runner, is_local_runner
-    from docembed.pipeline.run import before_job, find_duplicates, prepare
+    from docembed.pipeline.execute import find_duplicates
+    from docembed.pipeline.run import before_job, prepare
 
     options, opts, output, plan, settings = prepare(argv)
     job = before_job(opts, output, plan, settings, is_dask_runner(options))

@@ -218,7 +218,7 @@ def summarise(found: list[dict], log, examples: bool = True) -> None:
                 f"max {max(ks):.2f} (limit 1)")
     for f in found if examples else ():
         if f["flagged"]:
-            lines = [drift.describe(s) for s in f["signals"] if s["flagged"]]
+            lines = [drift.describe_signal(s) for s in f["signals"] if s["flagged"]]
             log(f"    flagged: now {f['now']} against {f['earlier']}: {'; '.join(lines)}")
 
 

@@ -109,10 +109,10 @@ def quantize_int8(st_model, skip: set[str] = RECOMMENDED["skip"], per_channel: b
     Defaults = the recommended configuration ("no_ffn_out0_pc_fr"): everything int8 with per-channel
     weights and full-range activations, except layer 0's FFN output projection, kept fp32 because
     layer 0 was the most int8-sensitive layer and its FFN output the most sensitive op within it.
-    Measured on 1,000 stdlib docstrings vs fp32 (2 threads, Cascade Lake): mean cos 0.995, min 0.989,
-    top-10 overlap 0.907, ~1.25x fp32 docs/s. Fully int8 with the same per-channel/full-range
-    settings ("all_pc_fr": skip=set()) was as fast within noise (~1.3x) but met the top-10 floor
-    only just (0.902); torch's plain defaults (per-tensor, 7-bit activations) fail every floor.
+    Measured on 1,000 stdlib docstrings vs fp32 (2 threads, AMD Zen 4; bench/results/int8-frontier.md):
+    mean cos 0.995, min 0.989, top-10 overlap 0.908, 2.05x fp32 docs/s. Fully int8 with the same per-channel/full-range
+    settings ("all_pc_fr": skip=set()) was 2.20x but met the top-10 floor only just (0.900);
+    torch's plain defaults (per-tensor, 7-bit activations) fail every floor.
     """
     import torch
     from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic

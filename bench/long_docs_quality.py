@@ -241,7 +241,7 @@ def make_queries(ids, texts, offsets, rng):
 # ---------------------------------------------------------------------------------------------- runs
 
 def has_long_docs_flag() -> bool:
-    return "long-docs" in (REPO / "pipeline" / "options.py").read_text()
+    return "long-docs" in (REPO / "docembed" / "pipeline" / "options.py").read_text()
 
 
 def run_mode(mode: str, corpus: Path, out_dir: Path, flag_exists: bool, reuse: bool) -> dict:

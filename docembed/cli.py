@@ -1,5 +1,9 @@
-"""CLI: ``docembed run|status|verify|report``, the front door; maps docembed's errors to one line,
-``docembed: error: ...``, and each error's exit code (``USAGE`` lists them)."""
+"""CLI: the ``docembed`` command (and ``python -m docembed``), the front door. ``USAGE`` lists the
+commands (run, status, verify, report, --version) and the exit codes; ``docs/OPTIONS.md`` holds every
+command's options, generated from the parsers here. docembed's own errors become one line,
+``docembed: error: ...``, and the error's exit code: 0 done, 1 the job or a write failed, 2 a usage,
+input or configuration error before any work, 3 drift flagged with --fail-on-drift, 75 another run
+holds the output's lock, 143 interrupted (rerun to resume)."""
 
 from __future__ import annotations
 
@@ -50,6 +54,12 @@ def console() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command and returns its exit code.
+
+    Args:
+        argv: the command and its flags (``["run", "--input", "in/", "--output", "out/"]``); default
+            ``sys.argv[1:]``.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -133,7 +143,7 @@ def _run(argv: list[str]) -> int:
         parser.print_help()
         return 0
     from docembed.pipeline.jobs import expand_job
-    from docembed.pipeline.admin.report import format_report
+    from docembed.pipeline.admin.report import format_run_report
 
     argv = expand_job(argv)
     if any(a in DRY_RUN for a in argv):
@@ -145,7 +155,7 @@ def _run(argv: list[str]) -> int:
     summary = run(argv)
     print(redact_text(format_summary(summary)))
     if "report" in summary:
-        print(redact_text(format_report(summary["report"], counts=False)))
+        print(redact_text(format_run_report(summary["report"], counts=False)))
         print(redact_text(f"  report     {summary['output'].rstrip('/')}/{summary['report_file']}"))
     if summary.get("fail_on_drift") and summary.get("report", {}).get("drift", {}).get("flagged"):
         print("docembed: drift flagged against earlier runs (--fail-on-drift); this run's units are committed",
@@ -167,7 +177,7 @@ def _status(argv: list[str]) -> int:
 
 
 def _verify(argv: list[str]) -> int:
-    from docembed.pipeline.admin.verify import format_report, verify
+    from docembed.pipeline.admin.verify import format_verification, verify
     from docembed.model.canaries import THRESHOLD as CANARY_THRESHOLD
 
     parser = argparse.ArgumentParser(prog="docembed verify")
@@ -183,13 +193,13 @@ def _verify(argv: list[str]) -> int:
                         help=f"the lowest cosine to the pinned canary vectors that passes (default {CANARY_THRESHOLD})")
     args = parser.parse_args(argv)
     report = verify(args.output, args.input, not args.no_canaries, args.device, args.precision, args.canary_threshold)
-    print(format_report(args.output, report))
+    print(format_verification(args.output, report))
     return 0 if not report.problems else 1
 
 
 def _report(argv: list[str]) -> int:
     from docembed.store.admin import OutputAdmin
-    from docembed.pipeline.admin.report import draw_png, format_report, history, read
+    from docembed.pipeline.admin.report import draw_png, format_run_report, history, read
 
     parser = argparse.ArgumentParser(prog="docembed report")
     parser.add_argument("--output", required=True)
@@ -203,7 +213,7 @@ def _report(argv: list[str]) -> int:
     else:
         print(f"docembed run {found['run_id']} into {found['output']}: {found['docs_embedded']} embedded, "
               f"{found['docs_rejected']} rejected, {found['docs_truncated']} truncated")
-        print(format_report(found))
+        print(format_run_report(found))
     if args.png:
         earlier = history(OutputAdmin(args.output), before=found["run_id"])
         draw_png(found, args.png, [*earlier, found])

@@ -10,8 +10,20 @@ import numpy as np
 import pyarrow as pa
 
 from docembed.model.canaries import THRESHOLD as CANARY_THRESHOLD
-from docembed.transforms.prepare.chunk import ChunkSpec
 from docembed.model.ref import ModelRef
+
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSpec:
+    """How to cut: ``size`` content tokens per window, ``overlap`` tokens shared by neighbours,
+    ``boundary`` "token" or "sentence", and ``lookback``: how far before a full window a sentence
+    boundary may end it."""
+
+    size: int
+    overlap: int
+    boundary: str = "token"
+    lookback: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +74,7 @@ class EmbedSettings:
     chunk_text: bool = False  # chunks: store each window's text too
     truncate_dim: Optional[int] = None  # Matryoshka: the first N dimensions, re-normalised when normalised
     trust_remote_code: bool = False  # the model's folder may run its own Python code
-    output_dtype: str = "float32"  # how the vectors are stored (transforms.vectors)
+    output_dtype: str = "float32"  # how the vectors are stored (docembed.vectors)
     # A worker whose vectors of the canary texts fall below this cosine to the output's refuses to commit.
     canary_threshold: float = CANARY_THRESHOLD
 

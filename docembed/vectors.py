@@ -65,7 +65,14 @@ def quantize(vectors: np.ndarray, dtype: str, ranges: np.ndarray | None = None) 
 
 def dequantize(values: np.ndarray, dtype: str, ranges: np.ndarray) -> np.ndarray:
     """int8 or uint8 values back to float32, each at its bucket's centre: within half a bucket of the
-    value quantized (when it lay inside the calibration)."""
+    value quantized (when it lay inside the calibration). For readers of an ``--output-dtype int8``
+    or ``uint8`` output.
+
+    Args:
+        values: an (n, dim) array of the ``embedding`` column's values.
+        dtype: the output's ``output_dtype`` ("int8" or "uint8", from ``_manifest.json``).
+        ranges: the (2, dim) calibration, ``_quantization.json``'s ``ranges`` (also in the manifest).
+    """
     starts = ranges[0]
     steps = np.where(ranges[1] == starts, 1, (ranges[1] - starts) / 255)
     buckets = values.astype(np.float32) + (128 if dtype == "int8" else 0)

@@ -27,7 +27,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 import sentence_transformers  # noqa: F401 - imported before forking, so each child starts warm
 import transformers  # noqa: F401
 
-import docembed.pipeline.run as run_mod
+import docembed.pipeline.execute as execute_mod
 import docembed.transforms.embed  # noqa: F401
 from docembed.cli import main
 from docembed.pipeline.options import QUIET_WORKERS
@@ -51,22 +51,22 @@ def again(record: str, log: str) -> int:
     def rerun() -> int:
         with open(record, "rb") as handle:
             plan, settings = pickle.load(handle)
-        run_mod.run_graph(beam.Pipeline(options=PipelineOptions(QUIET_WORKERS)), plan, settings)
+        execute_mod.run_graph(beam.Pipeline(options=PipelineOptions(QUIET_WORKERS)), plan, settings)
         return 0
 
     return _in_child(rerun, log, None)
 
 
 def _record_embedding_job(record: str) -> None:
-    submit = run_mod.run_graph
+    submit = execute_mod.run_graph
 
-    def recording(pipeline, plan, settings, *args, build=run_mod.build_graph, **kwargs):
-        if build is run_mod.build_graph:
+    def recording(pipeline, plan, settings, *args, build=execute_mod.build_graph, **kwargs):
+        if build is execute_mod.build_graph:
             with open(record, "wb") as handle:
                 pickle.dump((plan, settings), handle)
         return submit(pipeline, plan, settings, *args, build=build, **kwargs)
 
-    run_mod.run_graph = recording
+    execute_mod.run_graph = recording
 
 
 def _in_child(function, log: str, fault: str | None) -> int:

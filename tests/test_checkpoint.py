@@ -3,7 +3,7 @@
 import pyarrow as pa
 
 from docembed.store.admin import OutputAdmin
-from docembed.store.units import part_name
+from docembed.store.layout import part_name
 
 
 def test_publish_leaves_no_scratch_and_replaces_whole(tmp_path):

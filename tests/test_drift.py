@@ -245,7 +245,7 @@ def test_the_examples_of_quality_md_and_a_jump_of_rejections_in_a_large_run_stil
 
 def test_signals_stored_by_earlier_versions_still_print():
     old = {"name": "truncated", "value": 0.37, "limit": 0.173, "flagged": True, "now": 0.459, "before": 0.086}
-    assert drift.describe(old) == "truncated 8.6% -> 45.9% (beyond ±17.3 pts)"
+    assert drift.describe_signal(old) == "truncated 8.6% -> 45.9% (beyond ±17.3 pts)"
     stored = {"runs": ["r1", "r2"], "docs": 267, "flagged": True, "signals": [old]}
     assert drift.format_line(stored) == ("FLAGGED against 2 earlier runs (267 documents): "
                                          "truncated 8.6% -> 45.9% (beyond ±17.3 pts)")

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from docembed.pipeline.options import EmbedOptions, parse
-from docembed.pipeline.run import resolve_settings, run
+from docembed.pipeline.run import run
+from docembed.pipeline.settings import resolve_settings
 from tests.conftest import by_id, cosine, read_output, vectors, write_docs
 from docembed.store.admin import OutputAdmin
 from docembed.transforms.commit import commit_unit

@@ -18,7 +18,8 @@ import pytest
 from docembed.pipeline.pin import pin_model
 from tests.conftest import REPO, by_id, cosine, read_output, write_docs
 from docembed.errors import ModelError, UsageError
-from docembed.model.embedder import Embedder, describe
+from docembed.model.card import describe_model
+from docembed.model.embedder import Embedder
 from docembed.model.ref import DEFAULT_MODEL, ModelRef, content_hash, materialize, packaged_default
 
 
@@ -47,7 +48,7 @@ def dense_model(tmp_path_factory, reference_model):
 def test_the_description_from_configuration_files_equals_the_loaded_model(which, window, prefix, tiny_window_model,
                                                                            dense_model):
     folder = {"packaged": packaged_default(), "tiny": tiny_window_model, "dense": dense_model}[which]
-    card = describe(folder, window, prefix)
+    card = describe_model(folder, window, prefix)
     loaded = Embedder(folder, "cpu", "fp32", None, window, prefix).card()
     assert card == loaded
     if which == "dense":

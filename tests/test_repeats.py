@@ -98,7 +98,8 @@ def test_the_duplicate_id_job_and_the_local_check_write_the_same_repeats(repeate
     from apache_beam.runners.direct.direct_runner import DirectRunner
 
     from docembed.pipeline.graph import build_dedup_graph
-    from docembed.pipeline.run import before_job, prepare, run_graph
+    from docembed.pipeline.execute import run_graph
+    from docembed.pipeline.run import before_job, prepare
     from docembed.transforms.dedup import find_here
 
     tmp, argv, ids = repeated

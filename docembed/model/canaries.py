@@ -185,8 +185,8 @@ def verdict(pinned: dict, mine: dict, threshold: float) -> tuple[dict, str | Non
 def _with_numerics(what: str, pinned: dict, mine: dict) -> str:
     worker, made = mine.get("numerics") or {}, pinned.get("numerics") or {}
     changed = differences(made, worker)
-    return (f"{what}. Made here at {numerics.describe(worker)}; the output's were made at "
-            f"{numerics.describe(made)}; "
+    return (f"{what}. Made here at {numerics.describe_numerics(worker)}; the output's were made at "
+            f"{numerics.describe_numerics(made)}; "
             + (f"what differs: {'; '.join(changed)}" if changed else
                "none of device, precision, hardware or library versions differ, so the model's files or the "
                "machine's arithmetic do"))

@@ -99,7 +99,7 @@ def same(a: dict, b: dict) -> bool:
     return (a.get("device"), a.get("precision")) == (b.get("device"), b.get("precision"))
 
 
-def describe(record: dict) -> str:
+def describe_numerics(record: dict) -> str:
     """``cuda fp16 on HOST (GPU, torch 2.x, ...)``: a resolution as a message names it."""
     hardware = record.get("gpu") or record.get("cpu") or "unknown hardware"
     libraries = ", ".join(f"{k} {v}" for k, v in sorted((record.get("libraries") or {}).items()))

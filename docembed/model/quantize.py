@@ -4,7 +4,8 @@ Dynamic INT8 (weights int8 per output channel, activations quantized per batch t
 range) on every Linear of a BERT-style encoder except layer 0's FFN output projection, which stays
 fp32. Measured against fp32 on 1,000 real documents (``bench/int8_frontier.py``, all-MiniLM-L6-v2,
 2 threads, ``bench/results/int8-frontier.md``): mean cosine 0.995, minimum 0.989, top-10 neighbour
-overlap 0.908, 2.05x the fp32 speed on an AMD Zen 4 (1.25x on an Intel Cascade Lake). Torch's plain
+overlap 0.908, 2.05x the fp32 speed on an AMD Zen 4 (the speed-up depends on the CPU's int8
+instructions; run the bench on yours). Torch's plain
 defaults (per-tensor weights, 7-bit activations) fail every floor (mean 0.927, min 0.83, top-10 0.74); per-channel weights and 8-bit activations are what fixed it.
 
 8-bit activations are safe only where the CPU has VNNI (int32 accumulation without the int16

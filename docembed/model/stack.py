@@ -7,7 +7,7 @@ scikit-learn, its training stack and every modality), so docembed reads the same
 
 - ``read_stack(folder, entries, hidden_size)``: the modules as plain ``Spec``s (JSON only: no torch), for the launcher's
   description of a model and its fingerprint;
-- ``build(spec, folder)``: the torch module for one spec, on a worker.
+- ``build_module(spec, folder)``: the torch module for one spec, on a worker.
 
 The modules computed are those of ``sentence_transformers`` 6 (``Pooling``'s six modes, ``Dense``,
 ``Normalize``), and the description string of each equals what that library's ``get_config_dict``
@@ -116,7 +116,7 @@ def _dense_config(raw: dict) -> dict:
     return config
 
 
-def build(spec: Spec, folder: str | Path, prompt_length: int = 0):
+def build_module(spec: Spec, folder: str | Path, prompt_length: int = 0):
     """The torch module computing ``spec`` (Pooling, Dense; Normalize is applied by the Embedder),
     mapping a features dict to a features dict as sentence-transformers' modules do."""
     if spec.kind == "Pooling":

@@ -31,7 +31,9 @@ from docembed.pipeline.jobs import as_flags
 from docembed.pipeline.lock import OutputLock
 from docembed.pipeline.options import EmbedOptions, is_dask_runner, is_local_runner, parse
 from docembed.store.admin import write_errors
-from docembed.pipeline.run import add_report, after_job, before_job, check_writable, find_duplicates, prepare, resolve_settings
+from docembed.pipeline.execute import find_duplicates
+from docembed.pipeline.run import add_report, after_job, before_job, check_writable, prepare
+from docembed.pipeline.settings import resolve_settings
 from docembed.transforms.documents import EmbedBundle
 from docembed.errors import UsageError
 from docembed.model.ref import DEFAULT_MODEL
@@ -39,8 +41,18 @@ from docembed.model.ref import DEFAULT_MODEL
 
 class EmbedDocuments(beam.PTransform):
     """PCollection of dicts or Rows with a ``text_field`` -> the same elements with ``embedding_field``
-    (a list of floats). The other options are ``docembed run``'s, as keyword arguments (``precision``,
-    ``prompt_name``, ``truncate_dim``, ...), parsed and checked as the command's are."""
+    (a list of floats).
+
+    Args:
+        model: a hub id (``BAAI/bge-base-en-v1.5``, optionally ``@revision``), a local folder or an
+            fsspec URL of one; default the bundled all-MiniLM-L6-v2.
+        text_field: the field holding each element's text.
+        embedding_field: the field added to each element.
+        buffer_size: elements a worker gathers before it sorts them by length and embeds them.
+        **options: ``docembed run``'s options as keyword arguments (``precision="bf16"``,
+            ``prompt_name="query"``, ``truncate_dim=256``, ``long_docs="mean"``, ...), parsed and checked
+            as the command's are (docs/OPTIONS.md); a wrong one raises ``UsageError``.
+    """
 
     def __init__(self, model: str = DEFAULT_MODEL, text_field: str = "text", embedding_field: str = "embedding", *,
                  buffer_size: int = 4096, **options):
@@ -57,12 +69,22 @@ class EmbedDocuments(beam.PTransform):
 
 
 class EmbedParquet(beam.PTransform):
-    """``docembed run`` as a transform: Parquet ``input`` (files, globs, folders, any fsspec URL) ->
-    parts, done-markers and manifest in ``output``, resumable exactly as the command is. The options are
-    the command's, as keyword arguments (``checkpoint_every=10000``, ``model=...``). Apply it to the
-    pipeline inside ``with EmbedParquet(...) as embed:``; after the pipeline has run, leaving the block
-    completes the manifest, writes the run report and releases the lock (``summary`` then holds what
-    ``docembed run`` prints). A pipeline that fails keeps its committed units: enter again to resume."""
+    """``docembed run`` as a transform: Parquet input -> parts, done-markers and manifest in the output,
+    resumable exactly as the command is.
+
+    Apply it to the pipeline inside ``with EmbedParquet(...) as embed:``; after the pipeline has run,
+    leaving the block completes the manifest, writes the run report and releases the lock (``summary``
+    then holds what ``docembed run`` prints). A pipeline that fails keeps its committed units: enter
+    again to resume.
+
+    Args:
+        input: Parquet files, globs or folders, local or any fsspec URL (``gs://``, ``s3://``, ...);
+            several separated by commas.
+        output: the output folder (any fsspec URL).
+        **options: ``docembed run``'s options as keyword arguments (``checkpoint_every=10000``,
+            ``model="BAAI/bge-base-en-v1.5"``, ``passthrough_columns="title,url"``, and Beam's, such as
+            ``runner="DataflowRunner"``), parsed and checked as the command's are (docs/OPTIONS.md).
+    """
 
     def __init__(self, input: str, output: str, **options):
         super().__init__()

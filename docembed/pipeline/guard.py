@@ -6,7 +6,7 @@ import dataclasses
 import json
 
 from docembed.store.admin import OutputAdmin
-from docembed.transforms.commit import FINGERPRINT_KEY
+from docembed.store.layout import FINGERPRINT_KEY
 from docembed.errors import FingerprintMismatch
 from docembed.records import EmbedSettings, with_defaults
 

@@ -78,14 +78,15 @@ class EmbedOptions(PipelineOptions):
             help="auto: the output's precision if it holds vectors, else fp16 on CUDA and fp32 on the CPU; "
                  "bf16 needs CUDA or a CPU with native bf16, int8 a CPU with VNNI (checked on each worker)")
         add("--on-duplicate-id", default="error", choices=["error", "keep-first"],
-            help="a repeated id: fail at planning with examples (error), or embed the first occurrence "
-                 "and reject the others as duplicate_id (keep-first)")
+            help="a repeated id (within the input, or already in the output): fail before any embedding, "
+                 "naming examples (error, exit 1), or embed the first occurrence and reject the others as "
+                 "duplicate_id (keep-first)")
         add("--max-model-errors", type=float, default=0.01,
             help="the share of a unit's documents the model may fail on alone (rejected as model_error) before "
                  "the unit fails instead, uncommitted, for a rerun to retry (default 0.01; at least one "
                  "document is always allowed)")
         add("--retry-rejects", default="",
-            help="comma-separated rejection reasons (model_error, unreadable_file) whose rows in done units "
+            help="comma-separated rejection reasons (model_error, unreadable_file, duplicate_id) whose rows in done units "
                  "are embedded again, after their cause was fixed; they move from _rejects/ into the output")
         add("--skip-bad-files", action="store_true",
             help="leave out files that are not readable Parquet (recorded in the manifest and summary) "
@@ -98,9 +99,9 @@ class EmbedOptions(PipelineOptions):
             help="seconds to wait for another run's lock on the output folder (default: fail at once)")
         add("--lock-ttl", type=float, default=60.0,
             help="seconds after which a lock whose heartbeat stopped (a run killed on another machine) is "
-                 "taken over; a lock of a dead process on this machine is taken over at once")
+                 "taken over; a lock of a dead process on this machine is taken over at once (default 60)")
         add("--grace-period", type=float, default=60.0,
-            help="on SIGTERM, seconds to let the unit in hand finish before abandoning it")
+            help="on SIGTERM, seconds to let the unit in hand finish before abandoning it (default 60)")
         add("--canary-threshold", type=float, default=CANARY_THRESHOLD,
             help="a worker whose vectors of docembed's canary texts have a cosine below this to the output's "
                  "(pinned by its first commit) refuses to commit, and the job fails (default 0.999; -1: compared and "

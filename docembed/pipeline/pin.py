@@ -32,7 +32,7 @@ WEIGHTS = ["*.safetensors", "*.bin", "*.pt", "*.pth", *OTHER_FORMATS]
 
 def pin_model(name: str, revision: str | None, local_runner: bool) -> tuple[ModelRef, Path]:
     """The reference the workers get, and a folder on this machine holding at least the model's
-    configuration files and tokenizer (for ``docembed.model.embedder.describe``)."""
+    configuration files and tokenizer (for ``docembed.model.card.describe_model``)."""
     if name == DEFAULT_MODEL and not revision:
         packaged = packaged_default()
         if packaged is not None:

@@ -183,7 +183,7 @@ def _log_choose(n: int, k: int) -> float:
     return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
 
 
-def describe(signal: dict) -> str:
+def describe_signal(signal: dict) -> str:
     """One signal as the drift line shows it, with the limit that applied."""
     name, value, limit = signal["name"], signal["value"], signal["limit"]
     if name == "lengths":
@@ -210,8 +210,8 @@ def format_line(drift: dict | None) -> str:
         return "nothing to compare: this run neither embedded nor rejected a document"
     runs = len(drift["runs"])
     against = f"against {runs} earlier run{'s' if runs != 1 else ''} ({drift['docs']} documents)"
-    flagged = [describe(s) for s in drift["signals"] if s["flagged"]]
-    calm = [describe(s) for s in drift["signals"] if not s["flagged"]]
+    flagged = [describe_signal(s) for s in drift["signals"] if s["flagged"]]
+    calm = [describe_signal(s) for s in drift["signals"] if not s["flagged"]]
     if not flagged:
         return f"none {against}: {'; '.join(calm)}"
     return f"FLAGGED {against}: {'; '.join(flagged)}" + (f". Within limits: {'; '.join(calm)}" if calm else "")

@@ -11,20 +11,17 @@ from __future__ import annotations
 import contextlib
 import json
 import posixpath
-import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from docembed.store.units import (ATTEMPTS, CANARIES, CHECKPOINTS, LOCK, MANIFEST, NUMERICS, PLANS, PROGRESS, REJECTS,
-                                   STOP, UnitStore, dumps, files_of, parts_of)
-from docembed.transforms import rejects
+from docembed.store.layout import (ATTEMPTS, CANARIES, CHECKPOINTS, LOCK, MANIFEST, NUMERICS, PLANS, PROGRESS, REJECTS,
+                                    REJECTS_SCHEMA, REPORTS, STOP, UNITS_PER_SHARD, files_of, marker_name, parts_of,
+                                    probe_name, record_key, report_name, shard_name)
+from docembed.store.units import UnitStore, dumps
 from docembed.errors import DamagedRecord, OutputError
 from docembed.records import WorkUnit
 
-REPORTS = "_reports"
-# Units per plan shard: 100,000 units (a billion rows at --checkpoint-every 10000) are 20 shards.
-UNITS_PER_SHARD = 5000
 
 
 class WriteFailed(OutputError):
@@ -63,7 +60,7 @@ class OutputAdmin(UnitStore):
 
     def done_ids(self) -> set[str]:
         """Ids of committed units, from marker names alone (cheap enough to poll)."""
-        return {posixpath.basename(p)[: -len(".json")] for p in self._ls(self.path(CHECKPOINTS)) if p.endswith(".json")}
+        return {record_key(p) for p in self._ls(self.path(CHECKPOINTS)) if p.endswith(".json")}
 
     def done_markers(self) -> dict[str, dict]:
         """unit_id -> marker record, for every committed unit whose marker can be read."""
@@ -127,7 +124,7 @@ class OutputAdmin(UnitStore):
             if marker.get("rejects"):
                 with self.open(marker["rejects"]) as handle:
                     tables.append(pq.read_table(handle))
-        return pa.concat_tables(tables) if tables else rejects.SCHEMA.empty_table()
+        return pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table()
 
     # --- the run's own records -----------------------------------------------------------
     def write_manifest(self, manifest: dict) -> None:
@@ -145,7 +142,7 @@ class OutputAdmin(UnitStore):
     def _write_shards(self, run_id: str, kind: str, records: list[dict]) -> list[str]:
         names = []
         for k in range(0, len(records), UNITS_PER_SHARD):
-            name = posixpath.join(PLANS, run_id, f"{kind}-{k // UNITS_PER_SHARD:05d}.jsonl")
+            name = shard_name(run_id, kind, k // UNITS_PER_SHARD)
             lines = (json.dumps(r, sort_keys=True) for r in records[k:k + UNITS_PER_SHARD])
             self.publish(name, ("\n".join(lines) + "\n").encode())
             names.append(name)
@@ -156,7 +153,7 @@ class OutputAdmin(UnitStore):
         self._remove_quietly(self.path(PLANS), recursive=True)
 
     def write_report(self, run_id: str, report: dict) -> str:
-        name = posixpath.join(REPORTS, f"{run_id}.json")
+        name = report_name(run_id)
         self.publish(name, json.dumps(report, indent=1).encode())
         return name
 
@@ -169,7 +166,7 @@ class OutputAdmin(UnitStore):
 
     def check_writable(self) -> None:
         """Raises OSError when nothing can be written under the folder."""
-        probe = f"_probe-{uuid.uuid4().hex}"
+        probe = probe_name()
         self.publish(probe, b"")
         self.remove(probe)
 
@@ -212,7 +209,7 @@ class OutputAdmin(UnitStore):
     def remove_unit(self, marker: dict) -> None:
         """Take a committed unit back (its file changed): the marker first, so that a kill midway
         leaves at worst an unmarked part, which the next run's cleanup removes."""
-        self._remove_quietly(self.path(CHECKPOINTS, f"{marker['unit_id']}.json"))
+        self._remove_quietly(self.path(marker_name(marker['unit_id'])))
         for relative in files_of(marker):
             self._remove_quietly(self.path(relative))
 
@@ -233,7 +230,7 @@ class OutputAdmin(UnitStore):
         paths = [p for p in self._ls(self.path(sub)) if p.endswith(".json")]
         records, unreadable = {}, {}
         for path, content in (self.fs.cat(paths, on_error="return") if paths else {}).items():
-            name = posixpath.basename(path)[: -len(".json")]
+            name = record_key(path)
             if isinstance(content, FileNotFoundError):  # removed since the listing (a unit finished)
                 continue
             if isinstance(content, Exception):

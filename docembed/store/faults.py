@@ -32,7 +32,6 @@ from __future__ import annotations
 import collections
 import errno
 import os
-import posixpath
 import time
 
 CRASH_EXIT = 97
@@ -98,17 +97,3 @@ def _pause(passage: int) -> None:
     open(f"{gate}.arrived.{os.getpid()}.{passage}", "w").close()
     while not os.path.exists(f"{gate}.{passage}"):
         time.sleep(0.005)
-
-
-def kind(relative: str) -> str:
-    """What a bookkeeping name in the output folder is, for ``publish:KIND`` points."""
-    base, top = posixpath.basename(relative), relative.split("/")[0]
-    by_folder = {"_checkpoints": "marker", "_rejects": "rejects", "_plans": "plan", "_progress": "progress",
-                 "_reports": "report", "_attempts": "scratch"}
-    if top in by_folder:
-        return by_folder[top]
-    if base.startswith("part-"):
-        return "part"
-    return {"_manifest.json": "manifest", "_lock.json": "lock", "_numerics.json": "numerics",
-            "_canaries.json": "canaries", "_quantization.json": "quantization", "_stop": "stop"}.get(
-        base, "probe" if base.startswith("_probe") else "other")

@@ -1,30 +1,9 @@
-"""Checkpoint: the workers' unit store, the one place that names the output folder's bookkeeping.
+"""The workers' unit store: what a worker may do to the output folder (``UnitStore``).
 
-Layout of an output folder::
-
-    part-<unit_id>.parquet        the data: one part per committed work unit
-    part-<unit_id>-retry-<k>.parquet  rows of the unit's rejections embedded by a later run (--retry-rejects)
-    _checkpoints/<unit_id>.json   done-markers, written after the part; the source of truth; each names
-                                  the files its unit holds (``files_of``)
-    _attempts/                    scratch files of in-flight attempts (local disks only)
-    _progress/<unit_id>.json      documents embedded so far in a unit that is running
-    _rejects/<unit_id>[-retry-<k>].parquet  rows that could not be embedded, with their reasons
-    _plans/<run_id>/units-N.jsonl the running run's work units, read by the job (not in its graph)
-    _plans/<run_id>/output-N.jsonl the output's files as the run was planned: its parts and the rejections
-                                  holding duplicate_id rows (what the duplicate-id check counts as there)
-    _plans/<run_id>/repeats/<unit_id>.json  the unit's rows whose id repeats an earlier one (``dedup``)
-    _numerics.json                the device and precision of the output's vectors (``numerics``)
-    _canaries.json                the canary texts' vectors as the output's first commit made them (``canaries``)
-    _manifest.json                the run's fingerprint, plan and, when complete, counts and parts
-    _lock.json                    the running run's lock (docembed/pipeline/lock.py)
-    _stop                         asks workers to take no new unit (the run got SIGTERM)
-
-Readers (pyarrow, DuckDB, pandas) skip names starting with ``_`` or ``.``, so they only see parts.
-
-``UnitStore`` is what a worker may do to the folder: read its plan, skip done units, report progress,
-publish a unit's part and rejections, pin or check the output's numerics and canaries, and write the
-done-marker last. What only the launcher does (cleaning up, taking units back, the manifest, the lock) is
-``docembed.store.admin.OutputAdmin``, built on this.
+It reads the run's plan, skips done units, reports progress, publishes a unit's part and rejections,
+pins or checks the output's numerics and canaries, and writes the done-marker last. Every name it
+writes comes from ``store.layout``. What only the launcher does (cleaning up, taking units back, the
+manifest, the lock) is ``docembed.store.admin.OutputAdmin``, built on this.
 """
 
 from __future__ import annotations
@@ -41,60 +20,11 @@ import pyarrow.parquet as pq
 from docembed.model import canaries, numerics
 
 from docembed.store import faults, storage
+from docembed.store.layout import (ATTEMPTS, CANARIES, LOCK, NUMERICS, QUANTIZATION, STOP, kind_of, marker_name, part_name,
+                                    progress_name, repeats_name, unit_id_of_part)
 from docembed.errors import CanaryMismatch, CommitError, DamagedRecord, NumericsMismatch
 from docembed.records import WorkUnit
 from docembed.vectors import calibration
-
-PART_PREFIX = "part-"
-PART_SUFFIX = ".parquet"
-CHECKPOINTS = "_checkpoints"
-ATTEMPTS = "_attempts"
-PROGRESS = "_progress"
-REJECTS = "_rejects"
-PLANS = "_plans"
-REPEATS = "repeats"
-NUMERICS = "_numerics.json"
-CANARIES = "_canaries.json"
-QUANTIZATION = "_quantization.json"
-MANIFEST = "_manifest.json"
-LOCK = "_lock.json"
-STOP = "_stop"
-
-
-RETRY = "-retry-"
-
-
-def part_name(unit_id: str, retry: int = 0) -> str:
-    """The unit's part, or with ``retry`` the part of the rows its k-th retry of rejections embedded."""
-    return f"{PART_PREFIX}{unit_id}{f'{RETRY}{retry}' if retry else ''}{PART_SUFFIX}"
-
-
-def rejects_name(unit_id: str, retry: int = 0) -> str:
-    return f"{REJECTS}/{unit_id}{f'{RETRY}{retry}' if retry else ''}.parquet"
-
-
-def unit_id_of_part(name: str) -> str | None:
-    base = posixpath.basename(name)
-    if base.startswith(PART_PREFIX) and base.endswith(PART_SUFFIX):
-        return base[len(PART_PREFIX) : -len(PART_SUFFIX)].split(RETRY)[0]
-    return None
-
-
-def parts_of(marker: dict) -> list[str]:
-    """The part files a done-marker names: its part, and the parts of its retried rejections."""
-    return [name for name in files_of(marker) if not name.startswith(f"{REJECTS}/")]
-
-
-def files_of(marker: dict) -> dict[str, int | None]:
-    """The files a done-marker says its unit holds, relative to the output folder, with the sizes it
-    recorded for parts (None where it recorded none): its part, the parts of retried rejections, and
-    its rejections."""
-    files = {marker["part"]: marker.get("part_bytes")} if marker.get("part") else {}
-    files.update({p["name"]: p.get("bytes") for p in marker.get("retry_parts", [])})
-    if marker.get("rejects"):
-        files[marker["rejects"]] = None
-    return files
-
 
 class UnitStore:
     """A worker's access to the output folder. Picklable: it keeps only the URL and opens the
@@ -140,16 +70,16 @@ class UnitStore:
 
     def write_repeats(self, run_id: str, unit_id: str, rows: dict[int, str]) -> None:
         """The unit's rows whose id repeats an earlier occurrence, {row: message}, found by ``dedup``."""
-        self.publish(posixpath.join(PLANS, run_id, REPEATS, f"{unit_id}.json"), dumps({"rows": sorted(rows.items())}))
+        self.publish(repeats_name(run_id, unit_id), dumps({"rows": sorted(rows.items())}))
 
     def read_repeats(self, run_id: str, unit_id: str) -> dict[int, str]:
         """What ``write_repeats`` wrote for the unit in this run; {} where its rows repeat nothing. The
         duplicate-id job has finished before any unit is read, so a missing file means no repeats."""
-        record = self._read_json(self.path(PLANS, run_id, REPEATS, f"{unit_id}.json"))
+        record = self._read_json(self.path(repeats_name(run_id, unit_id)))
         return {int(row): message for row, message in (record or {}).get("rows", [])}
 
     def is_done(self, unit_id: str) -> bool:
-        return self.fs.exists(self.path(CHECKPOINTS, f"{unit_id}.json"))
+        return self.fs.exists(self.path(marker_name(unit_id)))
 
     def stop_requested(self) -> bool:
         return self.fs.exists(self.path(STOP))
@@ -174,12 +104,12 @@ class UnitStore:
 
     def write_progress(self, unit_id: str, docs: int, total: int, text_bytes: int = 0) -> None:
         record = {"unit_id": unit_id, "docs": docs, "total": total, "text_bytes": text_bytes, "time": time.time()}
-        self.publish(posixpath.join(PROGRESS, f"{unit_id}.json"), dumps(record))
+        self.publish(progress_name(unit_id), dumps(record))
 
     # --- committing ----------------------------------------------------------------------
     def publish(self, relative: str, data: bytes, kind: str | None = None) -> None:
         """Make ``data`` appear at ``relative`` whole or not at all (``storage.publish``)."""
-        kind, path = kind or faults.kind(relative), self.path(relative)
+        kind, path = kind or kind_of(relative), self.path(relative)
         url = storage.full_url(self.fs, path)  # what an error raised at the fault points names
         faults.hit(f"publish:{kind}", path=url)
         storage.publish(self.fs, path, data, self.path(ATTEMPTS))
@@ -188,7 +118,7 @@ class UnitStore:
     def create(self, relative: str, data: bytes, kind: str | None = None) -> bool:
         """Make ``data`` appear at ``relative`` unless something is there already; True when this
         call made it (``storage.create_exclusive``)."""
-        kind, path = kind or faults.kind(relative), self.path(relative)
+        kind, path = kind or kind_of(relative), self.path(relative)
         url = storage.full_url(self.fs, path)
         faults.hit(f"publish:{kind}", path=url)
         created = storage.create_exclusive(self.fs, path, data, self.path(ATTEMPTS))
@@ -201,7 +131,7 @@ class UnitStore:
         return name
 
     def read_marker(self, unit_id: str) -> dict | None:
-        return self._read_json(self.path(CHECKPOINTS, f"{unit_id}.json"))
+        return self._read_json(self.path(marker_name(unit_id)))
 
     def rejections_to_retry(self, unit_id: str, reasons: tuple[str, ...]):
         """(the unit's marker, its rejections to keep, the rows to retry) for ``--retry-rejects``."""
@@ -228,8 +158,8 @@ class UnitStore:
             output = self.read_numerics()
         if output is None or not numerics.same(output, mine):
             raise NumericsMismatch(
-                f"worker {mine.get('host')} would commit vectors made at {numerics.describe(mine)}, but "
-                f"{self.url} holds vectors made at {numerics.describe(output or {})}; one output never mixes "
+                f"worker {mine.get('host')} would commit vectors made at {numerics.describe_numerics(mine)}, but "
+                f"{self.url} holds vectors made at {numerics.describe_numerics(output or {})}; one output never mixes "
                 "numerics: run its workers with the output's --device and --precision, or use a new --output"
             )
         self._pinned = mine
@@ -301,8 +231,8 @@ class UnitStore:
 
     def mark_done(self, unit_id: str, record: dict) -> None:
         """Written last, after the part is published: from here on the unit counts as done."""
-        self.publish(posixpath.join(CHECKPOINTS, f"{unit_id}.json"), dumps(record))
-        self._remove_quietly(self.path(PROGRESS, f"{unit_id}.json"))
+        self.publish(marker_name(unit_id), dumps(record))
+        self._remove_quietly(self.path(progress_name(unit_id)))
 
     # --- helpers -------------------------------------------------------------------------
     def _read_json(self, path: str) -> dict | None:
@@ -328,7 +258,7 @@ class UnitStore:
     def _remove_quietly(self, path: str, recursive: bool = False) -> None:
         """Remove ``path`` (absolute) if it is there (``storage.remove``: an OSError names it), passing
         the ``remove:KIND`` fault point. A fault raised there counts as the removal's own failure."""
-        point, url = f"remove:{faults.kind(posixpath.relpath(path, self.root))}", storage.full_url(self.fs, path)
+        point, url = f"remove:{kind_of(posixpath.relpath(path, self.root))}", storage.full_url(self.fs, path)
         storage.remove(self.fs, path, recursive, before=lambda: faults.hit(point, path=url))
 
 

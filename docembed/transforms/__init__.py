@@ -1,10 +1,13 @@
-"""docembed stages: read -> batch -> embed -> commit, one work unit per element.
+"""The workers' stages, one work unit per element, in the order a document flows:
 
-Each module is one stage of the worker-side flow:
+- ``read``: a WorkUnit's rows from its Parquet file (id, text, pass-through), bad rows to ``rejects``;
+  ``digest`` fingerprints the texts read; ``dedup`` finds ids repeated across units.
+- ``prepare/``: ``tokens`` (one tokenization per document), ``chunk`` (windows of long documents) and
+  ``batch`` (length-sorted batches within a token budget).
+- ``embed``: the DoFn that loads the model once per process (``docembed.model``) and runs ``inference``,
+  the batch loop; ``documents`` is the same for ``EmbedDocuments``' PCollections.
+- ``commit``: the unit's Parquet part and rejections, published atomically, then its done-marker
+  (through ``docembed.store.units``); ``metrics``: Beam counters.
 
-- ``read``: a WorkUnit's rows from its Parquet file (id, text, pass-through).
-- ``tokens`` and ``batch``: token lengths, then length-sorted batches within a token budget.
-- ``model`` and ``embed``: the model contract, and the DoFn that loads it once per process.
-- ``commit``: the unit's Parquet part, published atomically, then its done-marker.
-- ``checkpoint``: the single owner of every bookkeeping name and of resume state.
+Nothing here imports ``docembed.pipeline`` (.importlinter): a worker needs no launcher code.
 """

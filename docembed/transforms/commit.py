@@ -27,14 +27,11 @@ from docembed.transforms import metrics
 from docembed.quality import stats as quality
 
 from docembed import vectors
-from docembed.store.units import REJECTS, UnitStore, part_name, rejects_name
+from docembed.store.layout import CHUNK_COLUMNS, FINGERPRINT_KEY, NUMERICS_KEY, UNIT_KEY, part_name, rejects_name
+from docembed.store.units import UnitStore
 from docembed.errors import CommitError
 from docembed.records import EmbedSettings, UnitEmbeddings
 
-FINGERPRINT_KEY = b"docembed.fingerprint"
-UNIT_KEY = b"docembed.unit"
-NUMERICS_KEY = b"docembed.numerics"
-CHUNK_COLUMNS = ("chunk", "char_start", "char_end")
 
 
 def output_table(done: UnitEmbeddings, settings: EmbedSettings, ranges=None) -> pa.Table:
@@ -91,7 +88,7 @@ def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStore
         part, part_bytes = output.write_part(unit_id, data), len(data)
     else:  # an earlier attempt of this unit may have published one: it must not outlive this commit
         output.remove(part_name(unit_id))
-    rejects = f"{REJECTS}/{unit_id}.parquet"
+    rejects = rejects_name(unit_id)
     if done.rejects.num_rows:
         output.publish(rejects, parquet_bytes(done.rejects))
     else:

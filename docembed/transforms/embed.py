@@ -34,7 +34,8 @@ from docembed.quality import stats as quality
 from docembed.store.units import UnitStore
 from docembed.errors import ModelError, UnitAbandoned
 from docembed.transforms.inference import check_model_errors, embed_rows, embed_windows
-from docembed.model.embedder import Embedder, ModelCard
+from docembed.model.card import ModelCard
+from docembed.model.embedder import Embedder
 from docembed.model.ref import materialize
 from docembed.records import EmbedSettings, UnitEmbeddings, UnitRows
 

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA = pa.schema(
-    [("id", pa.string()), ("source", pa.string()), ("row_index", pa.int64()),
-     ("reason", pa.string()), ("message", pa.string())]
-)
+from docembed.store.layout import REJECTS_SCHEMA as SCHEMA
 
 MESSAGES = {
     "null_id": "the id is null",

@@ -11,7 +11,7 @@ import time
 from docembed.pipeline.plan import Plan
 from docembed.store.admin import OutputAdmin, marker_totals, one_line
 from docembed.store import storage
-from docembed.store.units import parts_of
+from docembed.store.layout import parts_of
 from docembed.errors import Interrupted
 from docembed.records import EmbedSettings
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 
 from docembed.store.admin import OutputAdmin
-from docembed.store.units import CANARIES, CHECKPOINTS, REJECTS, dumps, files_of, part_name
+from docembed.store.layout import CANARIES, REJECTS, files_of, is_rejects, marker_name, part_name, rejects_name
+from docembed.store.units import dumps
 from docembed.errors import DamagedRecord
 
 
@@ -30,7 +31,7 @@ class Damage:
 def find(output: OutputAdmin) -> tuple[dict[str, dict], list[Damage]]:
     """(the markers of units that are really done, the damaged units)."""
     markers, unreadable = output.read_markers()
-    damage = [Damage(uid, f"its marker {CHECKPOINTS}/{uid}.json cannot be read ({why})")
+    damage = [Damage(uid, f"its marker {marker_name(uid)} cannot be read ({why})")
               for uid, why in sorted(unreadable.items())]
     parts, rejects = output.sizes(), output.sizes(REJECTS)
     for uid, marker in sorted(markers.items()):
@@ -43,7 +44,7 @@ def find(output: OutputAdmin) -> tuple[dict[str, dict], list[Damage]]:
 
 def _missing(marker: dict, parts: dict[str, int], rejects: dict[str, int]) -> str | None:
     for name, committed in files_of(marker).items():
-        if name.startswith(f"{REJECTS}/"):
+        if is_rejects(name):
             if name.split("/")[-1] not in rejects:
                 return f"its rejections {name} are gone"
         elif name not in parts:
@@ -57,7 +58,7 @@ def take_back(output: OutputAdmin, damage: list[Damage]) -> None:
     """Make the damaged units units to do: their markers first, then whatever of their files is left."""
     for d in damage:
         output.remove_unit(d.marker or {"unit_id": d.unit_id, "part": part_name(d.unit_id),
-                                        "rejects": f"{REJECTS}/{d.unit_id}.parquet"})
+                                        "rejects": rejects_name(d.unit_id)})
 
 
 def canaries_damage(output: OutputAdmin, manifest: dict | None) -> str | None:

@@ -15,7 +15,8 @@ import resource
 import numpy as np
 
 from docembed.quality import drift
-from docembed.store.admin import REPORTS, OutputAdmin, marker_totals
+from docembed.store.admin import OutputAdmin, marker_totals
+from docembed.store.layout import REPORTS, record_key
 from docembed.quality import stats as quality
 from docembed.store import storage
 from docembed.errors import OutputError
@@ -77,7 +78,7 @@ def unjudged(markers: dict[str, dict], reports: list[dict], run_id: str) -> list
     return sorted({m.get("run_id") for m in markers.values()} - judged - {run_id, None})
 
 
-def build(run_id: str, markers: dict[str, dict], wall_s: float, started_at: float, settings, workers_flag: int,
+def build_report(run_id: str, markers: dict[str, dict], wall_s: float, started_at: float, settings, workers_flag: int,
           cost_per_hour: float | None, judged: list[str] = ()) -> dict:
     """The report of run ``run_id`` from the output's done-markers. Its timings, counts and costs are
     the run's own units'; its ``quality``, which drift is judged on, also covers the units of the
@@ -173,7 +174,7 @@ def history(output: OutputAdmin, before: str | None = None) -> list[dict]:
     theirs: reports inform, they are not the output's record."""
     found = []
     for name in output.report_names():
-        if before is not None and name[:-len(".json")] >= before:
+        if before is not None and record_key(name) >= before:
             continue
         try:
             report = output.read_report(name)
@@ -190,13 +191,13 @@ def read(output_url: str, run_id: str | None = None) -> dict:
     output = OutputAdmin(output_url)
     names = output.report_names()
     if run_id:
-        names = [n for n in names if n == f"{run_id}.json"]
+        names = [n for n in names if record_key(n) == run_id]
     if not names:
         raise OutputError(f"{output_url} has no run report{' for ' + run_id if run_id else ''} under {REPORTS}/")
     return output.read_report(names[-1])  # run ids start with a timestamp: the last is the newest
 
 
-def format_report(r: dict, counts: bool = True) -> str:
+def format_run_report(r: dict, counts: bool = True) -> str:
     """The report as text; ``counts=False`` leaves out what the run's own summary already says."""
     lat = r["batch_latency_ms"]
     stages = ", ".join(f"{k} {r['stage_s'][k]:.1f}s ({100 * r['stage_share'][k]:.0f}%)"

@@ -33,8 +33,7 @@ from docembed.pipeline.plan import describe_outside, expand_input, outside_plan
 from docembed.pipeline.admin.status import run_state
 from docembed.model import canaries as canaries_mod, numerics
 from docembed.store import storage
-from docembed.store.units import parts_of
-from docembed.transforms.commit import CHUNK_COLUMNS, FINGERPRINT_KEY, NUMERICS_KEY
+from docembed.store.layout import CHUNK_COLUMNS, FINGERPRINT_KEY, NUMERICS_KEY, parts_of
 from docembed.transforms.digest import texts_digest
 from docembed.transforms.read import read_rows
 from docembed.vectors import arrow_type as vector_type
@@ -131,7 +130,7 @@ def _check_canaries(output: OutputAdmin, manifest: dict, report: Report, device:
                                "--precision this machine can run, or --no-canaries")
         return
     report.canaries = canaries_mod.cosines(pinned, mine)
-    report.canaries_made_at = numerics.describe(here)
+    report.canaries_made_at = numerics.describe_numerics(here)
     _, problem = canaries_mod.verdict(pinned, mine, threshold)
     if problem:
         report.problems.append(f"canaries: {problem}. A run appending to this output from here would be refused")
@@ -223,8 +222,8 @@ def _check_part(output: OutputAdmin, name: str, manifest: dict, report: Report, 
         report.problems.append(f"part {name}: its fingerprint differs from the manifest's")
     made_at, pinned = json.loads(metadata.get(NUMERICS_KEY, b"{}")), output.read_numerics()
     if made_at and pinned and not numerics.same(made_at, pinned):
-        report.problems.append(f"part {name}: made at {numerics.describe(made_at)}, but the output's vectors "
-                               f"are {numerics.describe(pinned)}")
+        report.problems.append(f"part {name}: made at {numerics.describe_numerics(made_at)}, but the output's vectors "
+                               f"are {numerics.describe_numerics(pinned)}")
     kind = table.schema.field("embedding").type if "embedding" in table.schema.names else None
     dtype = fingerprint.get("output_dtype", "float32")
     expected = vector_type(dtype, fingerprint["dim"])
@@ -372,7 +371,7 @@ def _texts_differ(url: str, marker: dict, text_column: str) -> str | None:
     return rows if texts_digest(table.column(text_column)) != marker["text_digest"] else None
 
 
-def format_report(output_url: str, report: Report) -> str:
+def format_verification(output_url: str, report: Report) -> str:
     head = (f"verify {output_url}: {report.rows} rows in {report.parts} parts, "
             f"{report.rejected} rejected rows")
     notes = [f"  note: {n}" for n in report.notes]

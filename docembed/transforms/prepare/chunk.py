@@ -20,22 +20,11 @@ import dataclasses
 import numpy as np
 
 from docembed.transforms.prepare.tokens import piece_batches
+from docembed.records import ChunkSpec
 
 SENTENCE_ENDS = np.array([ord(c) for c in ".!?"], dtype=np.uint32)
 # How a window may end after a token: 2 at a paragraph end (a blank line follows), 1 at a sentence end.
 PARAGRAPH, SENTENCE = 2, 1
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkSpec:
-    """How to cut: ``size`` content tokens per window, ``overlap`` tokens shared by neighbours,
-    ``boundary`` "token" or "sentence", and ``lookback``: how far before a full window a sentence
-    boundary may end it."""
-
-    size: int
-    overlap: int
-    boundary: str = "token"
-    lookback: int = 0
 
 
 @dataclasses.dataclass
