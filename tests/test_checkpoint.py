@@ -1,9 +1,12 @@
 """Checkpoint state: atomic publishing, done-markers, and cleanup of interrupted attempts."""
 
 import pyarrow as pa
+import pytest
 
 from docembed.store.admin import OutputAdmin
 from docembed.store.layout import part_name
+
+pytestmark = pytest.mark.unit
 
 
 def test_publish_leaves_no_scratch_and_replaces_whole(tmp_path):

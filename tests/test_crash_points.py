@@ -82,6 +82,7 @@ def _s3_table(url: str):
     return ds.dataset(url.split("://", 1)[1], format="parquet", filesystem=fs).to_table()
 
 
+@pytest.mark.e2e
 def test_every_crash_point_on_local_disk(corpus, tiny_window_model, tmp_path):
     run(_argv(corpus, tiny_window_model)[1:] + ["--output", str(tmp_path / "reference")])
     reference = by_id(read_output(tmp_path / "reference"))
@@ -91,6 +92,7 @@ def test_every_crash_point_on_local_disk(corpus, tiny_window_model, tmp_path):
         _check(outputs[fault], reference, fault, results[fault], tmp_path)
 
 
+@pytest.mark.servers
 def test_every_crash_point_on_s3(s3, corpus, tiny_window_model, tmp_path):
     run(_argv(corpus, tiny_window_model)[1:] + ["--output", str(tmp_path / "reference")])
     reference = by_id(read_output(tmp_path / "reference"))
@@ -105,6 +107,7 @@ def test_every_crash_point_on_s3(s3, corpus, tiny_window_model, tmp_path):
 AGAIN = ["published:part@1", "published:rejects@1", "published:marker@1", "published:part@2", "published:marker@2"]
 
 
+@pytest.mark.e2e
 def test_a_units_stages_run_again_after_its_part_or_marker_exists(corpus, tiny_window_model, tmp_path):
     """As Flink or Spark re-run a stage after losing a worker: the killed run's embedding job is run
     again as submitted (its plan, its settings, its lock token) after some of its units' parts or

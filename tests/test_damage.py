@@ -14,6 +14,8 @@ from docembed.cli import main
 from docembed.store.admin import OutputAdmin
 from tests.conftest import read_output, write_docs
 
+pytestmark = pytest.mark.e2e
+
 FLAGS = ["--no-progress", "--checkpoint-every", "20"]
 
 

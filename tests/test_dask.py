@@ -26,6 +26,8 @@ from docembed.pipeline.run import run
 from docembed.pipeline.admin.verify import verify
 from tests.conftest import REPO, blind, by_id, free_port, kill_group, read_output, wait_port, write_docs
 
+pytestmark = pytest.mark.servers
+
 CRASH_EXIT = 97
 UNITS = 4
 # Where worker A dies: before any commit, between a part and its marker, between a marker and the next

@@ -24,6 +24,7 @@ from tests.conftest import SAMPLE
 from docembed.quality import stats as quality
 
 
+@pytest.mark.unit
 def test_percentiles_from_the_histogram_are_within_its_bin_width():
     values = np.arange(1, 10_001)
     hist = quality.histogram(values)
@@ -34,6 +35,7 @@ def test_percentiles_from_the_histogram_are_within_its_bin_width():
     assert round(quality.percentile(quality.histogram([1, 2, 3]), 50)) == 2  # small integers keep their own bins
 
 
+@pytest.mark.unit
 def test_the_histogram_ks_statistic_is_the_exact_two_sample_ks_where_bins_hold_one_value():
     from scipy.stats import ks_2samp
 
@@ -44,6 +46,7 @@ def test_the_histogram_ks_statistic_is_the_exact_two_sample_ks_where_bins_hold_o
     assert merged == quality.histogram(a)  # units add up exactly to the run
 
 
+@pytest.mark.unit
 def test_mostly_non_letters_flags_markup_and_base64_but_not_prose_code_or_other_scripts():
     texts = pq.read_table(SAMPLE).column("text").to_pylist()[:50]
     html = [pydoc.HTMLDoc().page("doc", pydoc.HTMLDoc().markup(t, pydoc.HTMLDoc().preformat)) for t in texts]
@@ -55,6 +58,7 @@ def test_mostly_non_letters_flags_markup_and_base64_but_not_prose_code_or_other_
     assert quality.mostly_non_letters(pa.chunked_array([pa.array(others)])).tolist() == [False, False, True, True, True]
 
 
+@pytest.mark.unit
 def test_the_mean_vector_signal_allows_for_sampling_noise_and_flags_a_shift():
     rng = np.random.default_rng(1)
     centre, elsewhere = rng.normal(size=64), rng.normal(size=64)
@@ -82,6 +86,7 @@ def _png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", path.read_bytes()[16:24])
 
 
+@pytest.mark.e2e
 def test_three_incremental_runs_the_third_of_html_fires_the_drift_line_there_only(tmp_path, capsys):
     table = pq.read_table(SAMPLE)
     ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
@@ -121,6 +126,7 @@ def test_three_incremental_runs_the_third_of_html_fires_the_drift_line_there_onl
     assert width > 1500 and height > 800  # the second row: the trend over the three runs
 
 
+@pytest.mark.unit
 def test_flagged_runs_are_left_out_of_the_baseline_until_the_whole_window_is_flagged():
     from docembed.pipeline.admin.report import with_drift
 
@@ -136,6 +142,7 @@ def test_flagged_runs_are_left_out_of_the_baseline_until_the_whole_window_is_fla
     assert settled["runs"] == [f"h{k}" for k in range(drift.BASELINE_RUNS)] and not settled["flagged"]
 
 
+@pytest.mark.unit
 def test_a_run_whose_every_row_was_rejected_is_flagged_on_its_rejected_share():
     usual = {**quality.unit_stats(np.full(100, 50), np.zeros(100, bool), np.ones(100), np.eye(4)[np.zeros(100, int)]),
              "truncated": 0, "rejected": 1, "rejected_by_reason": {"empty_text": 1}}
@@ -146,6 +153,7 @@ def test_a_run_whose_every_row_was_rejected_is_flagged_on_its_rejected_share():
     assert drift.format_quality(broken) == [("input", "no document embedded; rejected 100.0% (100 empty_text)")]
 
 
+@pytest.mark.unit
 def test_the_non_letter_scan_is_right_on_sliced_arrays_and_across_its_batches():
     blob = base64.b64encode(random.Random(1).randbytes(300)).decode()
     texts = [("prose words here " * 3, blob)[i % 3 == 0] for i in range(quality.SCAN_BATCH + 300)]
@@ -155,6 +163,7 @@ def test_the_non_letter_scan_is_right_on_sliced_arrays_and_across_its_batches():
     assert quality.mostly_non_letters(chunked).tolist() == expected
 
 
+@pytest.mark.unit
 def test_reports_whose_statistics_are_not_well_formed_are_left_out_of_the_baseline(tmp_path):
     from docembed.store.admin import OutputAdmin
     from docembed.pipeline.admin.report import history, with_drift
@@ -186,6 +195,7 @@ def _flagged(found: dict) -> list[str]:
     return [s["name"] for s in found["signals"] if s["flagged"]]
 
 
+@pytest.mark.unit
 def test_the_exact_share_test_is_scipys_hypergeometric_tail_and_cheap_at_millions():
     from scipy.stats import hypergeom
 
@@ -207,6 +217,7 @@ def test_the_exact_share_test_is_scipys_hypergeometric_tail_and_cheap_at_million
     assert time.perf_counter() - started < 0.5
 
 
+@pytest.mark.unit
 def test_a_handful_of_documents_with_one_odd_or_blank_one_is_not_flagged():
     # Issue 21: 5 ordinary documents, one a mostly-punctuation page header, against a base of 0.3%;
     # 9 documents and one blank text against runs without any. The 4-sigma rule flagged both (exit 3).
@@ -226,6 +237,7 @@ def test_a_handful_of_documents_with_one_odd_or_blank_one_is_not_flagged():
     assert not drift.compare(_record(rng.integers(20, 200, 5), nonletter=2), history)["flagged"]
 
 
+@pytest.mark.unit
 def test_the_examples_of_quality_md_and_a_jump_of_rejections_in_a_large_run_still_flag():
     rng = np.random.default_rng(1)
     lengths = lambda median, n: np.maximum(1, rng.lognormal(np.log(median), 1.0, n)).astype(int)  # noqa: E731
@@ -243,6 +255,7 @@ def test_the_examples_of_quality_md_and_a_jump_of_rejections_in_a_large_run_stil
     assert not big["flagged"] and "truncated 8.0% -> 9.0% (p < 1e-99, within ±5.0 pts)" in drift.format_line(big)
 
 
+@pytest.mark.unit
 def test_signals_stored_by_earlier_versions_still_print():
     old = {"name": "truncated", "value": 0.37, "limit": 0.173, "flagged": True, "now": 0.459, "before": 0.086}
     assert drift.describe_signal(old) == "truncated 8.6% -> 45.9% (beyond ±17.3 pts)"

@@ -21,6 +21,8 @@ from docembed.errors import FingerprintMismatch
 from docembed.transforms import rejects
 from docembed.records import UnitEmbeddings, WorkUnit
 
+pytestmark = pytest.mark.e2e
+
 
 def _inputs(tmp_path, docs):
     ids, texts = docs

@@ -3,8 +3,11 @@
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+import pytest
 
 from docembed.pipeline.run import run
+
+pytestmark = pytest.mark.servers
 
 
 def test_gs_to_gs(gcs, docs):

@@ -17,11 +17,13 @@ from docembed.errors import UsageError
 JOBS = sorted((REPO / "jobs").glob("*.yaml"))
 
 
+@pytest.mark.unit
 def test_there_are_job_files_for_each_runner():
     assert {p.stem for p in JOBS} >= {"local", "dataflow-gpu", "dataflow-cpu-spot", "flink", "spark"}
 
 
 @pytest.mark.parametrize("job", JOBS, ids=lambda p: p.stem)
+@pytest.mark.unit
 def test_each_job_file_dry_runs_and_builds_its_graph_on_this_cpu_launcher(job, tmp_path, capsys):
     """As a laptop would launch it: no GPU and no cloud here, yet the GPU job plans, describes its
     model and builds its graph with --device cuda kept for the workers to honour."""
@@ -43,6 +45,7 @@ def test_each_job_file_dry_runs_and_builds_its_graph_on_this_cpu_launcher(job, t
         assert steps <= {t.unique_name for t in proto.components.transforms.values()}
 
 
+@pytest.mark.e2e
 def test_flags_after_the_job_file_override_it(tmp_path):
     write_docs(tmp_path / "in.parquet", ["a", "b"], ["first document", "second document"])
     argv = ["run", "--job", str(REPO / "jobs" / "local.yaml"), "--input", str(tmp_path / "in.parquet"),
@@ -51,6 +54,7 @@ def test_flags_after_the_job_file_override_it(tmp_path):
     assert sorted(read_output(tmp_path / "out").column("id").to_pylist()) == ["a", "b"]
 
 
+@pytest.mark.unit
 def test_a_bad_job_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("docembed:\n  input: [unclosed\n")
@@ -63,6 +67,7 @@ def test_a_bad_job_file_is_a_clear_error(tmp_path):
     assert Path(JOBS[0]).exists()
 
 
+@pytest.mark.unit
 def test_yaml_booleans_become_the_flags_beam_and_docembed_really_have(tmp_path):
     """false is Beam's --no_use_public_ips and docembed's --no-progress; a flag that is off by default
     gives nothing; a flag that takes a value gets the word."""

@@ -8,9 +8,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
-from tests.conftest import BUCKET, REPO
+import pytest
+
+from tests.conftest import BUCKET, REPO, wait_for
 
 ROUNDS = 20
 RACER = """
@@ -43,10 +44,8 @@ def _race(url: str, env: dict, gate) -> None:
             for racer in racers:
                 racer.stdin.write("go\n")
                 racer.stdin.flush()
-            deadline = time.monotonic() + 60
-            while len(list(gate.parent.glob(f"{gate.name}.arrived.*.{round_}"))) < 2:  # both found no lock
-                assert time.monotonic() < deadline and all(r.poll() is None for r in racers), "a racer stalled"
-                time.sleep(0.01)
+            wait_for(lambda: len(list(gate.parent.glob(f"{gate.name}.arrived.*.{round_}"))) >= 2,  # both found no lock
+                     timeout=60, proc=racers, interval=0.01, what=f"both racers at the lock's create in round {round_}")
             (gate.parent / f"{gate.name}.{round_}").touch()  # release both at once
             answers = [racer.stdout.readline().strip() for racer in racers]
             assert sorted(answers) == ["held 75", "took"], f"round {round_}: {answers}"
@@ -60,15 +59,18 @@ def _race(url: str, env: dict, gate) -> None:
             racer.wait(timeout=60)
 
 
+@pytest.mark.unit
 def test_local_disk(tmp_path):
     _race(str(tmp_path / "out"), {}, tmp_path / "gate")
 
 
+@pytest.mark.servers
 def test_s3_conditional_put(s3, tmp_path):
     _, env = s3
     _race(f"s3://{BUCKET}/race", env, tmp_path / "gate")
 
 
+@pytest.mark.servers
 def test_gcs_generation_precondition(gcs, tmp_path):
     env = {k: os.environ[k] for k in ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
     _race("gs://docembed-bucket/race", env, tmp_path / "gate")

@@ -44,6 +44,7 @@ def _expected_windows(n: int, size: int = WINDOW, overlap: int = OVERLAP) -> int
 
 # --- the pure core: cutting windows -------------------------------------------------------------
 
+@pytest.mark.unit
 def test_windows_of_single_token_words_are_exactly_the_expected_texts(tokenizer):
     words = "apple bread chair dance eagle fruit grape house india juice kite lemon".split()
     text = " ".join(words)
@@ -57,6 +58,7 @@ def test_windows_of_single_token_words_are_exactly_the_expected_texts(tokenizer)
     assert windows.weights.tolist() == [5, 3, 3, 1]  # overlap tokens are counted once
 
 
+@pytest.mark.unit
 def test_offsets_reproduce_each_windows_tokens_on_real_text(tokenizer):
     text = max(pq.read_table(SAMPLE).column("text").to_pylist(), key=len)
     whole = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
@@ -74,6 +76,7 @@ def test_offsets_reproduce_each_windows_tokens_on_real_text(tokenizer):
     assert windows.token_start[0] == 0 and windows.token_end[-1] == len(ids)
 
 
+@pytest.mark.unit
 def test_tokenizing_in_pieces_equals_tokenizing_whole(tokenizer):
     texts = pq.read_table(SAMPLE).column("text").to_pylist()
     text = ("\n\n".join(texts) * 4)[:300_000]
@@ -83,6 +86,7 @@ def test_tokenizing_in_pieces_equals_tokenizing_whole(tokenizer):
     assert pieces.starts.tolist() == [a for a, _ in whole["offset_mapping"]]
 
 
+@pytest.mark.unit
 def test_sentence_boundary_ends_windows_at_paragraphs_or_sentences_deterministically(tokenizer):
     texts = pq.read_table(SAMPLE).column("text").to_pylist()
     text = "\n\n".join(texts)[:40_000]
@@ -103,6 +107,7 @@ def test_sentence_boundary_ends_windows_at_paragraphs_or_sentences_deterministic
     assert (priority[windows.token_end[:-1] - 1] > 0).mean() > 0.9  # real prose offers boundaries
 
 
+@pytest.mark.unit
 def test_mean_weights_each_token_once():
     windows = chunk.Windows(*(np.array(v) for v in (
         [0, 0, 0, 1], [0, 1, 2, 0], [0, 4, 8, 0], [6, 10, 12, 3], [0, 0, 0, 0], [0, 0, 0, 0], [6, 4, 2, 3])))
@@ -137,6 +142,7 @@ def modes(tmp_path_factory):
     return ids, texts, outs, summaries
 
 
+@pytest.mark.e2e
 def test_each_mode_writes_its_schema_and_counts(modes, tokenizer):
     ids, texts, outs, summaries = modes
     lengths = {i: _token_count(tokenizer, t) for i, t in zip(ids, texts)}
@@ -167,6 +173,7 @@ def test_each_mode_writes_its_schema_and_counts(modes, tokenizer):
         assert verify(str(out), str(out.parent / "in.parquet")).problems == []
 
 
+@pytest.mark.e2e
 def test_truncation_over_a_tenth_is_said_plainly(modes):
     from docembed.pipeline.progress import format_summary
 
@@ -180,6 +187,7 @@ def test_truncation_over_a_tenth_is_said_plainly(modes):
     assert "WARNING" not in format_summary(summaries["chunks"])
 
 
+@pytest.mark.e2e
 def test_first_chunk_and_single_window_mean_equal_truncate(modes, tokenizer):
     ids, texts, outs, _ = modes
     truncate, mean = by_id(read_output(outs["truncate"])), by_id(read_output(outs["mean"]))
@@ -195,6 +203,7 @@ def test_first_chunk_and_single_window_mean_equal_truncate(modes, tokenizer):
     assert all(float(mean[i] @ truncate[i]) < 0.999 for i in set(ids) - set(single))
 
 
+@pytest.mark.e2e
 def test_mean_is_the_token_weighted_mean_of_the_chunk_vectors(modes, tokenizer):
     ids, texts, outs, _ = modes
     mean = by_id(read_output(outs["mean"]))
@@ -215,6 +224,7 @@ def test_mean_is_the_token_weighted_mean_of_the_chunk_vectors(modes, tokenizer):
     assert checked >= 5
 
 
+@pytest.mark.e2e
 def test_settings_that_change_windows_refuse_to_resume(modes):
     ids, _, outs, _ = modes
     source = str(outs["chunks"].parent / "in.parquet")
@@ -236,11 +246,13 @@ def test_settings_that_change_windows_refuse_to_resume(modes):
     (["--long-docs", "chunks", "--chunk-overlap", "254"], "must be below the 254 tokens a window holds"),
     (["--long-docs", "chunks", "--passthrough-columns", "chunk"], "these names are the output's own columns"),
 ])
+@pytest.mark.unit
 def test_window_flags_are_checked(tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):
         run(["--input", str(SAMPLE), "--output", str(tmp_path / "o"), "--no-progress", *flags])
 
 
+@pytest.mark.e2e
 def test_verify_finds_a_lost_or_repeated_chunk(modes, tmp_path):
     import shutil
 
@@ -261,6 +273,7 @@ def test_verify_finds_a_lost_or_repeated_chunk(modes, tmp_path):
 
 # --- resume and a 5 MB document, as the CLI runs them ----------------------------------------------
 
+@pytest.mark.e2e
 def test_sigkill_then_rerun_in_chunks_mode_equals_an_uninterrupted_run(tmp_path):
     table = pq.read_table(SAMPLE)
     rows = [r for r in table.to_pylist() if len(r["text"]) > 600][:60]
@@ -291,6 +304,7 @@ def test_sigkill_then_rerun_in_chunks_mode_equals_an_uninterrupted_run(tmp_path)
     assert verify(str(out), str(source)).problems == []
 
 
+@pytest.mark.e2e
 def test_a_5_mb_document_flows_through_ordinary_batches_in_bounded_memory(tmp_path, tiny_window_model):
     texts = pq.read_table(SAMPLE).column("text").to_pylist()
     big = ("\n\n".join(texts) * 60)[:5_000_000]

@@ -13,6 +13,7 @@ from docembed.errors import JobFailed
 FLAGS = ["--no-progress", "--checkpoint-every", "20"]
 
 
+@pytest.mark.e2e
 def test_a_broken_model_or_device_fails_the_unit_and_a_rerun_after_the_fix_embeds_everything(
         tmp_path, docs, reference_model, monkeypatch):
     """The forward pass raises on every batch, as a GPU with Xid errors or a wrong driver would: every
@@ -32,6 +33,7 @@ def test_a_broken_model_or_device_fails_the_unit_and_a_rerun_after_the_fix_embed
     assert cosine(got[ids[0]], reference_model.encode([texts[0]])[0]) >= 0.9999
 
 
+@pytest.mark.e2e
 def test_more_model_errors_than_the_bound_fail_the_unit_and_fewer_are_rejected(tmp_path, tiny_model):
     """The tiny model fails on documents over 16 tokens while the probe (under 16) passes: each such
     document is the model's limit, not a broken device. Half of a unit failing is past the default
@@ -53,6 +55,7 @@ def test_more_model_errors_than_the_bound_fail_the_unit_and_fewer_are_rejected(t
     assert {r["reason"] for r in rejected} == {"model_error"}
 
 
+@pytest.mark.e2e
 def test_retry_rejects_moves_rows_from_the_rejections_into_the_output_once_the_cause_is_fixed(
         tmp_path, docs, monkeypatch, capsys):
     """A device that fails on any batch over 60 padded tokens, as one short of memory would: short
@@ -88,6 +91,7 @@ def test_retry_rejects_moves_rows_from_the_rejections_into_the_output_once_the_c
     assert again["retried"] == {} and again["units_committed"] == 0  # nothing left to retry
 
 
+@pytest.mark.unit
 def test_retry_rejects_refuses_reasons_that_are_the_inputs(tmp_path, capsys):
     from docembed.cli import main
 

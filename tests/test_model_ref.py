@@ -45,6 +45,7 @@ def dense_model(tmp_path_factory, reference_model):
 
 @pytest.mark.parametrize("which", ["packaged", "tiny", "dense"])
 @pytest.mark.parametrize("window,prefix", [(None, ""), (64, "passage: ")])
+@pytest.mark.unit
 def test_the_description_from_configuration_files_equals_the_loaded_model(which, window, prefix, tiny_window_model,
                                                                            dense_model):
     folder = {"packaged": packaged_default(), "tiny": tiny_window_model, "dense": dense_model}[which]
@@ -63,6 +64,7 @@ def _fake_hub_cache(root: Path, repo: str, commit: str) -> None:
     (cache / "refs" / "main").write_text(commit)
 
 
+@pytest.mark.e2e
 def test_a_hub_id_is_pinned_to_a_commit_and_found_in_the_workers_hub_cache(tmp_path, docs, reference_model):
     """What a worker image with the model baked into its hub cache gives: no network, the commit the
     launcher pinned. The run goes through the CLI with this hub cache as HF_HOME."""
@@ -86,6 +88,7 @@ def test_a_hub_id_is_pinned_to_a_commit_and_found_in_the_workers_hub_cache(tmp_p
     assert "model 'acme/minilm' at revision ffff" in missing.stderr and "hub cache" in missing.stderr
 
 
+@pytest.mark.unit
 def test_an_object_store_folder_is_copied_once_and_checked_against_the_pinned_hash(tmp_path, monkeypatch):
     monkeypatch.setenv("DOCEMBED_MODEL_CACHE", str(tmp_path / "cache"))
     fs = fsspec.filesystem("memory")
@@ -101,6 +104,7 @@ def test_an_object_store_folder_is_copied_once_and_checked_against_the_pinned_ha
         pin_model("memory://models/minilm/", "main", local_runner=False)
 
 
+@pytest.mark.unit
 def test_the_packaged_default_is_pinned_by_content_and_a_worker_with_other_files_refuses_it(tmp_path):
     ref, folder = pin_model(DEFAULT_MODEL, None, local_runner=False)
     assert ref == ModelRef(DEFAULT_MODEL, "package", "sha256:" + content_hash(folder))

@@ -10,6 +10,8 @@ from docembed.errors import ModelError
 from docembed.model.card import describe_model
 from docembed.model.embedder import Embedder
 
+pytestmark = pytest.mark.unit
+
 TEXTS = ["A short one.", "Mixed CASE Words and Ünïcode, with a longer tail " * 6, "", "x"]
 
 

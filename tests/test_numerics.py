@@ -20,6 +20,7 @@ CPU = {"device": "cpu", "precision": "fp32", "host": "worker-a", "libraries": {"
 GPU = {"device": "cuda", "precision": "fp16", "host": "worker-b", "gpu": "NVIDIA L4", "libraries": {"torch": "2.13.0"}}
 
 
+@pytest.mark.unit
 def test_the_first_commit_pins_the_output_and_a_worker_with_other_numerics_refuses_to_commit(tmp_path):
     first, second = UnitStore(str(tmp_path)), UnitStore(str(tmp_path))
     first.check_numerics(CPU)
@@ -32,6 +33,7 @@ def test_the_first_commit_pins_the_output_and_a_worker_with_other_numerics_refus
     assert "holds vectors made at cpu fp32 on worker-a" in message
 
 
+@pytest.mark.unit
 def test_a_refused_commit_publishes_nothing(tmp_path):
     UnitStore(str(tmp_path)).check_numerics(GPU)
     unit = WorkUnit(str(tmp_path / "in.parquet"), "f", 0, 1, (0,))
@@ -42,6 +44,7 @@ def test_a_refused_commit_publishes_nothing(tmp_path):
     assert not list(tmp_path.glob("part-*")) and not (tmp_path / "_checkpoints").exists()
 
 
+@pytest.mark.e2e
 def test_auto_adopts_the_outputs_numerics_and_an_explicit_other_request_is_refused(tmp_path, docs):
     ids, texts = docs
     write_docs(tmp_path / "in.parquet", ids[:4], texts[:4])
@@ -57,6 +60,7 @@ def test_auto_adopts_the_outputs_numerics_and_an_explicit_other_request_is_refus
         run(argv + ["--precision", "bf16"])
 
 
+@pytest.mark.unit
 def test_an_output_written_before_numerics_were_pinned_is_read_from_its_manifest(tmp_path):
     """Older outputs kept the precision in the fingerprint and the device in the manifest's settings."""
     output = OutputAdmin(str(tmp_path))
@@ -66,6 +70,7 @@ def test_an_output_written_before_numerics_were_pinned_is_read_from_its_manifest
     assert (adopted.device, adopted.precision) == ("cpu", "fp32")
 
 
+@pytest.mark.e2e
 def test_verify_reports_parts_made_at_other_numerics_than_the_outputs(tmp_path, docs):
     from docembed.pipeline.admin.verify import verify
 
@@ -78,6 +83,7 @@ def test_verify_reports_parts_made_at_other_numerics_than_the_outputs(tmp_path, 
     assert len(problems) == 1 and "made at cpu fp32" in problems[0] and "vectors are cuda fp16" in problems[0]
 
 
+@pytest.mark.e2e
 def test_an_output_of_the_earlier_layout_resumes_and_gets_its_numerics_pinned(tmp_path, docs):
     """Outputs written before numerics had their own record kept the precision in the fingerprint
     (manifest and parts) and no _numerics.json: they resume, and verify still passes."""

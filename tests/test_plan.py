@@ -7,6 +7,8 @@ from tests.conftest import write_docs
 from docembed.errors import InputError, OutputError
 from docembed.records import WorkUnit
 
+pytestmark = pytest.mark.unit
+
 COLUMNS = {"id": "id", "text": "text"}
 
 

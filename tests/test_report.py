@@ -22,6 +22,7 @@ def reported(tmp_path_factory, docs):
     return tmp, summary
 
 
+@pytest.mark.e2e
 def test_the_report_exists_and_its_numbers_are_consistent(reported):
     tmp, summary = reported
     files = list((tmp / "out" / "_reports").glob("*.json"))
@@ -42,6 +43,7 @@ def test_the_report_exists_and_its_numbers_are_consistent(reported):
     assert r["padding_share"] >= 0 and r["hint"]
 
 
+@pytest.mark.unit
 def test_percentiles_are_right_on_known_timings():
     timings = [i / 1000 for i in range(1, 1001)]  # 1 ms .. 1000 ms
     got = percentiles(timings)
@@ -52,6 +54,7 @@ def test_percentiles_are_right_on_known_timings():
     assert percentiles([0.2])["p99.9"] == 0.2
 
 
+@pytest.mark.unit
 def test_the_hint_follows_the_seed_priorities():
     assert hint({"forward": 0.8}).startswith("model-bound")
     assert hint({"forward": 0.5, "tokenize": 0.35}).startswith("preprocessing-bound")
@@ -59,6 +62,7 @@ def test_the_hint_follows_the_seed_priorities():
     assert hint({"forward": 0.5, "other": 0.45}).startswith("start-up-bound")
 
 
+@pytest.mark.e2e
 def test_report_command_prints_and_draws_a_png(reported, tmp_path, capsys):
     out, _ = reported
     png = tmp_path / "run.png"
@@ -70,6 +74,7 @@ def test_report_command_prints_and_draws_a_png(reported, tmp_path, capsys):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
 
 
+@pytest.mark.e2e
 def test_beam_metrics_are_visible_through_the_pipeline_result(reported):
     _, summary = reported
     m = summary["metrics"]
@@ -78,6 +83,7 @@ def test_beam_metrics_are_visible_through_the_pipeline_result(reported):
     assert m["tokens_embedded"] == summary["report"]["tokens"]
 
 
+@pytest.mark.unit
 def test_the_eta_follows_text_remaining_at_the_recent_rate():
     markers = {f"u{i}": {"committed_at": 100.0 + 10 * i, "started_at": 90.0 + 10 * i, "text_bytes": 1000}
                for i in range(3)}  # 3000 bytes in the 30 s from 90 to 120

@@ -5,14 +5,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from docembed.pipeline.run import run
 from docembed.pipeline.admin.status import status
-from tests.conftest import REPO, by_id, read_output, write_docs
+from tests.conftest import REPO, by_id, read_output, wait_for, write_docs
+
+pytestmark = pytest.mark.e2e
 
 UNIT_ROWS = 10
 
@@ -27,13 +29,8 @@ def _markers(out):
 
 
 def _wait_for_units(out, proc, count, timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (out / "_checkpoints").exists() and len(list((out / "_checkpoints").glob("*.json"))) >= count:
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    raise AssertionError(f"no {count} units committed within {timeout}s")
+    wait_for(lambda: len(list((out / "_checkpoints").glob("*.json"))) >= count, timeout=timeout, proc=proc,
+             what=f"{count} units committed to {out}")
 
 
 def test_sigkill_then_rerun_gives_the_uninterrupted_dataset(tmp_path, docs):

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +22,7 @@ from docembed.pipeline.lock import why_stale
 from docembed.pipeline.run import run
 from docembed.pipeline.admin.status import format_status, run_state, status
 from docembed.pipeline.admin.verify import verify
-from tests.conftest import REPO, by_id, read_output, write_docs
+from tests.conftest import REPO, by_id, read_output, wait_for, write_docs
 
 UNITS = 4
 
@@ -54,10 +53,8 @@ def _held_at(out, corpus, model, gate, fault: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "docembed", "run", *_flags(corpus, model), "--output", str(out)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     passage = fault.split("@")[1].split(":")[0]
-    deadline = time.monotonic() + 240
-    while not list(gate.parent.glob(f"{gate.name}.arrived.*.{passage}")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+    wait_for(lambda: list(gate.parent.glob(f"{gate.name}.arrived.*.{passage}")), timeout=240, proc=proc,
+             what=f"the run to be held at {fault.split(',')[0]}")
     return proc
 
 
@@ -76,6 +73,7 @@ def _check_exact(out, reference) -> None:
     assert verify(str(out), canaries=False).problems == []
 
 
+@pytest.mark.e2e
 def test_a_live_run_then_a_sigterm_whose_stop_request_cannot_be_removed(corpus, tiny_window_model, reference,
                                                                          tmp_path, capsys):
     """Held after its second commit: status says running (host, pid, heartbeat) with an ETA, verify
@@ -98,7 +96,8 @@ def test_a_live_run_then_a_sigterm_whose_stop_request_cannot_be_removed(corpus, 
         assert code == 0 and f"lock       held by a running run ({socket.gethostname()} pid {proc.pid}" in printed
         assert "a run started now would exit 75" in printed
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)  # the handler writes the stop request; then the unit in hand may finish
+        # The handler writes the stop request; then the unit in hand may finish.
+        wait_for(lambda: (out / "_stop").exists(), timeout=60, proc=proc, what="the SIGTERM handler's stop request")
         (tmp_path / "gate.2").touch()
         _, err = proc.communicate(timeout=240)
     finally:
@@ -127,6 +126,7 @@ def test_a_live_run_then_a_sigterm_whose_stop_request_cannot_be_removed(corpus, 
     assert status(str(out))["state"] == "complete" and not (out / "_stop").exists()
 
 
+@pytest.mark.e2e
 def test_a_sigterm_whose_stop_request_cannot_be_written_leaves_a_stale_lock_that_the_commands_see(
         corpus, tiny_window_model, reference, tmp_path, capsys):
     """Writing the stop request fails (EROFS): the workers cannot be told, so the launcher stops at
@@ -160,6 +160,7 @@ def test_a_sigterm_whose_stop_request_cannot_be_written_leaves_a_stale_lock_that
     _check_exact(out, reference)
 
 
+@pytest.mark.unit
 def test_whether_a_lock_is_live_is_one_pure_rule():
     now, here = 1000.0, "this-host"
     beat = {"token": "t", "host": "elsewhere", "pid": 7, "heartbeat": now - 30, "ttl": 60}
@@ -172,6 +173,7 @@ def test_whether_a_lock_is_live_is_one_pure_rule():
     assert why_stale({"unreadable": "JSONDecodeError: x"}, now, here).startswith("it cannot be read")
 
 
+@pytest.mark.unit
 def test_status_says_how_a_run_ended_from_its_manifest_and_lock():
     markers = {"a": {"run_id": "r", "committed_at": 500.0}}
     failed = {"status": "failed", "run_id": "r", "ended_at": 600.0, "error": "[Errno 28] No space left on device: "
@@ -187,6 +189,7 @@ def test_status_says_how_a_run_ended_from_its_manifest_and_lock():
     assert run_state({"status": "complete"}, live, markers, 3)["state"] == "running"
 
 
+@pytest.mark.e2e
 def test_verify_input_finds_texts_changed_since_they_were_embedded(corpus, tiny_window_model, tmp_path, capsys):
     """A file rewritten in place with other texts of the same byte length, its modification time set
     back: the same size and time, so only the texts tell. verify --input names the file and the rows

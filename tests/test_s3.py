@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -13,7 +12,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import BUCKET, REPO, by_id, put_docs as _put_docs, s3_markers as _markers
+from tests.conftest import BUCKET, REPO, by_id, put_docs as _put_docs, s3_markers as _markers, wait_for
+
+pytestmark = pytest.mark.servers
 
 
 def test_s3_in_and_out_with_sigkill_and_resume(s3, docs, reference_model):
@@ -26,11 +27,8 @@ def test_s3_in_and_out_with_sigkill_and_resume(s3, docs, reference_model):
     run_env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=run_env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while len(_markers(fs, "out")) < 3:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no 3 units committed on S3 in time"
-        time.sleep(0.2)
+    wait_for(lambda: len(_markers(fs, "out")) >= 3, timeout=240, proc=proc, interval=0.2,
+             what="3 units committed on S3")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     at_kill = len(_markers(fs, "out"))

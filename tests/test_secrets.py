@@ -15,6 +15,8 @@ import pytest
 from docembed.cli import main
 from tests.conftest import free_port, read_output
 
+pytestmark = pytest.mark.e2e
+
 SECRET = "s3cret-canary"
 
 

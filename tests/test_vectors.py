@@ -16,6 +16,7 @@ DOCS = 120
 
 
 @pytest.mark.parametrize("dtype", ["int8", "uint8", "binary", "ubinary"])
+@pytest.mark.unit
 def test_quantization_is_sentence_transformers_own_including_values_outside_the_calibration(dtype):
     rng = np.random.default_rng(0)
     calibrated = rng.normal(size=(300, 37)).astype(np.float32)
@@ -46,6 +47,7 @@ def _by_id(out) -> dict:
     return dict(zip(table.column("id").to_pylist(), np.asarray(table.column("embedding").to_pylist())))
 
 
+@pytest.mark.e2e
 def test_each_dtype_stores_what_quantizing_the_float32_vectors_gives(outputs, docs):
     tmp, found = outputs
     ids = docs[0][:DOCS]
@@ -72,6 +74,7 @@ def test_each_dtype_stores_what_quantizing_the_float32_vectors_gives(outputs, do
     assert any(np.allclose(calibration(u), ranges, atol=1e-6) for u in units)
 
 
+@pytest.mark.e2e
 def test_compact_outputs_verify_and_are_smaller(outputs):
     tmp, found = outputs
     sizes = {dtype: sum(p.stat().st_size for p in out.glob("part-*.parquet")) for dtype, out in found.items()}
@@ -81,6 +84,7 @@ def test_compact_outputs_verify_and_are_smaller(outputs):
 
 
 @pytest.mark.parametrize("dtype", ["int8", "uint8"])
+@pytest.mark.unit
 def test_decoding_with_the_ranges_lands_within_half_a_bucket(dtype):
     from docembed.vectors import dequantize
 

@@ -11,6 +11,8 @@ from docembed.cli import main
 from docembed.pipeline.run import run
 from tests.conftest import write_docs
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, docs):

@@ -20,12 +20,11 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import BUCKET, REPO, by_id, free_port, read_output, relay, tmpfs, write_docs
+from tests.conftest import BUCKET, REPO, by_id, free_port, read_output, relay, tmpfs, wait_for, write_docs
 
 # name: (DOCEMBED_FAULT, extra flags, exit code, what the error line says, the manifest's status after).
 # One case per way a failure travels (a worker's commit, a pin, each launcher write and removal); the
@@ -118,6 +117,7 @@ def _check_rerun(name: str, url: str, result: dict, reference: dict) -> None:
     assert max(np.abs(got[i] - reference[i]).max() for i in reference) < 1e-6, name
 
 
+@pytest.mark.servers
 def test_each_failing_write_gives_one_line_exit_1_a_recorded_end_and_an_exact_rerun(s3, corpus, tiny_window_model,
                                                                                     reference, tmp_path):
     """The cases above on local disk, and on S3 every PUT of the completed manifest answered 503 by the
@@ -146,6 +146,7 @@ def test_each_failing_write_gives_one_line_exit_1_a_recorded_end_and_an_exact_re
     _check_rerun("s3-503", url, results["s3-503"], reference)
 
 
+@pytest.mark.unit
 def test_an_output_that_cannot_be_written_is_refused_before_any_work_with_exit_2(corpus, tiny_window_model, tmp_path,
                                                                                  monkeypatch, capsys):
     """The probe that ``check_writable`` writes before the lock fails: a configuration error (2)."""
@@ -172,6 +173,7 @@ def small_mount(tmp_path):
     yield from tmpfs(tmp_path, "16m")
 
 
+@pytest.mark.e2e
 def test_the_output_file_system_turning_read_only_mid_run(corpus, tiny_window_model, reference, tmp_path,
                                                           small_mount):
     """The file system is remounted read-only while the run holds its first unit's marker (a fault
@@ -184,10 +186,8 @@ def test_the_output_file_system_turning_read_only_mid_run(corpus, tiny_window_mo
     env = {**os.environ, "PYTHONPATH": str(REPO), "DOCEMBED_FAULT": "published:marker@1:pause",
            "DOCEMBED_FAULT_GATE": str(gate)}
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not list(tmp_path.glob("gate.arrived.*.1")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+    wait_for(lambda: list(tmp_path.glob("gate.arrived.*.1")), timeout=240, proc=proc,
+             what="the run to be held at its first unit's marker")
     subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
     (tmp_path / "gate.1").touch()
     _, err = proc.communicate(timeout=240)

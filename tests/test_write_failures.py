@@ -12,6 +12,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 from docembed.cli import main
 from tests.conftest import read_output, tmpfs, write_docs
 
+pytestmark = pytest.mark.e2e
+
 
 def _inputs(tmp_path, docs, count=120):
     ids, texts = docs
