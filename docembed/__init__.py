@@ -17,8 +17,24 @@ For use inside your own Beam pipeline: ``EmbedDocuments`` (a PCollection of docu
 out) and ``EmbedParquet`` (a whole resumable run, as one transform).
 """
 
+import logging
+
 __version__ = "0.1.0"
 __all__ = ["EmbedDocuments", "EmbedParquet", "__version__"]
+
+# Beam warns through the root logger, as it is first imported, that Google's API clients are absent
+# (apache_beam/io/gcp/internal/clients/bigquery); docembed does not use them. A filter on the root
+# logger itself drops that one record in any process that imports docembed before Beam (a user's own
+# pipeline included), whether the record would reach a handler or logging's last resort.
+_BEAM_GCP_NOTICE = ("apitools not found, and bigquery client libraries are not available despite the "
+                    "import not raising an ImportError.")
+
+
+def _drop_beam_gcp_notice(record: logging.LogRecord) -> bool:
+    return record.msg != _BEAM_GCP_NOTICE
+
+
+logging.getLogger().addFilter(_drop_beam_gcp_notice)
 
 
 def __getattr__(name: str):

@@ -73,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_redact)
-        handler.addFilter(_drop_gcp_client_notice)
         handler.addFilter(_drop_worker_start_notice)
         handler.addFilter(_drop_traceback_of_known_errors)
     try:
@@ -104,11 +103,6 @@ def _redact(record: logging.LogRecord) -> bool:
     if record.exc_info and not record.exc_text:
         record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
     return True
-
-
-def _drop_gcp_client_notice(record: logging.LogRecord) -> bool:
-    """Beam warns at import that Google's API clients are absent; docembed does not use them."""
-    return not str(record.msg).startswith("apitools not found")
 
 
 def _drop_worker_start_notice(record: logging.LogRecord) -> bool:

@@ -142,7 +142,7 @@ def test_an_input_file_deleted_between_runs_is_named_by_run_status_and_verify_an
     said = f"{inp}/day1.parquet is gone since it was embedded: its 1 unit (30 rows)"
     summary = capsys.readouterr().out
     assert f"removed    {said} stay in the output; --prune-removed deletes them" in summary
-    assert "cleaned    1 files without a done-marker removed" in summary and "part-foreign.parquet" in summary
+    assert "cleaned    1 file without a done-marker removed" in summary and "part-foreign.parquet" in summary
     assert main(["status", "--output", str(out)]) == 0
     status = capsys.readouterr().out
     assert "documents  20/20 done (100.0%)" in status and f"elsewhere  {said} stay" in status

@@ -9,7 +9,7 @@ from apache_beam.runners.direct.direct_runner import DirectRunner
 
 from docembed.cli import main
 from docembed.pipeline.graph import JobPlan, build_dedup_graph, build_graph
-from docembed.pipeline.jobs import expand_job, job_flags
+from docembed.pipeline.jobs import expand_job, job_flags, relative_to_job
 from docembed.pipeline.run import prepare
 from tests.conftest import REPO, SAMPLE, read_output, write_docs
 from docembed.errors import UsageError
@@ -85,3 +85,78 @@ def test_yaml_booleans_become_the_flags_beam_and_docembed_really_have(tmp_path):
     job.write_text("beam:\n  experiments: false\n  bogus_flag: false\n")
     with pytest.raises(UsageError, match="unknown flag --bogus_flag"):
         job_flags(str(job))
+
+
+def _job(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "job.yaml").write_text(text)
+    return folder / "job.yaml"
+
+
+def _values(flags: list[str]) -> dict[str, str]:
+    return dict(flag[2:].split("=", 1) for flag in flags if "=" in flag)
+
+
+@pytest.mark.unit
+def test_relative_paths_in_a_job_file_are_relative_to_its_folder_from_any_directory(tmp_path, monkeypatch):
+    """As cron runs it: the working directory is not the job's, and the job file is named relatively
+    or absolutely; either way the paths are the job folder's, made absolute."""
+    jobs = tmp_path / "srv" / "jobs"
+    _job(jobs, "docembed:\n  input: inbox/*.parquet\n  output: ../embeddings/\n  model: ./models/mine\n"
+               "  checkpoint_every: 10\nbeam:\n  setup_file: ../setup.py\n  requirements_file: reqs.txt\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    want = {"input": f"{jobs}/inbox/*.parquet", "output": f"{tmp_path}/srv/embeddings/",
+            "model": f"{jobs}/models/mine", "checkpoint_every": "10",
+            "setup_file": f"{tmp_path}/srv/setup.py", "requirements_file": f"{jobs}/reqs.txt"}
+    for named in (str(jobs / "job.yaml"), "../srv/jobs/job.yaml", "../srv/jobs/../jobs/job.yaml"):
+        assert _values(job_flags(named)) == want, named
+
+
+@pytest.mark.unit
+def test_a_folder_input_keeps_its_slash_and_both_spellings_count(tmp_path):
+    job = _job(tmp_path / "jobs", "docembed:\n  input: ../b/\n  model: ../models/m/\n")
+    assert _values(job_flags(str(job))) == {"input": f"{tmp_path}/b/", "model": f"{tmp_path}/models/m/"}
+    folder = str(tmp_path / "jobs")
+    assert relative_to_job({"setup-file": "s.py", "requirements-file": "r.txt", "output": "o"}, folder) == {
+        "setup-file": f"{folder}/s.py", "requirements-file": f"{folder}/r.txt", "output": f"{folder}/o"}
+
+
+@pytest.mark.unit
+def test_urls_absolute_paths_hub_ids_and_other_options_stay_as_written(tmp_path):
+    job = _job(tmp_path / "jobs", "docembed:\n  input: s3://bucket/docs/\n  output: /data/embeddings/\n"
+                                  "  model: BAAI/bge-base-en-v1.5\n  text-column: body/text\n"
+                                  "  passthrough-columns: a/b,c\nbeam:\n  setup_file: /srv/app/setup.py\n"
+                                  "  temp_location: tmp/\n  requirements_file: file:///srv/reqs.txt\n")
+    assert _values(job_flags(str(job))) == {
+        "input": "s3://bucket/docs/", "output": "/data/embeddings/", "model": "BAAI/bge-base-en-v1.5",
+        "text-column": "body/text", "passthrough-columns": "a/b,c", "setup_file": "/srv/app/setup.py",
+        "temp_location": "tmp/", "requirements_file": "file:///srv/reqs.txt"}
+    job.write_text("docembed:\n  input: memory://docs/x.parquet\n  model: models/mine\n")  # no ./: a hub id
+    assert _values(job_flags(str(job))) == {"input": "memory://docs/x.parquet", "model": "models/mine"}
+
+
+@pytest.mark.unit
+def test_flags_after_the_job_file_stay_relative_to_the_working_directory(tmp_path):
+    from docembed.pipeline.options import EmbedOptions, parse
+
+    job = _job(tmp_path / "jobs", "docembed:\n  input: in.parquet\n  output: out/\n")
+    argv = expand_job(["--job", str(job), "--output", "mine/", "--input=here.parquet", "--model", "./m"])
+    assert argv == [f"--input={tmp_path}/jobs/in.parquet", f"--output={tmp_path}/jobs/out/",
+                    "--output", "mine/", "--input=here.parquet", "--model", "./m"]
+    opts = parse(argv).view_as(EmbedOptions)
+    assert (opts.input, opts.output, opts.model) == ("here.parquet", "mine/", "./m")
+
+
+@pytest.mark.unit
+def test_the_repositorys_local_jobs_read_the_bundled_sample_and_write_beside_jobs(tmp_path, monkeypatch):
+    """`make run` (from the repository root) and a crontab line (from anywhere) run the same job."""
+    monkeypatch.chdir(tmp_path)
+    for name, out in [("local", "out/"), ("local-chunks", "out-chunks/"), ("local-multiprocess", "out-mp/")]:
+        values = _values(job_flags(str(REPO / "jobs" / f"{name}.yaml")))
+        assert (values["input"], values["output"]) == (str(SAMPLE), f"{REPO}/{out}")
+    monkeypatch.chdir(REPO)
+    assert _values(job_flags("jobs/local.yaml"))["output"] == f"{REPO}/out/"
+    for name in ("dataflow-gpu", "dataflow-cpu-spot"):
+        assert _values(job_flags(str(REPO / "jobs" / f"{name}.yaml")))["setup_file"] == str(REPO / "setup.py")

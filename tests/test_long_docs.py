@@ -265,10 +265,10 @@ def test_verify_finds_a_lost_or_repeated_chunk(modes, tmp_path):
     keep[chunk_one] = False
     pq.write_table(table.filter(keep), part)
     problems = " ".join(verify(str(out)).problems)
-    assert "1 ids have gaps in their chunk indices" in problems
+    assert "1 id has gaps in its chunk indices" in problems
     pq.write_table(table.take(list(range(table.num_rows)) + [0]), part)
     problems = " ".join(verify(str(out)).problems)
-    assert "1 ids have a chunk index more than once" in problems
+    assert "1 id has a chunk index more than once" in problems
 
 
 # --- resume and a 5 MB document, as the CLI runs them ----------------------------------------------

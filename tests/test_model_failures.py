@@ -79,7 +79,7 @@ def test_retry_rejects_moves_rows_from_the_rejections_into_the_output_once_the_c
 
     assert main(["run", *argv, "--output", str(tmp_path / "out"), "--retry-rejects", "model_error"]) == 0
     printed = capsys.readouterr().out
-    assert "retried    4 rejected rows (model_error) of 1 units: 4 embedded now, 0 rejected again" in printed
+    assert "retried    4 rejected rows (model_error) of 1 unit: 4 embedded now, 0 rejected again" in printed
     assert f"accounted  {len(chosen_ids)} input rows = {len(chosen_ids)} embedded + 0 rejected" in printed
     out = tmp_path / "out"
     assert not list((out / "_rejects").glob("*.parquet")) and len(list(out.glob("part-*-retry-1.parquet"))) == 1

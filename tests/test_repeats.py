@@ -46,7 +46,7 @@ def test_a_pruned_first_occurrence_hands_its_id_to_the_rejected_repeat(repeated,
     capsys.readouterr()
     assert main(argv + ["--prune-removed"]) == 0
     printed = capsys.readouterr().out
-    assert "retried    1 rejected rows (duplicate_id) of 1 units: 1 embedded" in printed
+    assert "retried    1 rejected row (duplicate_id) of 1 unit: 1 embedded" in printed
     got = read_output(tmp / "out").column("id").to_pylist()
     assert sorted(got) == sorted(ids[10:13] + [ids[4]] + ids[14:])  # b's row 3 now holds id 4
     assert _rejected(tmp / "out") == []
@@ -65,12 +65,12 @@ def test_a_lost_repeat_is_named_by_verify_refused_by_run_and_embedded_on_retry(r
     assert main(["verify", "--output", str(tmp / "out"), "--no-canaries"]) == 1
     printed = capsys.readouterr().out
     lost = f"id {ids[4]!r} at {tmp / 'in' / 'b.parquet'} row 3"
-    assert "1 rows rejected as duplicate_id have no row with their id in the output" in printed and lost in printed
+    assert "1 row rejected as duplicate_id has no row with its id in the output" in printed and lost in printed
 
     write_docs(tmp / "in" / "c.parquet", ["new-1", "new-2"], list(docs[1][30:32]))  # work for the run to do
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert "1 rows rejected as duplicate_id by an earlier run have no row with their id in the output" in err
+    assert "1 row rejected as duplicate_id by an earlier run has no row with its id in the output" in err
     assert lost in err and "--retry-rejects duplicate_id" in err
     assert not any("new-" in i for i in read_output(tmp / "out").column("id").to_pylist())  # refused before any
 

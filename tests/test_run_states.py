@@ -219,5 +219,5 @@ def test_verify_input_finds_texts_changed_since_they_were_embedded(corpus, tiny_
     problems = [p for p in printed.splitlines() if p.startswith("  - ")]
     assert code == 1 and problems == [f"  - {source} rows 20-30: texts changed since they were embedded: their "
                                       "vectors belong to the old texts; rerun to re-embed"], printed
-    assert ("  note: 1 units' texts could not be checked against the input: their done-markers were written before "
+    assert ("  note: 1 unit's texts could not be checked against the input: their done-markers were written before "
             "docembed recorded a digest of the texts") in printed

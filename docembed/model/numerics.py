@@ -15,7 +15,8 @@ What ``auto`` means, so that one output never mixes numerics:
   in this run or any other, must match it (``same``), or the worker refuses to commit.
 
 The record a worker makes (``resolve``) also names its host, CPU or GPU and the versions of the
-libraries that compute the vectors; every done-marker carries it.
+libraries that compute the vectors, and on the CPU whether it has native bf16 (``cpu_bf16``: the run
+report's hint offers ``--precision bf16`` to an fp32 run that could use it); every done-marker carries it.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def resolve(device: str, precision: str) -> dict:
     record = {"device": device, "precision": precision, "host": host,
               "libraries": {name: _version(name) for name in _LIBRARIES}}
     record.update({"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda} if device == "cuda"
-                  else {"cpu": cpu_model()})
+                  else {"cpu": cpu_model(), "cpu_bf16": cpu_has_native_bf16()})
     return record
 
 

@@ -78,8 +78,8 @@ class EmbedParquet(beam.PTransform):
     again to resume.
 
     Args:
-        input: Parquet files, globs or folders, local or any fsspec URL (``gs://``, ``s3://``, ...);
-            several separated by commas.
+        input: a Parquet file, a folder (read recursively) or a glob, local or any fsspec URL
+            (``gs://``, ``s3://``, ...).
         output: the output folder (any fsspec URL).
         **options: ``docembed run``'s options as keyword arguments (``checkpoint_every=10000``,
             ``model="BAAI/bge-base-en-v1.5"``, ``passthrough_columns="title,url"``, and Beam's, such as

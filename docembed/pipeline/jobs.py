@@ -6,18 +6,33 @@ flag, ``false`` the flag's own negative form (``--no-progress`` for docembed, ``
 for Beam), or nothing for a flag that is off by default; a list repeats the flag. Flags given on
 the command line after ``--job FILE`` override the file's.
 
-    python -m docembed run --job jobs/local.yaml --output out2/
-"""
+Relative paths in a job file are relative to the job file's folder, not to the working directory,
+so a job runs the same from any directory and any wrapper (cron, a CI step, a container): ``input``,
+``output``, ``setup_file`` and ``requirements_file``, and
+``model`` when it starts with ``./`` or ``../`` (any other ``model`` is read as a hub id, such as
+``BAAI/bge-base-en-v1.5``, so write a local model folder as ``./models/x`` or as an absolute path).
+Such a path becomes absolute: the job file's folder joined with it, normalised, a trailing ``/`` kept.
+URLs (``scheme://...``) and absolute paths stay as written. Flags given on the command line after
+``--job`` stay relative to the working directory, as the shell gives them.
+
+    python -m docembed run --job jobs/local.yaml --output out2/"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 
 import yaml
 
 from docembed.errors import UsageError
 
 SECTIONS = ("docembed", "beam")
+# Options whose values are paths, by their name with "_" (a job file may write either "-" or "_"):
+# resolved against the job file's folder (relative_to_job). model only when written ./ or ../.
+PATH_OPTIONS = {"input", "output", "setup_file", "requirements_file"}
+LOCAL_MODEL = ("./", "../")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def expand_job(argv: list[str]) -> list[str]:
@@ -49,7 +64,42 @@ def job_flags(path: str) -> list[str]:
     unknown = set(job) - set(SECTIONS) - {"description"}
     if unknown:
         raise UsageError(f"--job {path}: unknown sections {sorted(unknown)}; use {list(SECTIONS)}")
-    return [flag for section in SECTIONS for flag in as_flags(job.get(section) or {}, f"--job {path}")]
+    folder = os.path.dirname(os.path.abspath(path))
+    where = f"--job {path}"
+    return [flag for section in SECTIONS
+            for flag in as_flags(relative_to_job(_section(job, section, where), folder), where)]
+
+
+def _section(job: dict, section: str, where: str) -> dict:
+    options = job.get(section) or {}
+    if not isinstance(options, dict):
+        raise UsageError(f"{where}: section {section} must map flag names to values, not {options!r}")
+    return options
+
+
+def relative_to_job(options: dict, folder: str) -> dict:
+    """``options`` with the relative paths among their values (``PATH_OPTIONS``, and ``model`` written
+    ``./`` or ``../``) resolved against ``folder``, the job file's; every other value as it was."""
+    resolved = {}
+    for name, value in options.items():
+        key = str(name).replace("-", "_")
+        if key in PATH_OPTIONS or (key == "model" and isinstance(value, str) and value.startswith(LOCAL_MODEL)):
+            value = _resolve(value, folder)
+        resolved[name] = value
+    return resolved
+
+
+def _resolve(value, folder: str):
+    """``value`` (a string, or a YAML list of them) resolved against ``folder``."""
+    if isinstance(value, list):
+        return [_resolve(item, folder) for item in value]
+    if not isinstance(value, str):
+        return value
+    path = value.strip()
+    if not path or _URL.match(path) or os.path.isabs(path) or path.startswith("~"):
+        return value  # "~" too: the user's home is no folder of the job's
+    joined = os.path.normpath(os.path.join(folder, path))
+    return joined + "/" if path.endswith("/") and not joined.endswith("/") else joined
 
 
 def as_flags(options: dict, where: str) -> list[str]:

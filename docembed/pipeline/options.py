@@ -9,6 +9,8 @@ written): argparse would otherwise leave it to Beam, which drops it with a warni
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -124,6 +126,9 @@ QUIET_WORKERS = ["--default_sdk_harness_log_level=WARNING",
                  '--sdk_harness_log_level_overrides={"apache_beam.options.pipeline_options": "ERROR"}']
 
 
+SUGGEST_CUTOFF = 0.6  # difflib's similarity a known flag needs to be offered for a misspelt one
+
+
 def parse(argv: list[str], paths: bool = True) -> PipelineOptions:
     """PipelineOptions for ``argv``; raises UsageError naming every problem found. ``paths=False``:
     no --input and --output are needed (a transform that embeds its pipeline's own elements)."""
@@ -132,12 +137,50 @@ def parse(argv: list[str], paths: bool = True) -> PipelineOptions:
         argv = [*argv, *QUIET_WORKERS]
     argv = dask_flags(argv)
     options = PipelineOptions(argv)
-    unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
-    problems = [f"unknown flag --{name}" for name in sorted(unknown)]
+    unknown, known = unknown_flags(options, argv)
+    problems = [f"unknown flag {flag}" + (f" (did you mean {match}?)" if (match := suggest_flag(flag, known)) else "")
+                for flag in unknown]
     problems += validate(options.view_as(EmbedOptions), paths)
     if problems:
         raise UsageError("; ".join(problems))
     return options
+
+
+def unknown_flags(options: PipelineOptions, argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the flags of ``argv`` that no PipelineOptions class of this process defines, as the user spelt
+    them; every flag one does). Beam's own parser decides, holding every class's flags, as when Beam
+    parses them; asked this way, Beam does not also warn that it discards the unknown ones."""
+    found: dict[str, list[str]] = {}
+
+    def inspect(parser: argparse.ArgumentParser) -> None:
+        found["known"] = [flag for action in parser._actions for flag in action.option_strings]
+        found["unknown"] = parser.parse_known_args(argv)[1]
+
+    options.get_all_options(retain_unknown_options=True, add_extra_args_fn=inspect)
+    unknown = []
+    for arg in found["unknown"]:
+        if arg == "--":  # the end of the flags
+            break
+        if arg.startswith("-") and not _NUMBER.fullmatch(arg):  # else a value
+            unknown.append(arg.split("=", 1)[0])
+    return list(dict.fromkeys(unknown)), found["known"]
+
+
+_NUMBER = re.compile(r"-\d+(\.\d*)?(e-?\d+)?")
+
+
+def suggest_flag(flag: str, known: list[str]) -> str | None:
+    """The ``known`` flag closest to a misspelt ``flag`` (difflib), or None. docembed's flags take both
+    spellings: the one in the user's style, underscores if ``flag`` has any, else hyphens; Beam's
+    flags as Beam spells them (``--direct-num-workers``: ``--direct_num_workers``)."""
+    spellings: dict[str, list[str]] = {}
+    for name in known:
+        spellings.setdefault(name.lstrip("-").replace("-", "_"), []).append(name)
+    match = difflib.get_close_matches(flag.lstrip("-").replace("-", "_"), list(spellings), n=1, cutoff=SUGGEST_CUTOFF)
+    if not match:
+        return None
+    candidates = spellings[match[0]]
+    return next((c for c in candidates if ("_" in c) == ("_" in flag)), candidates[0])
 
 
 def validate(opts: EmbedOptions, paths: bool = True) -> list[str]:

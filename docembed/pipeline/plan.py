@@ -18,6 +18,7 @@ from docembed.store import storage
 from docembed.transforms.digest import footer_digest
 from docembed.errors import InputError, OutputError
 from docembed.records import WorkUnit
+from docembed.text import plural
 
 _GLOB_CHARS = "*?["
 # A row group up to this many times --checkpoint-every stays whole; a larger one is split by rows.
@@ -62,7 +63,16 @@ class Plan:
 
 
 class BadFile(InputError):
-    """A file that is not Parquet, or whose footer is truncated or corrupt."""
+    """A file that is not Parquet, or whose footer is truncated or corrupt. Its message ends with what
+    to do (fix or remove it, or pass --skip-bad-files); ``reason``, what a run that skips the file (it
+    passed --skip-bad-files) records and prints, does not."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"{reason}; fix or remove it, or pass --skip-bad-files")
+        self.reason = reason
+
+    def __reduce__(self):
+        return type(self), (self.reason,)
 
 
 def plan_input(url: str, columns: dict[str, str], rows_per_unit: int, skip_bad_files: bool = False) -> Plan:
@@ -73,7 +83,7 @@ def plan_input(url: str, columns: dict[str, str], rows_per_unit: int, skip_bad_f
     with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
         inspected = list(pool.map(lambda u: _inspect_or_skip(u, columns, skip_bad_files), urls))
     files = [f for f, _ in inspected if f is not None]
-    skipped = tuple({"url": storage.redact(u), "error": storage.redact_text(str(e))}
+    skipped = tuple({"url": storage.redact(u), "error": storage.redact_text(e.reason)}
                     for u, (f, e) in zip(urls, inspected) if f is None)
     passthrough = [name for role, name in columns.items() if role not in ("id", "text")]
     schema = unify_passthrough([(f.url, f.schema) for f in files], passthrough)
@@ -123,9 +133,7 @@ def _inspect(url: str, columns: dict[str, str]) -> InputFile:
             schema = metadata.schema.to_arrow_schema()
             footer = footer_digest(handle)
     except (pa.ArrowException, OSError) as exc:
-        raise BadFile(
-            f"{url} is not a readable Parquet file ({exc}); fix or remove it, or pass --skip-bad-files"
-        ) from exc
+        raise BadFile(f"{url} is not a readable Parquet file ({exc})") from exc
     check_schema(url, schema, columns)
     groups = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
     leaves = [metadata.schema.column(k).path for k in range(metadata.num_columns)]
@@ -303,5 +311,4 @@ def outside_plan(markers: dict[str, dict], sources: set[str]) -> list[dict]:
 
 def describe_outside(group: dict) -> str:
     where = "is gone since it was embedded" if group["gone"] else "is not in --input"
-    units = f"{group['units']} unit{'s' if group['units'] != 1 else ''}"
-    return f"{group['source']} {where}: its {units} ({group['rows']} rows)"
+    return f"{group['source']} {where}: its {plural(group['units'], 'unit')} ({plural(group['rows'], 'row')})"

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from docembed.pipeline.plan import describe_outside
 from docembed.pipeline.admin.report import coverage
 from docembed.store.admin import OutputAdmin
+from docembed.text import plural
 
 POLL_S = 1.0
 
@@ -70,11 +71,11 @@ def format_summary(summary: dict) -> str:
         f"docembed: output in {s['output']}",
         f"  documents  {s['input_rows']} in input: {s['embedded']} embedded this run, "
         f"{s['skipped']} skipped (already done), {s['rejected']} rejected"
-        + (f"; {s['rows']} chunk rows written" if s["long_docs"] == "chunks" else ""),
+        + (f"; {plural(s['rows'], 'chunk row')} written" if s["long_docs"] == "chunks" else ""),
         *(f"  {label:<10} {line}" for label, line in coverage(
             s["long_docs"], s["embedded"], s["truncated"], s["windows"], s["text_tokens"], s["dropped_tokens"],
             s["max_seq_length"])),
-        f"  accounted  {s['input_rows']} input rows = {s['total_embedded']} embedded + "
+        f"  accounted  {plural(s['input_rows'], 'input row')} = {s['total_embedded']} embedded + "
         f"{s['total_rejected']} rejected, over all runs into this output"
         + ("" if s["input_rows"] == s["total_embedded"] + s["total_rejected"] else " (units still to do)"),
         f"  units      {s['units_committed']} committed this run, {s['units_skipped']} already done, "
@@ -97,12 +98,13 @@ def format_summary(summary: dict) -> str:
                          f"the output{advice}")
     if s.get("retried"):
         r = s["retried"]
-        lines.append(f"  retried    {r['tried']} rejected rows ({', '.join(r['reasons'])}) of {r['units']} units: "
+        lines.append(f"  retried    {plural(r['tried'], 'rejected row')} ({', '.join(r['reasons'])}) of "
+                     f"{plural(r['units'], 'unit')}: "
                      f"{r['embedded']} embedded now, {r['tried'] - r['embedded']} rejected again")
     if s.get("cleaned"):
         names = ", ".join(c.rsplit("/", 1)[-1] for c in s["cleaned"][:5]) + (" ..." if len(s["cleaned"]) > 5 else "")
-        lines.append(f"  cleaned    {len(s['cleaned'])} files without a done-marker removed (left by interrupted "
-                     f"attempts, or not docembed's): {names}")
+        lines.append(f"  cleaned    {plural(len(s['cleaned']), 'file')} without a done-marker removed (left by "
+                     f"interrupted attempts, or not docembed's): {names}")
     return "\n".join(lines)
 
 
@@ -112,9 +114,11 @@ def format_dry_run(d: dict) -> str:
         else "checked by each worker on its own hardware"
     lines = [
         "docembed: dry run; nothing was written or submitted",
-        f"  input      {d['files']} files, {d['units']} units, {d['rows']} rows, {d['text_bytes'] / 1e6:.1f} MB of text",
-        f"  output     {s.output}: {d['units_done']} units ({d['rows_done']} rows) already done, "
-        f"{d['units_todo']} units ({d['rows_todo']} rows, {d['text_bytes_todo'] / 1e6:.1f} MB of text) to do"
+        f"  input      {plural(d['files'], 'file')}, {plural(d['units'], 'unit')}, {plural(d['rows'], 'row')}, "
+        f"{d['text_bytes'] / 1e6:.1f} MB of text",
+        f"  output     {s.output}: {plural(d['units_done'], 'unit')} ({plural(d['rows_done'], 'row')}) already done, "
+        f"{plural(d['units_todo'], 'unit')} ({plural(d['rows_todo'], 'row')}, {d['text_bytes_todo'] / 1e6:.1f} MB of "
+        "text) to do"
         + (f", {d['superseded_units']} to redo (their input files changed)" if d["superseded_units"] else ""),
         f"  model      {s.model} ({s.model_ref.kind}, {s.model_revision}): dim {s.dim}, window {s.max_seq_length}, "
         f"normalize {s.normalize}",

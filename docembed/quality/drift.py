@@ -25,6 +25,7 @@ import collections
 import math
 
 from docembed.quality import stats as quality
+from docembed.text import plural
 
 BASELINE_RUNS = 7  # a nightly job is compared with its last week
 
@@ -209,7 +210,7 @@ def format_line(drift: dict | None) -> str:
     if not drift.get("signals"):
         return "nothing to compare: this run neither embedded nor rejected a document"
     runs = len(drift["runs"])
-    against = f"against {runs} earlier run{'s' if runs != 1 else ''} ({drift['docs']} documents)"
+    against = f"against {plural(runs, 'earlier run')} ({plural(drift['docs'], 'document')})"
     flagged = [describe_signal(s) for s in drift["signals"] if s["flagged"]]
     calm = [describe_signal(s) for s in drift["signals"] if not s["flagged"]]
     if not flagged:
@@ -232,8 +233,8 @@ def format_quality(q: dict) -> list[tuple[str, str]]:
                       (("p1", 1), ("p50", 50), ("p99", 99)))
     mean = quality.mean_vector(q)
     return [
-        ("input", f"{q['docs']} documents, tokens {tokens}; truncated {_percent(*share['truncated'])}, {rejects}, "
-                  f"mostly non-letters {_percent(*share['mostly non-letters'])}"),
+        ("input", f"{plural(q['docs'], 'document')}, tokens {tokens}; truncated {_percent(*share['truncated'])}, "
+                  f"{rejects}, mostly non-letters {_percent(*share['mostly non-letters'])}"),
         ("vectors", f"norm before normalisation {norms}"
                     + (f"; mean vector length {math.sqrt(float(mean @ mean)):.3f}" if mean is not None else "")),
     ]

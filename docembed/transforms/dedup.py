@@ -38,6 +38,7 @@ from docembed.store import storage
 from docembed.store.units import UnitStore
 from docembed.errors import InputError
 from docembed.records import EmbedSettings, WorkUnit
+from docembed.text import plural
 
 # Errors pyarrow raises for undecodable data pages (the footer was fine at planning).
 DECODE_ERRORS = (pa.ArrowException, OSError, UnicodeDecodeError)
@@ -155,12 +156,15 @@ def judge(counted, on_duplicate_id: str) -> list:
     """The job fails here on lost rows, and under ``--on-duplicate-id error`` on any repeat."""
     kind, (count, examples) = counted
     said = "; ".join(m for _, _, m in examples)
+    one = count == 1
     if kind == "lost":
-        raise InputError(f"{count} rows rejected as duplicate_id by an earlier run have no row with their id in the "
-                         f"output ({said}): rerun with --retry-rejects duplicate_id to embed them")
+        raise InputError(f"{plural(count, 'row')} rejected as duplicate_id by an earlier run "
+                         f"{'has' if one else 'have'} no row with {'its' if one else 'their'} id in the output ({said}): "
+                         f"rerun with --retry-rejects duplicate_id to embed {'it' if one else 'them'}")
     if on_duplicate_id == "error":
-        raise InputError(f"{count} rows repeat an id ({said}); pass --on-duplicate-id keep-first to embed the first "
-                         "occurrence and reject the others as duplicate_id")
+        raise InputError(f"{plural(count, 'row')} {'repeats' if one else 'repeat'} an id ({said}); pass "
+                         "--on-duplicate-id keep-first to embed the first occurrence and reject the others as "
+                         "duplicate_id")
     return [counted]
 
 

@@ -4,6 +4,8 @@
 # makes a run that starts while the previous one is still going exit at once with code 75 (EX_TEMPFAIL:
 # "try again later") instead of racing it; 2 means the job is misconfigured, 1 that it failed, and 3 (with
 # --fail-on-drift) that it completed but its input or vectors drifted from the earlier runs'.
+# Relative paths in JOB.yaml are relative to its folder, so cron's working directory does not matter; extra
+# flags' relative paths would be cron's working directory's: give them absolute.
 # Usage: docembed-cron.sh JOB.yaml [extra flags]
 set -uo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"

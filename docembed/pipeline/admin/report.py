@@ -20,6 +20,7 @@ from docembed.store.layout import REPORTS, record_key
 from docembed.quality import stats as quality
 from docembed.store import storage
 from docembed.errors import OutputError
+from docembed.text import plural
 
 STAGES = ("read", "tokenize", "forward", "write")
 PERCENTILES = (50, 95, 99, 99.9)
@@ -41,12 +42,12 @@ def coverage(mode: str, docs: int, truncated: int, windows: int, text_tokens: in
     Under ``truncate`` with more than 10% of documents cut, a plain warning with the tokens lost."""
     if mode != "truncate":
         per = "one row each" if mode == "chunks" else "averaged into one vector per document"
-        return [("windows", f"{windows} windows of up to {window} tokens for {docs} documents "
-                            f"({per}); {text_tokens} text tokens, all embedded")]
+        return [("windows", f"{plural(windows, 'window')} of up to {window} tokens for {plural(docs, 'document')} "
+                            f"({per}); {plural(text_tokens, 'text token')}, all embedded")]
     share = truncated / docs if docs else 0.0
     lost = dropped / text_tokens if text_tokens else 0.0
     lines = [("truncated", f"{truncated} ({100 * share:.1f}% of embedded) cut to the {window}-token window, "
-                           f"dropping {dropped} of {text_tokens} text tokens ({100 * lost:.1f}%)")]
+                           f"dropping {dropped} of {plural(text_tokens, 'text token')} ({100 * lost:.1f}%)")]
     if share > TRUNCATION_WARNING_SHARE:
         lines.append(("WARNING", f"{100 * share:.0f}% of documents are longer than the window and "
                                  f"{100 * lost:.0f}% of the text never reached the model; "
@@ -54,12 +55,18 @@ def coverage(mode: str, docs: int, truncated: int, windows: int, text_tokens: in
     return lines
 
 
-def hint(shares: dict[str, float]) -> str:
+def hint(shares: dict[str, float], device: str | None = None, precision: str | None = None,
+         cpu_bf16: bool = False) -> str:
     """Where to optimise first (the model, then preprocessing, then I/O, then start-up), from the
-    stage shares of wall time."""
+    stage shares of wall time. ``device``, ``precision``: what the run's workers embedded at;
+    ``cpu_bf16``: whether their CPU has native bf16 (``numerics.resolve``), where an fp32 run is
+    offered ``--precision bf16`` first (docs/PERFORMANCE.md: faster than int8, and closer to fp32)."""
     if shares.get("forward", 0) > 0.7:
-        return ("model-bound (forward > 70%): quantize (--precision int8 on CPUs with VNNI, fp16/bf16 on a "
-                "GPU), a smaller model, or better hardware")
+        bf16 = cpu_bf16 and (device, precision) == ("cpu", "fp32")
+        return ("model-bound (forward > 70%): "
+                + ("--precision bf16 (this run's CPU has native bf16), or " if bf16 else "")
+                + "quantize (--precision int8 on CPUs with VNNI, fp16/bf16 on a GPU), a smaller model, or "
+                  "better hardware")
     if shares.get("tokenize", 0) > 0.3:
         return "preprocessing-bound (tokenize > 30%): more CPU per worker, or more workers"
     if shares.get("read", 0) + shares.get("write", 0) > 0.3:
@@ -100,6 +107,7 @@ def build_report(run_id: str, markers: dict[str, dict], wall_s: float, started_a
                    + [m["worker"]["peak_rss_mib"] for m in mine if m.get("worker")])
     gpu = [m["worker"]["gpu_peak_mib"] for m in mine if m.get("worker", {}).get("gpu_peak_mib") is not None]
     made_at = next((m["numerics"] for m in mine if m.get("numerics")), {})  # as the workers resolved them
+    device, precision = made_at.get("device", settings.device), made_at.get("precision", settings.precision)
     report = {
         "run_id": run_id,
         "output": storage.redact(settings.output),
@@ -128,13 +136,13 @@ def build_report(run_id: str, markers: dict[str, dict], wall_s: float, started_a
         "padding_share": (padded - tokens) / tokens if tokens else 0.0,
         "peak_rss_mib": peak_rss,
         "peak_gpu_mib": max(gpu) if gpu else None,
-        "device": made_at.get("device", settings.device),
-        "precision": made_at.get("precision", settings.precision),
+        "device": device,
+        "precision": precision,
         "threads": settings.threads or None,
         "workers": max(len(workers), workers_flag or 1),
         "cost_per_hour": cost_per_hour,
         "cost_per_1000_docs": (cost_per_hour * wall_s / 3600 / docs * 1000) if cost_per_hour and docs else None,
-        "hint": hint(shares),
+        "hint": hint(shares, device, precision, bool(made_at.get("cpu_bf16"))),
         "timeline": [[round(m["committed_at"] - started_at, 3), m["embedded"]] for m in mine],
         "batch_latencies_s": [b[3] for b in batches],
         "quality": drift.run_quality(mine + late),
@@ -209,8 +217,9 @@ def format_run_report(r: dict, counts: bool = True) -> str:
                        r.get("windows", r["docs_embedded"]), r.get("text_tokens", 0), r.get("dropped_tokens", 0),
                        r.get("window", 0))
     head = [
-        f"  counts     {r['docs_embedded']} documents, {r.get('rows', r['docs_embedded'])} rows written, "
-        f"{r.get('windows', r['docs_embedded'])} windows, {r['tokens']} tokens through the model",
+        f"  counts     {plural(r['docs_embedded'], 'document')}, {plural(r.get('rows', r['docs_embedded']), 'row')} "
+        f"written, {plural(r.get('windows', r['docs_embedded']), 'window')}, {plural(r['tokens'], 'token')} through "
+        "the model",
         *(f"  {label:<10} {line}" for label, line in covered),
     ] if counts else []
     return "\n".join([
@@ -236,7 +245,7 @@ def format_run_report(r: dict, counts: bool = True) -> str:
 
 def judged_line(r: dict) -> str:
     runs = r["judged_runs"]
-    return (f"the statistics and drift below include {r.get('judged_units', 0)} units committed by "
+    return (f"the statistics and drift below include {plural(r.get('judged_units', 0), 'unit')} committed by "
             f"{'run' if len(runs) == 1 else 'runs'} {', '.join(runs)}, which ended without a report")
 
 
@@ -246,7 +255,7 @@ def format_canaries(c: dict) -> str:
     checked = (f"{c['checked']} pinned by this run's first commit, and checked at every commit" if c.get("pinned")
                else f"{c['checked']} checked against the output's at every commit")
     workers = c.get("workers", 1)
-    return (f"{checked} ({workers} worker process{'es' if workers != 1 else ''}): lowest cosine {c['min_cosine']:.6f} "
+    return (f"{checked} ({plural(workers, 'worker process', 'worker processes')}): lowest cosine {c['min_cosine']:.6f} "
             f"('{c['lowest']}'), threshold {c['threshold']}")
 
 
@@ -272,7 +281,7 @@ def draw_png(r: dict, path: str, history: list[dict] | None = None) -> None:
     b.hist(lat, bins=min(40, max(5, len(lat) // 2)), color="tab:orange")
     for q, style in (("p50", "-"), ("p95", "--"), ("p99", ":")):
         b.axvline(r["batch_latency_ms"][q], color="k", linestyle=style, label=f"{q} {r['batch_latency_ms'][q]:.0f} ms")
-    b.set(title=f"Model latency per batch ({r['batches']} batches)", xlabel="ms", ylabel="batches")
+    b.set(title=f"Model latency per batch ({plural(r['batches'], 'batch', 'batches')})", xlabel="ms", ylabel="batches")
     b.legend(loc="upper center")
     names = [*STAGES, "other"]
     c.barh(names, [r["stage_s"][k] for k in names], color="tab:green")
@@ -281,8 +290,8 @@ def draw_png(r: dict, path: str, history: list[dict] | None = None) -> None:
     c.set(title="Where the time went (worker-seconds)", xlabel="seconds")
     if runs:
         _draw_trend(axes[1], runs)
-    fig.suptitle(f"docembed run {r['run_id']}: {r['docs_embedded']} documents, {r['device']} {r['precision']}; "
-                 f"{r['hint'].split(':')[0]}", fontsize=11)
+    fig.suptitle(f"docembed run {r['run_id']}: {plural(r['docs_embedded'], 'document')}, {r['device']} "
+                 f"{r['precision']}; {r['hint'].split(':')[0]}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -41,6 +41,7 @@ from docembed.transforms.dedup import read_ids
 from docembed.errors import DamagedRecord, ModelError, OutputError
 from docembed.model.ref import ModelRef
 from docembed.records import WorkUnit, with_defaults
+from docembed.text import plural
 
 FLOAT16_NORM_TOLERANCE = 5e-3  # float16 keeps about 3 significant digits per value
 NORM_TOLERANCE = 1e-3
@@ -97,8 +98,8 @@ def _check_run(output: OutputAdmin, manifest: dict, markers: dict, report: Repor
     lock = lock_state(output)
     run = run_state(manifest, lock, markers, (manifest.get("plan") or {}).get("units"))
     if run["live"]:
-        report.notes.append(f"a run is in progress ({lock['holder']}): checked the {len(markers)} units it has "
-                            "committed so far, not the manifest it completes at its end")
+        report.notes.append(f"a run is in progress ({lock['holder']}): checked the {plural(len(markers), 'unit')} "
+                            "it has committed so far, not the manifest it completes at its end")
     elif run["state"] != "complete":
         report.problems.append(f"the last run into this output did not complete: {run['line']}")
     return run["live"]
@@ -171,8 +172,8 @@ def _check_parts(output: OutputAdmin, manifest: dict, markers: dict, report: Rep
     present, claimed = set(output.part_files()), {name for marker in markers.values() for name in parts_of(marker)}
     if live:
         in_flight, present = present - claimed, present & claimed
-        report.notes += [f"{len(in_flight)} parts not yet claimed by a done-marker (commits in flight) were "
-                         "left out"] if in_flight else []
+        report.notes += [f"{plural(len(in_flight), 'part')} not yet claimed by a done-marker (commits in flight) "
+                         f"{'was' if len(in_flight) == 1 else 'were'} left out"] if in_flight else []
     else:
         _check_listing(manifest, present, claimed, report)
     counted = set(manifest["parts"]) if "parts" in manifest and not live else claimed
@@ -268,11 +269,16 @@ def _check_chunks(ids: list[str], chunks: list, report: Report) -> list[str]:
     repeated = sorted(i for i, ks in by_id.items() if len(set(ks)) < len(ks))
     gaps = sorted(i for i, ks in by_id.items() if set(ks) != set(range(max(ks, default=-1) + 1)))
     if repeated:
-        report.problems.append(f"{len(repeated)} ids have a chunk index more than once, e.g. {repeated[:EXAMPLES]}")
+        report.problems.append(f"{plural(len(repeated), 'id')} {_have(repeated)} a chunk index more than once, "
+                               f"e.g. {repeated[:EXAMPLES]}")
     if gaps:
-        report.problems.append(f"{len(gaps)} ids have gaps in their chunk indices (each should have 0..n-1), "
-                               f"e.g. {gaps[:EXAMPLES]}")
+        report.problems.append(f"{plural(len(gaps), 'id')} {_have(gaps)} gaps in {'its' if len(gaps) == 1 else 'their'} "
+                               f"chunk indices (each should have 0..n-1), e.g. {gaps[:EXAMPLES]}")
     return [i for i, k in zip(ids, chunks) if k == 0]
+
+
+def _have(things) -> str:
+    return "has" if len(things) == 1 else "have"
 
 
 def _check_counts(manifest: dict, report: Report) -> None:
@@ -298,14 +304,18 @@ def _check_lost_repeats(ids: list[str], rejects: pa.Table, report: Report) -> No
             if i not in held]
     if lost:
         examples = "; ".join(f"id {i!r} at {s} row {r}" for s, r, i in sorted(lost)[:EXAMPLES])
-        report.problems.append(f"{len(lost)} rows rejected as duplicate_id have no row with their id in the output "
-                               f"(lost rows: {examples}); `docembed run` with --retry-rejects duplicate_id embeds them")
+        one = len(lost) == 1
+        report.problems.append(f"{plural(len(lost), 'row')} rejected as duplicate_id {_have(lost)} no row with "
+                               f"{'its' if one else 'their'} id in the output (lost {'row' if one else 'rows'}: "
+                               f"{examples}); `docembed run` with --retry-rejects duplicate_id embeds "
+                               f"{'it' if one else 'them'}")
 
 
 def _check_duplicates(ids: list[str], report: Report) -> None:
     repeated = [i for i, n in collections.Counter(ids).items() if n > 1]
     if repeated:
-        report.problems.append(f"{len(repeated)} ids appear more than once, e.g. {repeated[:EXAMPLES]}")
+        report.problems.append(f"{plural(len(repeated), 'id')} {'appears' if len(repeated) == 1 else 'appear'} more "
+                               f"than once, e.g. {repeated[:EXAMPLES]}")
 
 
 def _check_against_input(urls: list[str], manifest: dict, ids: list[str], rejects: pa.Table,
@@ -324,12 +334,15 @@ def _check_against_input(urls: list[str], manifest: dict, ids: list[str], reject
     got = collections.Counter(ids)
     missing, unexpected = expected - got, got - expected
     if missing:
-        report.problems.append(f"{sum(missing.values())} input ids are neither embedded nor rejected, "
-                               f"e.g. {sorted(missing)[:EXAMPLES]}")
+        count = sum(missing.values())
+        report.problems.append(f"{plural(count, 'input id')} {'is' if count == 1 else 'are'} neither embedded nor "
+                               f"rejected, e.g. {sorted(missing)[:EXAMPLES]}")
     if unexpected:
-        why = f" ({sum(g['rows'] for g in outside)} rows come from files no longer in the input, above)" if outside else ""
-        report.problems.append(f"{sum(unexpected.values())} embedded ids are not in the input (or not "
-                               f"once){why}, e.g. {sorted(unexpected)[:EXAMPLES]}")
+        rows, count = sum(g["rows"] for g in outside), sum(unexpected.values())
+        why = (f" ({plural(rows, 'row')} {'comes' if rows == 1 else 'come'} from files no longer in the input, above)"
+               if outside else "")
+        report.problems.append(f"{plural(count, 'embedded id')} {'is' if count == 1 else 'are'} not in the input (or "
+                               f"not once){why}, e.g. {sorted(unexpected)[:EXAMPLES]}")
 
 
 def _rows_done(markers: dict, source: str) -> set[int]:
@@ -353,11 +366,12 @@ def _check_texts(urls: list[str], manifest: dict, markers: dict, report: Report)
         changed = [_texts_differ(url, m, text_column) for m in mine if m.get("text_digest")]
         changed = [c for c in changed if c]
         if changed:
-            more = f" and {len(changed) - EXAMPLES} more units" if len(changed) > EXAMPLES else ""
+            more = f" and {plural(len(changed) - EXAMPLES, 'more unit')}" if len(changed) > EXAMPLES else ""
             report.problems.append(f"{source} {', '.join(changed[:EXAMPLES])}{more}: {TEXTS_CHANGED}")
     if unchecked:
-        report.notes.append(f"{unchecked} units' texts could not be checked against the input: their done-markers "
-                            "were written before docembed recorded a digest of the texts")
+        units = plural(unchecked, "unit's", "units'")
+        report.notes.append(f"{units} texts could not be checked against the input: their done-markers were "
+                            "written before docembed recorded a digest of the texts")
 
 
 def _texts_differ(url: str, marker: dict, text_column: str) -> str | None:
@@ -372,8 +386,8 @@ def _texts_differ(url: str, marker: dict, text_column: str) -> str | None:
 
 
 def format_verification(output_url: str, report: Report) -> str:
-    head = (f"verify {output_url}: {report.rows} rows in {report.parts} parts, "
-            f"{report.rejected} rejected rows")
+    head = (f"verify {output_url}: {plural(report.rows, 'row')} in {plural(report.parts, 'part')}, "
+            f"{plural(report.rejected, 'rejected row')}")
     notes = [f"  note: {n}" for n in report.notes]
     if report.canaries:
         scored = sorted(((c, n) for n, c in report.canaries.items() if c is not None))
@@ -383,4 +397,5 @@ def format_verification(output_url: str, report: Report) -> str:
                      + (f"; the model failed on {', '.join(failed)}" if failed else ""))
     if not report.problems:
         return "\n".join([f"{head}: OK", *notes])
-    return "\n".join([f"{head}: {len(report.problems)} problems"] + [f"  - {p}" for p in report.problems] + notes)
+    return "\n".join([f"{head}: {plural(len(report.problems), 'problem')}", *(f"  - {p}" for p in report.problems),
+                      *notes])
