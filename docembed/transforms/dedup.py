@@ -38,7 +38,7 @@ from docembed.store import storage
 from docembed.store.units import UnitStore
 from docembed.errors import InputError
 from docembed.records import EmbedSettings, WorkUnit
-from docembed.text import plural
+from docembed.text import agree, plural
 
 # Errors pyarrow raises for undecodable data pages (the footer was fine at planning).
 DECODE_ERRORS = (pa.ArrowException, OSError, UnicodeDecodeError)
@@ -156,13 +156,12 @@ def judge(counted, on_duplicate_id: str) -> list:
     """The job fails here on lost rows, and under ``--on-duplicate-id error`` on any repeat."""
     kind, (count, examples) = counted
     said = "; ".join(m for _, _, m in examples)
-    one = count == 1
     if kind == "lost":
         raise InputError(f"{plural(count, 'row')} rejected as duplicate_id by an earlier run "
-                         f"{'has' if one else 'have'} no row with {'its' if one else 'their'} id in the output ({said}): "
-                         f"rerun with --retry-rejects duplicate_id to embed {'it' if one else 'them'}")
+                         f"{agree(count, 'has', 'have')} no row with {agree(count, 'its', 'their')} id in the output ({said}): "
+                         f"rerun with --retry-rejects duplicate_id to embed {agree(count, 'it', 'them')}")
     if on_duplicate_id == "error":
-        raise InputError(f"{plural(count, 'row')} {'repeats' if one else 'repeat'} an id ({said}); pass "
+        raise InputError(f"{plural(count, 'row')} {agree(count, 'repeats', 'repeat')} an id ({said}); pass "
                          "--on-duplicate-id keep-first to embed the first occurrence and reject the others as "
                          "duplicate_id")
     return [counted]

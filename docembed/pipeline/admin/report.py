@@ -20,7 +20,7 @@ from docembed.store.layout import REPORTS, record_key
 from docembed.quality import stats as quality
 from docembed.store import storage
 from docembed.errors import OutputError
-from docembed.text import plural
+from docembed.text import agree, plural
 
 STAGES = ("read", "tokenize", "forward", "write")
 PERCENTILES = (50, 95, 99, 99.9)
@@ -246,7 +246,7 @@ def format_run_report(r: dict, counts: bool = True) -> str:
 def judged_line(r: dict) -> str:
     runs = r["judged_runs"]
     return (f"the statistics and drift below include {plural(r.get('judged_units', 0), 'unit')} committed by "
-            f"{'run' if len(runs) == 1 else 'runs'} {', '.join(runs)}, which ended without a report")
+            f"{agree(len(runs), 'run', 'runs')} {', '.join(runs)}, which ended without a report")
 
 
 def format_canaries(c: dict) -> str:

@@ -41,7 +41,7 @@ from docembed.transforms.dedup import read_ids
 from docembed.errors import DamagedRecord, ModelError, OutputError
 from docembed.model.ref import ModelRef
 from docembed.records import WorkUnit, with_defaults
-from docembed.text import plural
+from docembed.text import agree, plural
 
 FLOAT16_NORM_TOLERANCE = 5e-3  # float16 keeps about 3 significant digits per value
 NORM_TOLERANCE = 1e-3
@@ -173,7 +173,7 @@ def _check_parts(output: OutputAdmin, manifest: dict, markers: dict, report: Rep
     if live:
         in_flight, present = present - claimed, present & claimed
         report.notes += [f"{plural(len(in_flight), 'part')} not yet claimed by a done-marker (commits in flight) "
-                         f"{'was' if len(in_flight) == 1 else 'were'} left out"] if in_flight else []
+                         f"{agree(len(in_flight), 'was', 'were')} left out"] if in_flight else []
     else:
         _check_listing(manifest, present, claimed, report)
     counted = set(manifest["parts"]) if "parts" in manifest and not live else claimed
@@ -269,16 +269,12 @@ def _check_chunks(ids: list[str], chunks: list, report: Report) -> list[str]:
     repeated = sorted(i for i, ks in by_id.items() if len(set(ks)) < len(ks))
     gaps = sorted(i for i, ks in by_id.items() if set(ks) != set(range(max(ks, default=-1) + 1)))
     if repeated:
-        report.problems.append(f"{plural(len(repeated), 'id')} {_have(repeated)} a chunk index more than once, "
+        report.problems.append(f"{plural(len(repeated), 'id')} {agree(len(repeated), 'has', 'have')} a chunk index more than once, "
                                f"e.g. {repeated[:EXAMPLES]}")
     if gaps:
-        report.problems.append(f"{plural(len(gaps), 'id')} {_have(gaps)} gaps in {'its' if len(gaps) == 1 else 'their'} "
+        report.problems.append(f"{plural(len(gaps), 'id')} {agree(len(gaps), 'has', 'have')} gaps in {agree(len(gaps), 'its', 'their')} "
                                f"chunk indices (each should have 0..n-1), e.g. {gaps[:EXAMPLES]}")
     return [i for i, k in zip(ids, chunks) if k == 0]
-
-
-def _have(things) -> str:
-    return "has" if len(things) == 1 else "have"
 
 
 def _check_counts(manifest: dict, report: Report) -> None:
@@ -304,17 +300,17 @@ def _check_lost_repeats(ids: list[str], rejects: pa.Table, report: Report) -> No
             if i not in held]
     if lost:
         examples = "; ".join(f"id {i!r} at {s} row {r}" for s, r, i in sorted(lost)[:EXAMPLES])
-        one = len(lost) == 1
-        report.problems.append(f"{plural(len(lost), 'row')} rejected as duplicate_id {_have(lost)} no row with "
-                               f"{'its' if one else 'their'} id in the output (lost {'row' if one else 'rows'}: "
+        n = len(lost)
+        report.problems.append(f"{plural(n, 'row')} rejected as duplicate_id {agree(n, 'has', 'have')} no row with "
+                               f"{agree(n, 'its', 'their')} id in the output (lost {agree(n, 'row', 'rows')}: "
                                f"{examples}); `docembed run` with --retry-rejects duplicate_id embeds "
-                               f"{'it' if one else 'them'}")
+                               f"{agree(n, 'it', 'them')}")
 
 
 def _check_duplicates(ids: list[str], report: Report) -> None:
     repeated = [i for i, n in collections.Counter(ids).items() if n > 1]
     if repeated:
-        report.problems.append(f"{plural(len(repeated), 'id')} {'appears' if len(repeated) == 1 else 'appear'} more "
+        report.problems.append(f"{plural(len(repeated), 'id')} {agree(len(repeated), 'appears', 'appear')} more "
                                f"than once, e.g. {repeated[:EXAMPLES]}")
 
 
@@ -335,13 +331,13 @@ def _check_against_input(urls: list[str], manifest: dict, ids: list[str], reject
     missing, unexpected = expected - got, got - expected
     if missing:
         count = sum(missing.values())
-        report.problems.append(f"{plural(count, 'input id')} {'is' if count == 1 else 'are'} neither embedded nor "
+        report.problems.append(f"{plural(count, 'input id')} {agree(count, 'is', 'are')} neither embedded nor "
                                f"rejected, e.g. {sorted(missing)[:EXAMPLES]}")
     if unexpected:
         rows, count = sum(g["rows"] for g in outside), sum(unexpected.values())
-        why = (f" ({plural(rows, 'row')} {'comes' if rows == 1 else 'come'} from files no longer in the input, above)"
+        why = (f" ({plural(rows, 'row')} {agree(rows, 'comes', 'come')} from files no longer in the input, above)"
                if outside else "")
-        report.problems.append(f"{plural(count, 'embedded id')} {'is' if count == 1 else 'are'} not in the input (or "
+        report.problems.append(f"{plural(count, 'embedded id')} {agree(count, 'is', 'are')} not in the input (or "
                                f"not once){why}, e.g. {sorted(unexpected)[:EXAMPLES]}")
 
 
