@@ -168,6 +168,19 @@ RSS_SOURCE = ("GNU time's %M: the child's own maximum resident set" if GNU_TIME 
               "wait4's ru_maxrss (GNU time is not installed): never below this benchmark's own peak")
 
 
+def run_meta(**more) -> dict:
+    """What every report records of its invocation: the command line, the date, the CPU; and ``more``."""
+    return {"command": shlex.join(sys.orig_argv), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "cpu": cpu()[0], **more}
+
+
+def save_report(out: Path, meta: dict, records: list[dict], report: str) -> None:
+    """The raw record of every run beside the report (.json), the report itself, and the report printed."""
+    out.with_suffix(".json").write_text(json.dumps({**meta, "runs": records}, indent=1))
+    out.write_text(report)
+    print(report)
+
+
 def measure(cmd: list[str], env: dict) -> tuple[dict, dict]:
     """A child process's wall seconds (Popen to reap), peak RSS (MiB, see RSS_SOURCE) and CPU seconds
     (user + system, wait4); the CPU seconds the rest of the machine used meanwhile (others_cpu_s) and

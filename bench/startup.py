@@ -15,7 +15,6 @@ before a change), so that before and after are measured in one invocation.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -23,12 +22,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow.dataset as ds
 
-from run import REPO, RSS_SOURCE, cpu, measure
+from run import REPO, RSS_SOURCE, measure, run_meta, save_report
 
 PY = sys.executable
 DOCS = 10
@@ -110,12 +108,8 @@ def main():
     shutil.rmtree(work)
     shown = {label: shlex.join(["python", *cmd[1:]]) if cmd[0] == PY else cmd[-1].replace(PY, "python")
              for label, (cmd, _) in commands(Path("CORPUS"), Path("FRESH_DIR"), args.threads, args.baseline).items()}
-    meta = {"command": shlex.join(sys.orig_argv), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "cpu": cpu()[0], "threads": args.threads, "repeats": args.repeats, "commands": shown}
-    out.with_suffix(".json").write_text(json.dumps({**meta, "runs": records}, indent=1))
-    report = render(meta, records)
-    out.write_text(report)
-    print(report)
+    meta = run_meta(threads=args.threads, repeats=args.repeats, commands=shown)
+    save_report(out, meta, records, render(meta, records))
 
 
 if __name__ == "__main__":

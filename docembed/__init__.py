@@ -5,22 +5,24 @@ chosen pass-through columns) out; a run killed at any moment resumes with the sa
 package is laid out in the order a document flows, and by where each part runs::
 
     docembed/
-      cli.py, __main__.py   the commands: run, status, verify, report
+      cli.py, __main__.py   the commands: run, status, verify, report, query, search, convert
       pipeline/             the launcher: options, planning, the Beam graph, a run's lifecycle
         admin/              commands on an output: status, verify, report, repair, manifest
       transforms/           the workers' stages: read -> prepare (tokens, windows, batches) -> embed -> commit
       model/                the model contract, used by both sides (no Beam)
       store/                the output folder's format (layout.py) and access to it
       quality/              statistics a unit carries, and drift between runs
+      use/                  working with an output, without Beam: query, search, convert
 
 For use inside your own Beam pipeline: ``EmbedDocuments`` (a PCollection of documents in, embeddings
-out) and ``EmbedParquet`` (a whole resumable run, as one transform).
+out) and ``EmbedParquet`` (a whole resumable run, as one transform). For queries against an output:
+``embed_queries(output_url, texts)`` (vectors made exactly as the output's).
 """
 
 import logging
 
 __version__ = "0.1.0"
-__all__ = ["EmbedDocuments", "EmbedParquet", "__version__"]
+__all__ = ["EmbedDocuments", "EmbedParquet", "embed_queries", "__version__"]
 
 # Beam warns through the root logger, as it is first imported, that Google's API clients are absent
 # (apache_beam/io/gcp/internal/clients/bigquery); docembed does not use them. A filter on the root
@@ -44,4 +46,8 @@ def __getattr__(name: str):
         from docembed.pipeline import api
 
         return getattr(api, name)
+    if name == "embed_queries":
+        from docembed.use.query import embed_queries
+
+        return embed_queries
     raise AttributeError(f"module 'docembed' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """CLI: the ``docembed`` command (and ``python -m docembed``), the front door. ``USAGE`` lists the
-commands (run, status, verify, report, --version) and the exit codes; ``docs/OPTIONS.md`` holds every
+commands (run, status, verify, report, query, search, convert, --version) and the exit codes; ``docs/OPTIONS.md`` holds every
 command's options, generated from the parsers here. docembed's own errors become one line,
 ``docembed: error: ...``, and the error's exit code: 0 done, 1 the job or a write failed, 2 a usage,
 input or configuration error before any work, 3 drift flagged with --fail-on-drift, 75 another run
@@ -21,6 +21,9 @@ USAGE = """usage: docembed run --input URL --output URL [options] [Beam flags]
        docembed status --output URL [--json]
        docembed verify --output URL [--input URL] [--no-canaries] [--device D] [--precision P]
        docembed report --output URL [--run-id ID] [--png FILE] [--json]
+       docembed query --output URL TEXT... | --file FILE [--json]
+       docembed search --output URL TEXT... | --file FILE [-k 10] [--json]
+       docembed convert --output SRC --to DST --output-dtype DTYPE [--truncate-dim N]
        docembed --version
 
 run     embed Parquet documents into a Parquet dataset; rerun the same command to resume;
@@ -31,11 +34,21 @@ verify  check an output against its manifest (and its input: rows, and texts cha
         embedded), and re-embed its canary texts here: exit 0 only when all holds; while a run is
         going, what it has committed so far
 report  print a past run's report (throughput, latency percentiles, stages, cost); --png draws it
+query   embed query texts exactly as the output's vectors were made (model, revision, prompt, window,
+        dimensions, normalisation, dtype and calibration), on this machine, without Beam
+search  the exact nearest neighbours of a text among the output's vectors, streaming its parts
+convert write a float output again in another dtype (int8, uint8, binary, ubinary, float16) or fewer
+        dimensions (--truncate-dim), without re-embedding; rerun the same command to resume
 
 'docembed run --help' lists every option. Exit codes: 0 done, 1 the job failed or a write to the output
 failed once the run began, 2 a usage, input or configuration error found before any work (an output
 that cannot be written included), 3 drift flagged with --fail-on-drift (the run completed), 75 another
 run holds the output's lock (try again later), 143 interrupted (rerun to resume)."""
+
+# Commands that work with an output (query and search without Beam, in docembed.use; convert, a job
+# with the output's lock, in docembed.pipeline): each function takes the argv and returns the exit code.
+OUTPUT_COMMANDS = {"query": "docembed.use.query.query_command", "search": "docembed.use.search.search_command",
+                   "convert": "docembed.pipeline.convert.convert_command"}
 
 DRIFT_EXIT = 3  # --fail-on-drift: the run completed, and its input or vectors drifted from earlier runs'
 
@@ -84,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             return _verify(rest)
         if command == "report":
             return _report(rest)
+        if command in OUTPUT_COMMANDS:
+            import importlib
+
+            module, function = OUTPUT_COMMANDS[command].rsplit(".", 1)
+            return getattr(importlib.import_module(module), function)(rest)
     except DocembedError as exc:
         print(f"docembed: error: {redact_text(error_line(exc))}", file=sys.stderr)
         return exc.exit_code

@@ -26,6 +26,9 @@ COMMANDS = [
     ("docembed status", ["status", "--help"]),
     ("docembed verify", ["verify", "--help"]),
     ("docembed report", ["report", "--help"]),
+    ("docembed query", ["query", "--help"]),
+    ("docembed search", ["search", "--help"]),
+    ("docembed convert", ["convert", "--help"]),
 ]
 
 HEADER = """\

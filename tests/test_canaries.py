@@ -133,7 +133,8 @@ def test_a_resumed_run_whose_worker_numbers_differ_is_refused_and_names_the_caus
 @pytest.mark.e2e
 def test_verify_reports_each_canary_cosine_and_fails_where_the_model_differs(tmp_path, docs, monkeypatch, capsys):
     from docembed.cli import main
-    from docembed.pipeline.admin.verify import load_model, verify
+    from docembed.pipeline.admin.verify import verify
+    from docembed.use.recipe import load_model
 
     ids, texts = docs
     write_docs(tmp_path / "in.parquet", ids[:8], texts[:8])

@@ -112,3 +112,30 @@ def test_the_readme_layout_names_every_module_and_no_other():
     assert drawn, "no Layout tree found in README.md"
     assert not drawn - there, f"the README's Layout names modules that do not exist: {sorted(drawn - there)}"
     assert not there - drawn, f"modules missing from the README's Layout: {sorted(there - drawn)}"
+
+
+def quickstart_lines() -> list[str]:
+    """The README's command block that starts with activating the venv: the lines a user types."""
+    readme = (REPO / "README.md").read_text()
+    block = next(b for b in re.findall(r"```\n(.*?)```", readme, re.S) if b.startswith(". .venv/bin/activate"))
+    return [line for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.e2e
+def test_the_readme_commands_run_as_written_after_make_run(tmp_path):
+    """`make run` (its command), then the README's block, line by line, in a shell in a folder laid
+    out as the checkout is (jobs/, .venv): every line exits 0."""
+    import shutil
+    import subprocess
+
+    shutil.copytree(REPO / "jobs" / "sample", tmp_path / "jobs" / "sample")
+    shutil.copy(REPO / "jobs" / "local.yaml", tmp_path / "jobs" / "local.yaml")
+    (tmp_path / ".venv").symlink_to(REPO / ".venv")
+    subprocess.run([str(REPO / ".venv" / "bin" / "docembed"), "run", "--job", "jobs/local.yaml"], cwd=tmp_path,
+                   check=True, capture_output=True)
+    lines = quickstart_lines()
+    script = "\n".join(["set -e", *(f"echo '>>> {i}'; {line}" for i, line in enumerate(lines))])
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert "0 committed this run" in done.stdout and (tmp_path / "report.png").exists()
+    assert all(f">>> {i}" in done.stdout for i in range(1, len(lines))), "a line did not run"

@@ -1,6 +1,8 @@
 """Slips a new user hit: Beam's notice about Google's API clients printed in their own pipeline, a
 misspelt flag named in the other spelling and without a suggestion, "1 units" and "1 files", the advice
-to pass --skip-bad-files printed to a run that passed it, and a hint that forgot bf16 on a CPU with it."""
+to pass --skip-bad-files printed to a run that passed it, a hint that forgot bf16 on a CPU with it, a
+dictionary-encoded (pandas ``category``) text column refused as not text, and an output whose every row
+was rejected left without a part, so that readers saw no columns."""
 
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ import sys
 import textwrap
 from types import SimpleNamespace
 
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 
 from docembed.cli import main
@@ -21,13 +26,16 @@ from docembed.pipeline.plan import BadFile, describe_outside, plan_input
 from docembed.pipeline.progress import format_dry_run, format_summary
 from docembed.quality import drift
 from docembed.text import plural
-from tests.conftest import bare_settings, write_docs
+from docembed.transforms.read import read_unit
+from tests.conftest import bare_settings, read_output, sample_docs, write_docs
+from tests.test_bad_input import _corrupt_pages, _run
 
-pytestmark = pytest.mark.unit
+# Each test carries its own marker: most are unit; those that run the pipeline (6 and 7) are e2e.
 
 
 # 1. Beam's import-time notice ---------------------------------------------------------------------
 
+@pytest.mark.unit
 @pytest.mark.parametrize("before", ["", "import logging; logging.basicConfig()"],
                          ids=["no-logging-set-up", "logging-set-up-first"])
 def test_importing_docembeds_transforms_prints_no_notice_about_googles_clients(tmp_path, before):
@@ -49,6 +57,7 @@ def test_importing_docembeds_transforms_prints_no_notice_about_googles_clients(t
 
 # 2. A misspelt flag --------------------------------------------------------------------------------
 
+@pytest.mark.unit
 @pytest.mark.parametrize("typed, meant", [
     ("--chekpoint_every", "--checkpoint_every"),
     ("--chekpoint-every", "--checkpoint-every"),
@@ -62,12 +71,14 @@ def test_a_misspelt_flag_is_named_as_typed_with_the_flag_meant(tmp_path, capsys,
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.unit
 def test_a_flag_like_no_other_gets_no_suggestion(tmp_path, capsys):
     assert main(["run", "--input", "jobs/sample/docs.parquet", "--output", str(tmp_path / "o"), "--bogus_flag"]) == 2
     err = capsys.readouterr().err
     assert "unknown flag --bogus_flag" in err and "did you mean" not in err
 
 
+@pytest.mark.unit
 def test_the_suggestion_follows_the_users_spelling():
     known = ["--checkpoint-every", "--checkpoint_every", "--runner", "--input"]
     assert suggest_flag("--checkpoint-evry", known) == "--checkpoint-every"
@@ -78,6 +89,7 @@ def test_the_suggestion_follows_the_users_spelling():
 
 # 3. Plurals ----------------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_plural():
     assert [plural(n, "unit") for n in (0, 1, 2)] == ["0 units", "1 unit", "2 units"]
     assert plural(1, "batch", "batches") == "1 batch" and plural(3, "batch", "batches") == "3 batches"
@@ -93,6 +105,7 @@ def _summary(**changes) -> dict:
     return {**summary, **changes}
 
 
+@pytest.mark.unit
 def test_the_summary_says_one_of_a_thing_in_the_singular():
     printed = format_summary(_summary())
     assert "; 1 chunk row written" in printed
@@ -115,6 +128,7 @@ def _dry_run(**changes) -> dict:
     return {**d, **changes}
 
 
+@pytest.mark.unit
 def test_the_dry_run_says_one_of_a_thing_in_the_singular():
     printed = format_dry_run(_dry_run())
     assert "input      1 file, 1 unit, 1 row, 0.0 MB of text" in printed
@@ -124,6 +138,7 @@ def test_the_dry_run_says_one_of_a_thing_in_the_singular():
     assert "out/: 1 unit (1 row) already done, 2 units (3 rows, " in printed
 
 
+@pytest.mark.unit
 def test_status_report_verify_and_drift_say_one_of_a_thing_in_the_singular():
     assert describe_outside({"source": "a.parquet", "gone": True, "units": 1, "rows": 1}) == \
         "a.parquet is gone since it was embedded: its 1 unit (1 row)"
@@ -147,6 +162,7 @@ def test_status_report_verify_and_drift_say_one_of_a_thing_in_the_singular():
         "none against 1 earlier run (1 document): ")
 
 
+@pytest.mark.unit
 def test_the_run_report_says_one_of_a_thing_in_the_singular():
     r = {"docs_embedded": 1, "docs_truncated": 0, "rows": 1, "windows": 1, "tokens": 1, "text_tokens": 1,
          "dropped_tokens": 0, "window": 8, "long_docs": "truncate", "docs_per_s": 1.0, "tokens_per_s": 1.0,
@@ -169,6 +185,7 @@ def _good_and_bad(folder):
     (folder / "b.parquet").write_text("id,text\n1,a CSV file named .parquet\n")
 
 
+@pytest.mark.unit
 def test_a_run_that_skips_bad_files_is_not_told_to_pass_skip_bad_files(tmp_path):
     _good_and_bad(tmp_path)
     plan = plan_input(str(tmp_path), {"id": "id", "text": "text"}, 10, skip_bad_files=True)
@@ -181,6 +198,7 @@ def test_a_run_that_skips_bad_files_is_not_told_to_pass_skip_bad_files(tmp_path)
         assert "pass --skip-bad-files" not in line and "fix or remove" not in line
 
 
+@pytest.mark.unit
 def test_a_run_that_does_not_skip_them_is_told_how(tmp_path):
     _good_and_bad(tmp_path)
     with pytest.raises(BadFile) as refused:
@@ -192,6 +210,7 @@ def test_a_run_that_does_not_skip_them_is_told_how(tmp_path):
 
 # 5. The hint names bf16 where the run's CPU has it ---------------------------------------------------
 
+@pytest.mark.unit
 def test_the_hint_offers_bf16_to_an_fp32_run_on_a_cpu_with_native_bf16():
     busy = {"forward": 0.8}
     offered = hint(busy, "cpu", "fp32", cpu_bf16=True)
@@ -205,6 +224,7 @@ def test_the_hint_offers_bf16_to_an_fp32_run_on_a_cpu_with_native_bf16():
     assert "bf16" not in hint({"forward": 0.5, "tokenize": 0.35}, "cpu", "fp32", cpu_bf16=True)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("cpu_bf16", [True, False])
 def test_the_report_takes_the_capability_from_the_workers_record(tmp_path, cpu_bf16):
     marker = {"run_id": "r", "unit_id": "u", "source": "a.parquet", "row_start": 0, "row_end": 1,
@@ -215,8 +235,118 @@ def test_the_report_takes_the_capability_from_the_workers_record(tmp_path, cpu_b
     assert ("--precision bf16" in built["hint"]) == cpu_bf16
 
 
+@pytest.mark.unit
 def test_a_cpu_worker_records_whether_its_cpu_has_native_bf16():
     pytest.importorskip("torch")
     from docembed.model.numerics import cpu_has_native_bf16, resolve
 
     assert resolve("cpu", "fp32")["cpu_bf16"] == cpu_has_native_bf16()
+
+
+# 6. A dictionary-encoded text column is text --------------------------------------------------------
+
+ENCODINGS = {  # how a writer may store a column of strings (or integers, for ids), by name
+    "category": lambda a: a.dictionary_encode(),
+    "large-category": lambda a: (a.cast(pa.large_string()) if pa.types.is_string(a.type) else a).dictionary_encode(),
+    "view": lambda a: a.cast(pa.string_view()) if pa.types.is_string(a.type) else a,
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("encoding", list(ENCODINGS))
+@pytest.mark.parametrize("ids", [["a", "b", "c", "d"], [1, 2, 3, 4]], ids=["string-ids", "integer-ids"])
+def test_a_dictionary_encoded_or_view_column_is_planned_and_read_as_plain_values(tmp_path, encoding, ids):
+    texts = ["one", "two", "one", None]
+    encode = ENCODINGS[encoding]
+    write_docs(tmp_path / "plain.parquet", ids, texts)
+    pq.write_table(pa.table({"id": encode(pa.array(ids)), "text": encode(pa.array(texts))}), tmp_path / "enc.parquet")
+    settings = bare_settings(str(tmp_path / "out"))
+    read = {}
+    for name in ("plain", "enc"):
+        (unit,) = plan_input(str(tmp_path / f"{name}.parquet"), {"id": "id", "text": "text"}, 10).units
+        rows, rejected, digest = read_unit(unit, settings)
+        read[name] = (rows.drop_columns("_row"), rejected.select(["id", "row_index", "reason"]), digest)
+    assert read["enc"][0].schema == pa.schema([("id", pa.string()), ("text", pa.string())])
+    assert read["enc"][0].equals(read["plain"][0]) and read["enc"][1].equals(read["plain"][1])
+    assert read["enc"][2] == read["plain"][2]  # the digest verify --input compares the texts with
+
+
+@pytest.mark.unit
+def test_a_dictionary_of_numbers_is_still_no_text_column(tmp_path, capsys):
+    pq.write_table(pa.table({"id": ["a"], "body": pa.array([7]).dictionary_encode()}), tmp_path / "in.parquet")
+    code = main(["run", "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
+                 "--text-column", "body", "--no-progress"])
+    assert code == 2  # Parquet keeps a dictionary of numbers as the numbers
+    assert "text column 'body' has type int64; it must be string or binary" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_a_pandas_category_text_column_is_embedded_like_plain_strings(tmp_path):
+    import pandas as pd
+
+    ids, texts = sample_docs()
+    frame = pd.DataFrame({"id": ids[:24], "text": texts[:24], "kind": ["short", "long"] * 12})
+    frame.to_parquet(tmp_path / "plain.parquet", index=False)
+    frame[["id", "text", "kind"]] = frame[["id", "text", "kind"]].astype("category")
+    frame.to_parquet(tmp_path / "category.parquet", index=False)
+    assert pa.types.is_dictionary(pq.read_schema(tmp_path / "category.parquet").field("text").type)
+    outputs = {}
+    for name in ("plain", "category"):
+        summary = _run(tmp_path / f"{name}.parquet", tmp_path / name, "--passthrough-columns", "kind")
+        assert (summary["embedded"], summary["rejected"]) == (24, 0)
+        outputs[name] = read_output(tmp_path / name).sort_by("id")
+    assert outputs["category"].select(["id", "embedding"]).equals(outputs["plain"].select(["id", "embedding"]))
+    assert outputs["category"].column("kind").to_pylist() == outputs["plain"].column("kind").to_pylist()
+    assert main(["verify", "--output", str(tmp_path / "category"), "--input", str(tmp_path / "category.parquet"),
+                 "--no-canaries"]) == 0
+
+
+# 7. An output whose every row was rejected still has its schema -------------------------------------
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("long_docs, dtype, columns, value_type", [
+    ("truncate", "float32", ["id", "embedding", "n"], pa.float32()),
+    ("chunks", "int8", ["chunk", "char_start", "char_end", "id", "embedding", "n"], pa.int8()),
+])
+def test_an_output_whose_every_row_is_rejected_is_readable_with_its_schema(tmp_path, capsys, long_docs, dtype,
+                                                                           columns, value_type):
+    """Every text empty or null, and a file whose texts cannot be read (--skip-bad-files): each unit
+    publishes a part with no rows and the full schema; verify passes; a rerun changes nothing; and an
+    int8 output's calibration is pinned later by the first unit with vectors, not by these."""
+    n = pa.array([1, 2, 3], pa.int32())
+    write_docs(tmp_path / "in" / "a.parquet", ["a", "b", "c"], ["", None, "   \n"], n=n)
+    write_docs(tmp_path / "in" / "b.parquet", ["d", "e", "f"], ["one", "two", "three"], n=n)
+    _corrupt_pages(tmp_path / "in" / "b.parquet", column=1, row_group=0)
+    out = tmp_path / "out"
+    argv = ["--passthrough-columns", "n", "--long-docs", long_docs, "--output-dtype", dtype, "--skip-bad-files"]
+    summary = _run(tmp_path / "in", out, *argv)
+    assert (summary["embedded"], summary["rejected"]) == (0, 6)
+    import pandas as pd
+
+    frame = pd.read_parquet(out)
+    assert frame.shape == (0, len(columns)) and sorted(frame.columns) == sorted(columns)
+    schema = ds.dataset(str(out), format="parquet").schema
+    assert schema.field("embedding").type == pa.list_(value_type, 384)
+    assert schema.field("id").type == pa.string() and schema.field("n").type == pa.int32()
+    parts = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert len(parts) == 2 and all(pq.read_metadata(out / p).num_rows == 0 for p in parts)
+    assert main(["verify", "--output", str(out), "--no-canaries"]) == 0, capsys.readouterr().out
+    stamps = {p: (out / p).stat().st_mtime_ns for p in parts}
+    again = _run(tmp_path / "in", out, *argv)
+    assert again["units_committed"] == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == stamps
+    write_docs(tmp_path / "in" / "c.parquet", ["g", "h"], ["a document", "another document"],
+               n=pa.array([4, 5], pa.int32()))
+    assert _run(tmp_path / "in", out, *argv)["embedded"] == 2
+    assert sorted(read_output(out).column("id").to_pylist()) == ["g", "h"]
+    assert main(["verify", "--output", str(out), "--no-canaries"]) == 0, capsys.readouterr().out
+
+
+@pytest.mark.e2e
+def test_an_input_with_no_rows_writes_no_part(tmp_path, capsys):
+    """The limit: an input with no rows plans no unit, and a part is written by a unit, so the output
+    holds no part and readers see no columns. The run and verify still succeed."""
+    write_docs(tmp_path / "in.parquet", pa.array([], pa.string()), pa.array([], pa.string()))
+    assert _run(tmp_path / "in.parquet", tmp_path / "out")["input_rows"] == 0
+    assert not list((tmp_path / "out").glob("part-*"))
+    assert main(["verify", "--output", str(tmp_path / "out"), "--no-canaries"]) == 0, capsys.readouterr().out

@@ -58,6 +58,14 @@ class ModelFolder:
         specs = read_stack(folder, entries, config.get("hidden_size", 0))
         return cls(folder, base, specs, config, read_json(base / "sentence_bert_config.json") or {})
 
+    @property
+    def own_code(self) -> str | None:
+        """The model class the folder's configuration names in its own code (``auto_map``), if any:
+        transformers runs it only with ``trust_remote_code``, and without it may load a stock class of
+        the same ``model_type`` instead (other vectors, no error)."""
+        auto_map = self.config.get("auto_map") or {}
+        return auto_map.get("AutoModel") if isinstance(auto_map, dict) else None
+
     def window(self, asked: int | None, model_max_length: int) -> int:
         """The window as sentence-transformers sets it: asked, else the folder's own, else the
         tokenizer's limit capped at the model's position table."""

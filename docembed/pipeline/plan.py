@@ -149,15 +149,26 @@ def check_schema(url: str, schema: pa.Schema, columns: dict[str, str]) -> None:
     if missing:
         raise InputError(f"{url}: no {', '.join(missing)}; columns found: {', '.join(schema.names)}")
     text, ident = schema.field(columns["text"]), schema.field(columns["id"])
-    if not (_is_text(text.type) or pa.types.is_binary(text.type) or pa.types.is_large_binary(text.type)):
+    if not (_is_text(stored_type(text.type)) or _is_binary(stored_type(text.type))):
         raise InputError(f"{url}: text column {text.name!r} has type {text.type}; it must be string or binary")
-    if not (_is_text(ident.type) or pa.types.is_integer(ident.type)):
+    if not (_is_text(stored_type(ident.type)) or pa.types.is_integer(stored_type(ident.type))):
         raise InputError(f"{url}: id column {ident.name!r} has type {ident.type}; it must be string or integer")
+
+
+def stored_type(t: pa.DataType) -> pa.DataType:
+    """The type of a column's values: a dictionary-encoded column (a pandas ``category`` written to
+    Parquet) holds its dictionary's values, which the reader decodes (``read.decode_columns``)."""
+    return t.value_type if pa.types.is_dictionary(t) else t
 
 
 def _is_text(t: pa.DataType) -> bool:
     # An all-null column (type null) is accepted: each of its rows is rejected on its own.
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+            or pa.types.is_null(t))
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
 
 
 def unify_passthrough(schemas: list[tuple[str, pa.Schema]], names: list[str]) -> pa.Schema | None:

@@ -174,13 +174,14 @@ def _run_locked(options, opts, output: OutputAdmin, plan, settings, test_pipelin
     return after_job(output, job, beam_metrics)
 
 
-def check_writable(output: OutputAdmin) -> None:
+def check_writable(output: OutputAdmin, flag: str = "--output") -> None:
     """Before the lock: a probe file written and removed, so that an output that cannot be written
-    (read-only, full, no permission) is refused before any work, as a configuration error (exit 2)."""
+    (read-only, full, no permission) is refused before any work, as a configuration error (exit 2);
+    ``flag`` names it in the message."""
     try:
         output.check_writable()
     except OSError as exc:
-        raise OutputError(f"cannot write to --output {output.url}: {' '.join(str(exc).split())}") from exc
+        raise OutputError(f"cannot write to {flag} {output.url}: {' '.join(str(exc).split())}") from exc
 
 
 def summarize(settings, plan, markers, todo, done, seconds) -> dict:

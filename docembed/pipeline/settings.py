@@ -12,7 +12,7 @@ import time
 import uuid
 
 from docembed.errors import UsageError
-from docembed.model.card import describe_model, prompts
+from docembed.model.card import ModelFolder, describe_model, prompts
 from docembed.model.numerics import check_here, check_request
 from docembed.pipeline import options as opts_mod
 from docembed.pipeline.options import EmbedOptions
@@ -29,6 +29,7 @@ def resolve_settings(opts: EmbedOptions, passthrough_schema=None, threads: int =
     if local_runner:
         check_here(opts.device, opts.precision)
     ref, folder = pin_model(opts.model, opts.model_revision, local_runner)
+    check_own_code(folder, opts.model, opts.trust_remote_code)
     prefix = prompt_text(folder, opts.prompt_name) if opts.prompt_name else opts.prefix
     card = describe_model(folder, opts.max_seq_length, prefix, opts.truncate_dim)
     budget = batch_budget(opts.max_batch_tokens, opts.min_batch_size, card.max_seq_length)
@@ -38,7 +39,7 @@ def resolve_settings(opts: EmbedOptions, passthrough_schema=None, threads: int =
         precision=opts.precision, device=opts.device, prefix=prefix, id_column=opts.id_column,
         text_column=opts.text_column, passthrough_columns=opts_mod.passthrough(opts),
         min_batch_size=opts.min_batch_size, max_batch_size=opts.max_batch_size, max_batch_tokens=budget,
-        run_id=f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}",
+        run_id=new_run_id(),
         skip_bad_files=opts.skip_bad_files, on_duplicate_id=opts.on_duplicate_id, locations=locations,
         max_model_errors=opts.max_model_errors,
         passthrough_schema=passthrough_schema, threads=threads,
@@ -46,6 +47,20 @@ def resolve_settings(opts: EmbedOptions, passthrough_schema=None, threads: int =
         canary_threshold=opts.canary_threshold,
         **opts_mod.window_settings(opts, card.window_size),
     )
+
+
+def new_run_id() -> str:
+    """A run's id: a timestamp first, so that ids sort by time, and a random suffix."""
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def check_own_code(folder, name: str, trusted: bool) -> None:
+    """A model that ships its own code runs only with ``--trust-remote-code``: refused here, before any
+    work, rather than failing on every worker (or loading a stock class that makes other vectors)."""
+    code = ModelFolder.read(folder).own_code
+    if code and not trusted:
+        raise UsageError(f"--model {name} runs its own Python code ({code}, named by its config.json's auto_map): "
+                         "read it, then pass --trust-remote-code to run it")
 
 
 def batch_budget(max_batch_tokens: int | None, min_batch_size: int, window: int) -> int:

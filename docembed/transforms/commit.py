@@ -8,6 +8,11 @@ anything is published, the worker's numerics and canary vectors are checked agai
 name derived from the unit id, atomically (see ``storage.publish``), so a retried bundle or a rerun
 overwrites it with identical rows instead of adding a copy. The marker is written last: a unit
 killed before it is redone in full and nothing of it is counted.
+
+A unit that embeds no document (every row rejected) still publishes its part, with no rows and the
+output's full schema, so that readers (pandas, DuckDB, Spark) of an output whose every row was
+rejected see its columns rather than no file at all. An input with no rows at all plans no unit, so
+nothing is published and such an output holds no part (readers see no columns).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from docembed.transforms import metrics
 from docembed.quality import stats as quality
 
 from docembed import vectors
-from docembed.store.layout import CHUNK_COLUMNS, FINGERPRINT_KEY, NUMERICS_KEY, UNIT_KEY, part_name, rejects_name
+from docembed.store.layout import CHUNK_COLUMNS, FINGERPRINT_KEY, NUMERICS_KEY, UNIT_KEY, rejects_name
 from docembed.store.units import UnitStore
 from docembed.errors import CommitError
 from docembed.records import EmbedSettings, UnitEmbeddings
@@ -45,7 +50,7 @@ def output_table(done: UnitEmbeddings, settings: EmbedSettings, ranges=None) -> 
         rows = rows.take(done.chunks.column("row"))
         columns.update({name: done.chunks.column(name) for name in CHUNK_COLUMNS})
     columns["id"] = rows.column("id")
-    columns["embedding"] = vectors.column(done.embeddings, settings.output_dtype, settings.dim, ranges)
+    columns["embedding"] = embedding_column(done, settings, ranges)
     if done.chunks is not None and settings.chunk_text:
         columns["chunk_text"] = window_texts(done.table.column(settings.text_column), done.chunks)
     for name in settings.passthrough_columns:
@@ -58,9 +63,18 @@ def output_table(done: UnitEmbeddings, settings: EmbedSettings, ranges=None) -> 
     )
 
 
+def embedding_column(done: UnitEmbeddings, settings: EmbedSettings, ranges=None) -> pa.Array:
+    """The unit's vectors in ``--output-dtype``; with none, an empty column of the same type (no
+    calibration needed)."""
+    if not len(done.embeddings):
+        return pa.array([], vectors.arrow_type(settings.output_dtype, settings.dim))
+    return vectors.column(done.embeddings, settings.output_dtype, settings.dim, ranges)
+
+
 def calibration_of(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStore):
-    """The output's int8/uint8 calibration (pinned by its first commit) where the dtype needs one."""
-    if settings.output_dtype in vectors.CALIBRATED:
+    """The output's int8/uint8 calibration (pinned by its first commit) where the dtype needs one; a
+    unit without vectors needs none, and must not pin one from nothing."""
+    if settings.output_dtype in vectors.CALIBRATED and len(done.embeddings):
         return output.quantization_ranges(settings.output_dtype, done.embeddings)
     return None
 
@@ -82,12 +96,9 @@ def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStore
     started = time.perf_counter()
     unit_id = done.unit.unit_id
     checked = check_worker(done, settings, output)
-    part, part_bytes = None, None  # a unit whose every row was rejected has no part
-    if done.table.num_rows:
-        data = parquet_bytes(output_table(done, settings, calibration_of(done, settings, output)))
-        part, part_bytes = output.write_part(unit_id, data), len(data)
-    else:  # an earlier attempt of this unit may have published one: it must not outlive this commit
-        output.remove(part_name(unit_id))
+    # Published even with no rows (every row rejected): the output's schema must be readable.
+    data = parquet_bytes(output_table(done, settings, calibration_of(done, settings, output)))
+    part, part_bytes = output.write_part(unit_id, data), len(data)
     rejects = rejects_name(unit_id)
     if done.rejects.num_rows:
         output.publish(rejects, parquet_bytes(done.rejects))

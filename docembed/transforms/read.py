@@ -2,9 +2,11 @@
 
 Consumes ``WorkUnit``; produces ``UnitRows`` whose table has ``id`` (string), the text column
 (string) and the pass-through columns (cast to the types unified across files at planning), in file
-order, plus a ``_row`` column with each row's index in its file. Rows that cannot be embedded go to
-the rejections table with a reason (see ``docembed.transforms.rejects``) instead of being dropped; rows whose
-id repeats an earlier one are those the run's duplicate-id job found (``dedup``; ``duplicate_id``).
+order, plus a ``_row`` column with each row's index in its file. Id and text columns are read by
+value: dictionary-encoded ones (a pandas ``category`` column) and string views give the same rows,
+vectors and text digest as plain strings. Rows that cannot be embedded go to the rejections table
+with a reason (see ``docembed.transforms.rejects``) instead of being dropped; rows whose id repeats
+an earlier one are those the run's duplicate-id job found (``dedup``; ``duplicate_id``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def read_unit(unit: WorkUnit, settings: EmbedSettings, duplicates: dict[int, str
         reasons = ["unreadable_file"] * len(wanted)
         return None, rejects.rejections(pa.nulls(len(wanted), pa.string()), pa.array(wanted, pa.int64()), unit.source,
                                         reasons, [f"cannot read these rows: {exc}"] * len(wanted)), ""
+    table = decode_columns(table, [settings.id_column, settings.text_column])
     text_digest = texts_digest(table.column(settings.text_column))
     if only is not None:
         table = table.filter(pc.is_in(table.column(ROW), pa.array(wanted, pa.int64())))
@@ -69,6 +72,21 @@ def read_rows(fs, path: str, unit: WorkUnit, columns: list[str]) -> pa.Table:
         table = parquet.read_row_groups(list(unit.row_groups), columns=columns)
     table = table.slice(unit.row_start - first_row, unit.rows).combine_chunks()
     return table.append_column(ROW, pa.array(range(unit.row_start, unit.row_end), pa.int64()))
+
+
+def decode_columns(table: pa.Table, names: list[str]) -> pa.Table:
+    """``table`` with the dictionary-encoded columns among ``names`` decoded to their values."""
+    for name in dict.fromkeys(names):
+        column = table.column(name)
+        if pa.types.is_dictionary(column.type):
+            table = table.set_column(table.schema.get_field_index(name), name, plain(column))
+    return table
+
+
+def plain(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """A dictionary-encoded column as its values (any other as it is): Parquet's dictionary encoding
+    is how a file stores the column, not what its rows are."""
+    return pc.cast(column, column.type.value_type) if pa.types.is_dictionary(column.type) else column
 
 
 def split_rejections(table: pa.Table, unit: WorkUnit, settings: EmbedSettings,
@@ -105,9 +123,19 @@ def _columns(table: pa.Table, ids, texts, settings: EmbedSettings) -> dict:
     return columns
 
 
+def no_rows(settings: EmbedSettings) -> pa.Table:
+    """A rows table with no row, with the columns and types ``split_rejections`` gives (the unit's
+    empty part is written from it, so it must carry the pass-through columns' planned types)."""
+    schema, empty = settings.passthrough_schema, pa.array([], pa.string())
+    raw = {name: pa.array([], schema.field(name).type if schema is not None else pa.null())
+           for name in settings.passthrough_columns}
+    return pa.table(_columns(pa.table({**raw, ROW: pa.array([], pa.int64())}), empty, empty, settings))
+
+
 def _as_text(column: pa.Array) -> tuple[pa.Array, pa.Array]:
-    """The column as strings, and a mask of values that were bytes but not valid UTF-8."""
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+    """The column (decoded, ``decode_columns``) as strings, and a mask of values that were bytes but
+    not valid UTF-8."""
+    if any(test(column.type) for test in (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)):
         return pc.cast(column, pa.string()), pa.array(np.zeros(len(column), dtype=bool))
     values, bad = [], []
     for raw in column.to_pylist():  # binary columns only: each value decoded on its own
@@ -151,6 +179,5 @@ class ReadUnit(beam.DoFn):
         seconds = {"read": time.perf_counter() - start}
         metrics.DOCS_READ.inc(unit.rows if only is None else len(only))
         if rows is None:  # the whole unit was unreadable and --skip-bad-files is on
-            rows = pa.table({"id": pa.array([], pa.string()), self._settings.text_column: pa.array([], pa.string()),
-                             ROW: pa.array([], pa.int64())})
+            rows = no_rows(self._settings)
         yield UnitRows(unit, rows, rejected, seconds, started_at, retry, text_digest)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import json
 
 import numpy as np
@@ -38,8 +37,8 @@ from docembed.transforms.digest import texts_digest
 from docembed.transforms.read import read_rows
 from docembed.vectors import arrow_type as vector_type
 from docembed.transforms.dedup import read_ids
-from docembed.errors import DamagedRecord, ModelError, OutputError
-from docembed.model.ref import ModelRef
+from docembed.errors import DamagedRecord, OutputError
+from docembed.use.recipe import load_model, model_ref, model_settings
 from docembed.records import WorkUnit, with_defaults
 from docembed.text import agree, plural
 
@@ -123,8 +122,8 @@ def _check_canaries(output: OutputAdmin, manifest: dict, report: Report, device:
                          made.get("precision", "auto") if precision == "auto" else precision)
     try:
         here = numerics.resolve(device, precision)
-        embedder = load_model(_model_ref(manifest), here["device"], here["precision"],
-                              **_model_settings(with_defaults(manifest["fingerprint"])))
+        embedder = load_model(model_ref(manifest), here["device"], here["precision"],
+                              **model_settings(with_defaults(manifest["fingerprint"])))
         mine = {**canaries_mod.probe(embedder, pinned["texts"]), "numerics": here}
     except Exception as exc:  # noqa: BLE001 - whatever stops the model here, the canaries are unchecked
         report.problems.append(f"canaries not checked: {' '.join(str(exc).split())[:600]}; pass a --device and "
@@ -135,32 +134,6 @@ def _check_canaries(output: OutputAdmin, manifest: dict, report: Report, device:
     _, problem = canaries_mod.verdict(pinned, mine, threshold)
     if problem:
         report.problems.append(f"canaries: {problem}. A run appending to this output from here would be refused")
-
-
-def _model_ref(manifest: dict) -> ModelRef:
-    model = manifest.get("model") or {}
-    fingerprint = manifest["fingerprint"]
-    if model.get("source") in ("store", "local") and not model.get("location"):
-        raise ModelError("the manifest does not say where the model's files are (written before docembed recorded "
-                         "it): rerun into the output once to record it")
-    return ModelRef(fingerprint["model"], model.get("source", "hub"), fingerprint["model_revision"],
-                    model.get("location", ""))
-
-
-def _model_settings(fingerprint: dict) -> dict:
-    return {"normalize": fingerprint["normalize"], "max_seq_length": fingerprint["max_seq_length"],
-            "prefix": fingerprint["prefix"], "truncate_dim": fingerprint["truncate_dim"],
-            "trust_remote_code": fingerprint["trust_remote_code"]}
-
-
-@functools.lru_cache(maxsize=1)
-def load_model(ref: ModelRef, device: str, precision: str, **settings):
-    """The output's model in this environment (the last one asked for is kept: verifying outputs of
-    one model one after another loads it once)."""
-    from docembed.model.embedder import Embedder
-    from docembed.model.ref import materialize
-
-    return Embedder(materialize(ref), device, precision, **settings)
 
 
 def _check_parts(output: OutputAdmin, manifest: dict, markers: dict, report: Report,
