@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from docembed import vectors  # noqa: E402
 from docembed.store.admin import OutputAdmin  # noqa: E402
+from run import cpu  # noqa: E402  (bench/run.py, beside this script)
 
 DTYPES = ("float32", "int8", "binary")
 QUERY_COUNTS = (1, 10)
@@ -56,10 +57,7 @@ K = 10
 
 def machine() -> str:
     """The CPU, its cores and vector-instruction flags, and the libraries that do the work."""
-    with open("/proc/cpuinfo") as handle:
-        info = handle.read()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    model, flags = cpu()
     shown = [f for f in ("avx2", "fma", "avx512f", "avx512_vpopcntdq", "avx512_vnni", "avx512_bf16") if f in flags]
     return (f"{model}, {os.cpu_count()} cores, flags {' '.join(shown) or 'none of avx2/avx512'}; "
             f"{platform.python_implementation()} {platform.python_version()}, numpy {np.__version__}, "

@@ -59,6 +59,23 @@ class ModelFailed(DocembedError):
     exit_code = 1
 
 
+class DeviceFailed(ModelFailed):
+    """On a worker: the accelerator raised an error that leaves its context unusable (a CUDA
+    device-side assert, an illegal memory access: every later CUDA call of the process fails too).
+    Raised at once, without retrying the batch in halves; the process's model is dropped, but only a
+    new worker process gets a working device again."""
+
+
+class NonFiniteVectors(ModelFailed):
+    """On a worker: the model gave NaN or infinite vectors for a whole batch, or for the probe text too
+    (fp16 overflowing in a model trained in bf16, typically): a precision problem, not the documents'.
+    ``rows``: the unit's document positions concerned (``embed_unit`` names their ids)."""
+
+    def __init__(self, message: str, rows=()):
+        super().__init__(message)
+        self.rows = [int(r) for r in rows]
+
+
 class JobFailed(DocembedError):
     """The Beam job itself failed (a write error, a worker crash): exit code 1. What was committed
     stays committed, and rerunning the same command resumes from it."""

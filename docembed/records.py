@@ -77,6 +77,9 @@ class EmbedSettings:
     output_dtype: str = "float32"  # how the vectors are stored (docembed.vectors)
     # A worker whose vectors of the canary texts fall below this cosine to the output's refuses to commit.
     canary_threshold: float = CANARY_THRESHOLD
+    # The dtype the model's weights were saved in (its config.json), read on the launcher: on CUDA,
+    # ``auto`` precision is bf16 for a model saved in bf16 where the card has it (numerics.auto_precision).
+    trained_dtype: Optional[str] = None
 
     VECTOR_FIELDS = (
         "model",

@@ -211,8 +211,8 @@ def _save_tiny_model(path, tokenizer, positions: int) -> str:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, reference_model):
     """A random-weight BERT (32 wide, 1 layer) with MiniLM's tokenizer, saved as a sentence-transformers
-    folder. Its position table holds 16 positions, so with ``--max-seq-length 64`` the real model fails
-    on every document longer than 16 tokens: a genuine per-document model failure."""
+    folder. Its position table holds 16 positions, so its window is 16 tokens (a longer
+    ``--max-seq-length`` is refused before any work): fast, for runs that need a model, not its vectors."""
     return _save_tiny_model(tmp_path_factory.mktemp("tiny-model"), reference_model.tokenizer, 16)
 
 

@@ -165,11 +165,12 @@ def test_a_model_with_its_own_code_runs_only_with_trust_remote_code(tmp_path, be
     with pytest.raises(ModelError, match="trust_remote_code"):
         Embedder(folder, "cpu", "fp32", None)
     from docembed.errors import UsageError
+    from docembed.model.card import ModelFolder
     from docembed.pipeline.settings import check_own_code
 
     with pytest.raises(UsageError, match=r"runs its own Python code \(modeling_custom.CustomModel.*pass --trust-remote-code"):
-        check_own_code(folder, "custom", trusted=False)  # the launcher refuses before any work
-    check_own_code(folder, "custom", trusted=True)
+        check_own_code(ModelFolder.read(folder), "custom", trusted=False)  # the launcher refuses before any work
+    check_own_code(ModelFolder.read(folder), "custom", trusted=True)
     trusted = Embedder(folder, "cpu", "fp32", None, trust_remote_code=True)
     assert type(trusted.model).__name__ == "CustomModel"
     plain = Embedder(bert, "cpu", "fp32", None)

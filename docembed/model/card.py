@@ -4,7 +4,8 @@
 the launcher needs for the settings and the fingerprint (``ModelCard``: dimension, window, pooling,
 normalisation): neither torch nor transformers is imported, no weights are loaded and no device is
 touched. Each worker checks the model it loaded against it (``embedder.Embedder.card``). ``prompts``
-are the model's own named prompts (``--prompt-name``).
+are the model's own named prompts (``--prompt-name``). A window longer than the model's position
+table holds is refused here (``ModelFolder.window``), not met as a failure on every long document.
 """
 
 from __future__ import annotations
@@ -12,8 +13,15 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from docembed.errors import ModelError
+from docembed.errors import ModelError, UsageError
 from docembed.model.stack import Spec, read_json, read_stack
+
+# Model types whose position ids count on from the padding id (transformers' RoBERTa-style
+# ``create_position_ids_from_input_ids``): the first pad_token_id + 1 rows of the position table are
+# never a token's, so a table of 514 holds 512 tokens. A window past the table is no error in the
+# tokenizer: on CUDA it is a device-side assert that poisons the worker's process, on the CPU an IndexError.
+OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "longformer",
+                              "data2vec-text", "ibert", "roberta-prelayernorm", "luke", "markuplm", "xmod"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +74,45 @@ class ModelFolder:
         auto_map = self.config.get("auto_map") or {}
         return auto_map.get("AutoModel") if isinstance(auto_map, dict) else None
 
+    @property
+    def trained_dtype(self) -> str | None:
+        """The dtype the transformer's weights were saved in (``dtype``, ``torch_dtype`` before
+        transformers 5), e.g. "bfloat16": ``numerics.resolve``'s ``trained``."""
+        dtype = self.config.get("dtype") or self.config.get("torch_dtype")
+        return dtype if isinstance(dtype, str) else None
+
+    @property
+    def positions(self) -> int | None:
+        """The most tokens the model's position table holds: ``max_position_embeddings``, less the rows
+        RoBERTa-style models reserve (``OFFSET_POSITIONS``); None where the configuration names none."""
+        table = self.config.get("max_position_embeddings")
+        if not isinstance(table, int):
+            return None
+        if self.config.get("model_type") in OFFSET_POSITIONS:
+            pad = self.config.get("pad_token_id")
+            return table - ((pad if isinstance(pad, int) else 1) + 1)
+        return table
+
     def window(self, asked: int | None, model_max_length: int) -> int:
         """The window as sentence-transformers sets it: asked, else the folder's own, else the
-        tokenizer's limit capped at the model's position table."""
-        positions = self.config.get("max_position_embeddings", model_max_length)
-        return int(asked or self.sbert.get("max_seq_length") or min(model_max_length, positions))
+        tokenizer's limit capped at the model's position table. A window the table cannot hold is
+        refused here, on the launcher (``describe_model``), before any work."""
+        positions = self.positions
+        own = self.sbert.get("max_seq_length")
+        window = int(asked or own or min(model_max_length, positions or model_max_length))
+        if positions is not None and window > positions:
+            raise self._too_long(window, positions, asked)
+        return window
+
+    def _too_long(self, window: int, positions: int, asked: int | None) -> Exception:
+        table = self.config["max_position_embeddings"]
+        held = f"{positions} tokens" + (f" (max_position_embeddings {table}, less {table - positions} rows its "
+                                         "position ids skip)" if positions != table else "")
+        what = (f"--max-seq-length {window}" if asked
+                else f"the window of {window} tokens its sentence_bert_config.json sets")
+        message = (f"{what} is more than the model in {self.root} can take: its position table holds {held}; "
+                   f"use --max-seq-length {positions} or less")
+        return UsageError(message) if asked else ModelError(message)
 
     def card(self, window: int, overhead: int, truncate_dim: int | None = None) -> ModelCard:
         """The card; with ``truncate_dim`` (Matryoshka), the dimension kept."""

@@ -14,7 +14,8 @@
 
 It runs a sentence-transformers model folder (``modules``: transformer, pooling, dense, normalise, read
 from the folder's own configuration) with transformers' ``AutoModel``, at the device and precision a
-worker resolved (``numerics``), without importing sentence-transformers (seconds of start-up).
+worker resolved (``numerics``; read at that precision before it is moved to the device, fp32 as true
+fp32), without importing sentence-transformers (seconds of start-up).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from docembed.store import faults
 from docembed.errors import ModelError
 from docembed.model.card import ModelCard, ModelFolder, hf_tokenizer, private_copy, special_layout
-from docembed.model.stack import build_module
+from docembed.model.numerics import use_true_fp32
 from docembed.model.quantize import quantize_int8
+from docembed.model.stack import build_module
+from docembed.store import faults
 
 _PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -44,6 +46,7 @@ class Embedder:
 
         if threads and device == "cpu":
             torch.set_num_threads(threads)
+        use_true_fp32()  # as numerics.resolve records it, for an Embedder made without resolving
         folder = ModelFolder.read(folder)
         self._read_tokenizer(folder, max_seq_length, prefix, trust_remote_code)
         self._card = folder.card(self.max_seq_length, self.overhead, truncate_dim)
@@ -150,25 +153,25 @@ class Embedder:
 
 
 def _load_modules(folder: ModelFolder, device: str, precision: str, prompt_length: int, trust_remote_code: bool):
-    """(transformers' model, the modules after it) on ``device`` at ``precision``. The model is read in
-    fp32 (a checkpoint stored in fp16 is widened) and reduced after, as asked."""
+    """(transformers' model, the modules after it) on ``device`` at ``precision``. Each is made at its
+    precision before it is moved: a model read in fp32 and cast on the GPU needs twice its fp16 size
+    there first, so one that fits at fp16 could fail to load. int8 is read in fp32 and quantized (CPU)."""
     import torch
     import transformers
     from transformers import AutoModel
 
+    dtype = torch.float32 if precision == "int8" else getattr(torch, _PRECISIONS[precision])
     transformers.logging.disable_progress_bar()  # it would garble docembed's own progress bar
     try:
-        model = AutoModel.from_pretrained(folder.base, dtype=torch.float32,
-                                          trust_remote_code=trust_remote_code).to(device).eval()
+        # Read straight at ``dtype`` (a checkpoint stored in another precision is converted as it is read).
+        model = AutoModel.from_pretrained(folder.base, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+        if precision == "int8":
+            quantize_int8(model)
+        model.to(device)  # short of device memory: the model cannot be loaded, as before
+    except ModelError:
+        raise
     except Exception as exc:
         raise ModelError(f"cannot load model from {folder.base}: {exc}") from exc
-    after = [build_module(s, folder.root, prompt_length).to(device) for s in folder.specs[1:] if s.kind != "Normalize"]
-    if precision == "int8":
-        quantize_int8(model)
-    elif precision != "fp32":
-        dtype = getattr(torch, _PRECISIONS[precision])
-        model.to(dtype)
-        after = [m.to(dtype) for m in after]
+    after = [build_module(s, folder.root, prompt_length).to(dtype).to(device)
+             for s in folder.specs[1:] if s.kind != "Normalize"]
     return model, after
-
-

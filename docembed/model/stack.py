@@ -200,7 +200,8 @@ def _classes() -> dict:
 
 def pool(mode: str, tokens, mask, prompt_length: int = 0):
     """One pooling mode over (batch, length, dim) token embeddings and their (batch, length) mask,
-    computed as sentence-transformers computes it (fp16/bf16 sums accumulated in fp32)."""
+    computed as sentence-transformers computes it (fp16/bf16 sums accumulated in fp32). Every tensor
+    is made on the inputs' device: a CPU tensor beside CUDA inputs fails, or is copied every batch."""
     import torch
 
     original = mask
@@ -208,8 +209,7 @@ def pool(mode: str, tokens, mask, prompt_length: int = 0):
         mask = _without_prompt(mask, prompt_length)
     wide = torch.float32 if tokens.dtype in (torch.float16, torch.bfloat16) else tokens.dtype
     if mode == "cls":
-        first = mask.to(torch.int).argmax(dim=1)
-        return tokens[torch.arange(tokens.shape[0]), first]
+        return _token_at(tokens, mask.to(torch.int).argmax(dim=1))
     if mode == "max":
         return tokens.masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).max(dim=1).values
     if mode in ("mean", "mean_sqrt_len_tokens"):
@@ -218,7 +218,7 @@ def pool(mode: str, tokens, mask, prompt_length: int = 0):
         count = torch.clamp(weights.sum(dim=1, dtype=wide), min=1e-9)
         return (total / (count if mode == "mean" else torch.sqrt(count))).to(tokens.dtype)
     if mode == "weightedmean":
-        positions = torch.arange(1, tokens.shape[1] + 1, dtype=wide).view(1, -1, 1)
+        positions = torch.arange(1, tokens.shape[1] + 1, dtype=wide, device=tokens.device).view(1, -1, 1)
         positions = positions - original.to(torch.int32).argmax(dim=1).view(-1, 1, 1)
         weights = mask.unsqueeze(-1).to(wide) * positions
         return ((tokens * weights).sum(dim=1) / torch.clamp(weights.sum(dim=1), min=1e-9)).to(tokens.dtype)
@@ -226,15 +226,21 @@ def pool(mode: str, tokens, mask, prompt_length: int = 0):
     length = tokens.shape[1]
     values, flipped = mask.flip(1).max(1)
     last = length - 1 - torch.where(values == 0, length - 1, flipped)
-    return (tokens * mask.unsqueeze(-1).to(tokens.dtype))[torch.arange(tokens.shape[0]), last]
+    return _token_at(tokens * mask.unsqueeze(-1).to(tokens.dtype), last)
+
+
+def _token_at(tokens, index):
+    """Row i's token at position ``index[i]``: a gather on the device, where indexing by row numbers
+    would need a tensor of them made per batch."""
+    expanded = index.view(-1, 1, 1).expand(-1, 1, tokens.shape[-1])
+    return tokens.gather(1, expanded).squeeze(1)
 
 
 def _without_prompt(mask, prompt_length: int):
-    """The mask with the prompt's positions (after any left padding) zeroed."""
+    """The mask with the prompt's positions (after any left padding) zeroed; masked_fill, not boolean
+    indexing, so that nothing waits on the device for the count of positions."""
     import torch
 
-    mask = mask.clone()
-    positions = torch.arange(mask.shape[1]).unsqueeze(0)
+    positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
     start = mask.to(torch.int32).argmax(dim=1).unsqueeze(1)
-    mask[positions < start + prompt_length] = 0
-    return mask
+    return mask.masked_fill(positions < start + prompt_length, 0)

@@ -29,7 +29,8 @@ def resolve_settings(opts: EmbedOptions, passthrough_schema=None, threads: int =
     if local_runner:
         check_here(opts.device, opts.precision)
     ref, folder = pin_model(opts.model, opts.model_revision, local_runner)
-    check_own_code(folder, opts.model, opts.trust_remote_code)
+    model = ModelFolder.read(folder)
+    check_own_code(model, opts.model, opts.trust_remote_code)
     prefix = prompt_text(folder, opts.prompt_name) if opts.prompt_name else opts.prefix
     card = describe_model(folder, opts.max_seq_length, prefix, opts.truncate_dim)
     budget = batch_budget(opts.max_batch_tokens, opts.min_batch_size, card.max_seq_length)
@@ -44,7 +45,7 @@ def resolve_settings(opts: EmbedOptions, passthrough_schema=None, threads: int =
         max_model_errors=opts.max_model_errors,
         passthrough_schema=passthrough_schema, threads=threads,
         truncate_dim=opts.truncate_dim, trust_remote_code=opts.trust_remote_code, output_dtype=opts.output_dtype,
-        canary_threshold=opts.canary_threshold,
+        canary_threshold=opts.canary_threshold, trained_dtype=model.trained_dtype,
         **opts_mod.window_settings(opts, card.window_size),
     )
 
@@ -54,10 +55,10 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def check_own_code(folder, name: str, trusted: bool) -> None:
+def check_own_code(model: ModelFolder, name: str, trusted: bool) -> None:
     """A model that ships its own code runs only with ``--trust-remote-code``: refused here, before any
     work, rather than failing on every worker (or loading a stock class that makes other vectors)."""
-    code = ModelFolder.read(folder).own_code
+    code = model.own_code
     if code and not trusted:
         raise UsageError(f"--model {name} runs its own Python code ({code}, named by its config.json's auto_map): "
                          "read it, then pass --trust-remote-code to run it")

@@ -5,7 +5,10 @@ Armed only by the environment variable ``DOCEMBED_FAULT``, a comma-separated lis
 ``crash`` (the default: ``os._exit(97)``, as a SIGKILL or a lost VM would stop it, with no cleanup),
 ``raise`` (a RuntimeError, as a broken device would raise; at the store's points an OSError (EIO), as
 a failing store would; ``raise>V`` only where the point's value exceeds V, as a device short of memory
-fails only on large batches), ``errno=NAME`` (a real OSError with that errno, ``ENOSPC``, ``EROFS``,
+fails only on large batches), ``raise=oom`` or ``raise=cuda`` (``raise=KIND>V`` where the value
+exceeds V: the error a GPU raises, as torch raises it on a CUDA build: ``torch.OutOfMemoryError``
+for memory short, ``torch.AcceleratorError`` "CUDA error: device-side assert triggered" for a poisoned
+context; both can be made on a CPU build), ``errno=NAME`` (a real OSError with that errno, ``ENOSPC``, ``EROFS``,
 ``EIO``, ..., naming the file, as the operating system or an object store client raises it: a full
 disk, a file system remounted read-only, a failing disk or a store answering 5xx), ``perturb=S`` (multiply every
 weight of the point's model by 1 + S x N(0, 1), seeded: a worker whose numbers differ while every
@@ -62,6 +65,11 @@ def hit(point: str, value: float = 0, target=None, path: str = "") -> None:
             if action.startswith("perturb="):
                 _perturb(target, float(action.split("=", 1)[1]))
                 continue
+            if action.startswith("raise="):
+                kind, _, above = action[6:].partition(">")
+                if not above or value > float(above):
+                    raise _device_error(kind, point)
+                continue
             if action.startswith("errno="):
                 raise _os_error(getattr(errno, action[6:]), path)
             if action == "raise" and point.startswith(STORE_POINTS):
@@ -80,6 +88,21 @@ def _os_error(code: int, path: str) -> OSError:
     """The OSError the system raises for ``code`` on ``path`` (its subclass too: ENOENT is a
     FileNotFoundError), as ``open`` or ``os.replace`` would."""
     return OSError(code, os.strerror(code), *([path] if path else []))
+
+
+def _device_error(kind: str, point: str) -> Exception:
+    """The exception torch raises on a GPU for ``kind``: ``oom`` (recoverable: memory short now) or
+    ``cuda`` (the process's CUDA context is poisoned; a torch without AcceleratorError raises a
+    RuntimeError with the same message)."""
+    import torch
+
+    where = f"(fault injected at {point}, DOCEMBED_FAULT)"
+    if kind == "oom":
+        return torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB {where}")
+    if kind == "cuda":
+        error = getattr(torch, "AcceleratorError", RuntimeError)
+        return error(f"CUDA error: device-side assert triggered {where}")
+    raise ValueError(f"DOCEMBED_FAULT: unknown error kind raise={kind} at {point} (oom, cuda)")
 
 
 def _perturb(model, scale: float) -> None:

@@ -209,7 +209,8 @@ def check_lock(output: UnitStore, settings: EmbedSettings) -> None:
 
 
 def worker_stats() -> dict:
-    """Who committed the unit, and that process's peak memory so far (merged into the run report)."""
+    """Who committed the unit, that process's peak memory so far (merged into the run report), and
+    where the process uses CUDA the device's peak since the unit began (``embed.reset_device_peak``)."""
     import resource
     import socket
     import sys
@@ -217,7 +218,9 @@ def worker_stats() -> dict:
     stats = {"host": socket.gethostname(), "pid": os.getpid(),
              "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
+    # is_initialized is a flag of torch's own, where is_available asks the driver: a CPU run's process
+    # never calls into CUDA, and one that never used CUDA has no peak to report.
+    if torch is not None and torch.cuda.is_initialized():
         stats["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return stats
 

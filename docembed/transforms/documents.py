@@ -45,8 +45,8 @@ class EmbedBundle(beam.DoFn):
         self._buffer_size = buffer_size
 
     def setup(self):
-        self._embedder = acquire_embedder(self._settings, numerics.resolve(self._settings.device,
-                                                                           self._settings.precision))
+        resolved = numerics.resolve(self._settings.device, self._settings.precision, self._settings.trained_dtype)
+        self._embedder = acquire_embedder(self._settings, resolved)
 
     def start_bundle(self):
         self._held = []

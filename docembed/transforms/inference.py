@@ -8,6 +8,22 @@ single items. A document that still fails alone is the document's fault only if 
 a known-good probe text: then it is returned as failed, with the error, and the rest go on. If the
 probe fails too, the model or its device is broken and ``ModelFailed`` is raised; so it is when more of
 a unit's documents fail than ``--max-model-errors`` allows (``check_model_errors``).
+
+Three failures a GPU brings are handled apart:
+
+- a CUDA error ("CUDA error: device-side assert triggered", ``torch.AcceleratorError``) poisons the
+  process's CUDA context: every later CUDA call fails. ``DeviceFailed`` is raised at the first one,
+  and ``device_failures()`` counts it, so that ``embed.acquire_embedder`` loads a new model rather than
+  hand the broken one to a retry. Only a new process gets a working context: Beam's runners on
+  Dataflow give a failed work item to another worker process; in one process, retries fail again.
+- out of device memory on a single document: the memory may be held by the other harness thread's
+  batch, so it is freed and the document retried after a pause (``OOM_RETRY_PAUSES_S``); still short,
+  the unit fails (``ModelFailed``, advising a smaller ``--max-batch-tokens`` or fewer harness threads).
+- non-finite vectors (NaN, inf: fp16 overflowing in a model trained in bf16) are checked after each
+  batch. Every row of a batch of several, or the probe text too: the precision, not the documents, is
+  at fault and ``NonFiniteVectors`` is raised at once. Some rows only, with the probe finite: those
+  documents fail like any other model error (rejected as ``model_error`` within ``--max-model-errors``),
+  with a reason naming the precision.
 """
 
 from __future__ import annotations
@@ -15,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -22,7 +39,7 @@ import numpy as np
 
 from docembed.transforms.prepare import chunk
 from docembed.transforms.prepare.batch import padded_tokens, plan_batches
-from docembed.errors import ModelFailed
+from docembed.errors import DeviceFailed, ModelFailed, NonFiniteVectors
 from docembed.model.embedder import Embedder
 from docembed.records import EmbedSettings
 from docembed.transforms.prepare.tokens import dropped_tokens, first_windows
@@ -32,6 +49,52 @@ log = logging.getLogger(__name__)
 # A plain sentence any working model embeds, a few tokens long so that it fits any window: the model
 # is tried on it when a document fails alone.
 PROBE = "A plain sentence."
+
+# Pauses before each retry of a single document that ran out of device memory: long enough for the
+# other harness thread's batch to finish and give its memory back.
+OOM_RETRY_PAUSES_S = (0.5, 2.0, 5.0)
+
+_device_failures = 0  # DeviceFailed raised in this process so far (see device_failures)
+
+
+def device_failures() -> int:
+    """How many times this process found its device unusable: a model acquired before the last time
+    is broken for good (``embed.acquire_embedder`` keys its shared model on this)."""
+    return _device_failures
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's out-of-memory error (``torch.OutOfMemoryError``; the CUDA driver's own "out of memory"
+    error as well): the device is short now, not broken."""
+    oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)
+    return (oom is not None and isinstance(exc, oom)) or str(exc).startswith("CUDA error: out of memory")
+
+
+def is_device_fatal(exc: BaseException) -> bool:
+    """A CUDA error other than memory short (a device-side assert, an illegal address...): the CUDA
+    context is poisoned and every later call of the process fails. torch 2.13 raises
+    ``torch.AcceleratorError``; older ones a RuntimeError whose message starts "CUDA error"."""
+    if is_out_of_memory(exc):
+        return False
+    fatal = getattr(sys.modules.get("torch"), "AcceleratorError", None)
+    return (fatal is not None and isinstance(exc, fatal)) or (
+        isinstance(exc, RuntimeError) and str(exc).startswith("CUDA error"))
+
+
+def raise_if_device_fatal(embedder: Embedder, exc: BaseException) -> None:
+    """Raise DeviceFailed, and count it, where ``exc`` left the device unusable: no retry, no split,
+    no probe (each would only fail the same way), and no ``release_memory`` (it is a CUDA call too)."""
+    global _device_failures
+    if not is_device_fatal(exc):
+        return
+    _device_failures += 1
+    raise DeviceFailed(
+        f"worker {socket.gethostname()}: {type(exc).__name__}: {str(exc)[:300]}. The CUDA context is unusable "
+        f"after such an error (every later CUDA call of the process fails), so this worker process must restart; "
+        "its model is dropped and the unit is not committed. Beam gives a failed work item to a new worker "
+        "process on Dataflow; elsewhere rerun to resume. A device-side assert is often an input the model cannot "
+        "take (a token id or position past its tables: check --max-seq-length against the model)"
+    ) from exc
 
 
 @dataclasses.dataclass
@@ -117,7 +180,11 @@ def embed_windows(embedder: Embedder, texts: list[str], settings: EmbedSettings,
                                      zip(windows.doc[batch], windows.token_start[batch], windows.token_end[batch])])
 
     share = (lambda done: on_batch(len(texts) * done // max(1, len(windows)))) if on_batch else None  # noqa: E731
-    run_batches(embedder, prepare, lengths, batches, out, share)
+    try:
+        run_batches(embedder, prepare, lengths, batches, out, share)
+    except NonFiniteVectors as exc:  # its rows are windows here: name their documents
+        exc.rows = sorted({int(windows.doc[w]) for w in exc.rows})
+        raise
     failed_windows, out.failed = out.failed, {}
     for w, message in failed_windows.items():
         out.failed.setdefault(int(windows.doc[w]), message)
@@ -158,29 +225,111 @@ def run_batches(embedder: Embedder, prepare, lengths: np.ndarray, batches: list[
 
 def _forward(embedder: Embedder, features: dict, batch: np.ndarray, out: Embedded) -> bool:
     try:
-        out.vectors[batch], out.norms[batch] = embedder.forward_with_norms(features)
-        return True
-    except Exception:  # noqa: BLE001 - the caller splits the batch to find the failing documents
+        vectors, norms = embedder.forward_with_norms(features)
+    except Exception as exc:  # noqa: BLE001 - the caller splits the batch to find the failing documents
+        raise_if_device_fatal(embedder, exc)
         embedder.release_memory()
         return False
+    _store(embedder, batch, vectors, norms, out)
+    return True
 
 
 def _embed_or_split(embedder: Embedder, prepare, batch: np.ndarray, out: Embedded) -> None:
     try:
-        out.vectors[batch], out.norms[batch] = embedder.forward_with_norms(prepare(batch))
-        return
+        vectors, norms = embedder.forward_with_norms(prepare(batch))
     except Exception as exc:  # any model failure: torch raises OutOfMemoryError, RuntimeError, IndexError...
+        raise_if_device_fatal(embedder, exc)
         embedder.release_memory()
-        if len(batch) == 1:
-            message = f"{type(exc).__name__}: {exc}"[:2000]
-            check_health(embedder, message)
-            out.failed[int(batch[0])] = message
-            log.warning("model failed on one document, rejected as model_error: %s", message)
-            return
-        log.info("model failed on a batch of %d documents; retrying it in halves", len(batch))
+        error = exc
+    else:
+        _store(embedder, batch, vectors, norms, out)
+        return
+    if len(batch) == 1:
+        _failed_alone(embedder, prepare, batch, out, error)
+        return
+    log.info("model failed on a batch of %d documents; retrying it in halves", len(batch))
     half = len(batch) // 2
     _embed_or_split(embedder, prepare, batch[:half], out)
     _embed_or_split(embedder, prepare, batch[half:], out)
+
+
+def _failed_alone(embedder: Embedder, prepare, batch: np.ndarray, out: Embedded, error: Exception) -> None:
+    """One document the model failed on alone: short of memory, it is retried; otherwise it is the
+    document's failure if the probe passes (``check_health``)."""
+    if is_out_of_memory(error):
+        _retry_out_of_memory(embedder, prepare, batch, out, error)
+        return
+    message = f"{type(error).__name__}: {error}"[:2000]
+    check_health(embedder, message)
+    out.failed[int(batch[0])] = message
+    log.warning("model failed on one document, rejected as model_error: %s", message)
+
+
+def _retry_out_of_memory(embedder: Embedder, prepare, batch: np.ndarray, out: Embedded, error: Exception) -> None:
+    """A single document out of memory is not the document's fault (another batch in flight may hold
+    the memory): retry it after each pause, its cached memory freed; still short, fail the unit."""
+    for attempt, pause in enumerate(OOM_RETRY_PAUSES_S, 1):
+        log.warning("out of device memory on a single document; retry %d of %d in %.1f s",
+                    attempt, len(OOM_RETRY_PAUSES_S), pause)
+        time.sleep(pause)
+        embedder.release_memory()
+        try:
+            vectors, norms = embedder.forward_with_norms(prepare(batch))
+        except Exception as exc:  # noqa: BLE001 - sorted below: memory again, the device, or the document
+            raise_if_device_fatal(embedder, exc)
+            embedder.release_memory()
+            if not is_out_of_memory(exc):
+                _failed_alone(embedder, prepare, batch, out, exc)
+                return
+            error = exc
+        else:
+            _store(embedder, batch, vectors, norms, out)
+            return
+    raise ModelFailed(
+        f"worker {socket.gethostname()}: the model ran out of {embedder.device} memory on a single document even "
+        f"after {len(OOM_RETRY_PAUSES_S)} retries with the cached memory released ({type(error).__name__}: "
+        f"{str(error)[:300]}); the document is not rejected, as the memory may be held by other batches in this "
+        "process, and the unit is not committed: use a smaller --max-batch-tokens or fewer harness threads "
+        "(--number_of_worker_harness_threads), or a device with more memory, and rerun to resume"
+    ) from error
+
+
+def _store(embedder: Embedder, batch: np.ndarray, vectors: np.ndarray, norms: np.ndarray, out: Embedded) -> None:
+    """A batch's vectors into ``out``, refusing non-finite ones (``_refuse_non_finite``)."""
+    out.vectors[batch], out.norms[batch] = vectors, norms
+    bad = ~(np.isfinite(vectors).all(axis=1) & np.isfinite(norms))
+    if bad.any():
+        _refuse_non_finite(embedder, batch, bad, out)
+
+
+def _refuse_non_finite(embedder: Embedder, batch: np.ndarray, bad: np.ndarray, out: Embedded) -> None:
+    """Rows with NaN or inf never reach a commit. All rows of a batch of several, or the probe text
+    too: the model at this precision is at fault (NonFiniteVectors, at once: the rest of the unit
+    would overflow the same way). Else each such document failed, as a document the model fails on."""
+    what = (f"non-finite vector (NaN or inf) from the model at precision {embedder.precision} on "
+            f"{embedder.device}")
+    advice = "fp16 overflows in models trained in bf16: use --precision bf16 or fp32"
+    if bad.all() and len(batch) > 1:
+        where = f"for all {len(batch)} documents of a batch"
+    elif not _probe_finite(embedder):
+        where = f"for {int(bad.sum())} of a batch's {len(batch)} documents and for the probe text too"
+    else:
+        where = None
+    if where:
+        raise NonFiniteVectors(f"worker {socket.gethostname()}: {what} {where}; {advice}. The unit is not "
+                               "committed", rows=batch[bad])
+    for row in batch[bad]:
+        out.vectors[row], out.norms[row] = 0, 0
+        out.failed[int(row)] = f"{what}, the probe text's finite; {advice}"
+    log.warning("%s for %d documents, rejected as model_error", what, int(bad.sum()))
+
+
+def _probe_finite(embedder: Embedder) -> bool:
+    try:
+        return bool(np.isfinite(embedder.embed([PROBE])).all())
+    except Exception as exc:  # noqa: BLE001 - a probe that fails is no finite probe
+        raise_if_device_fatal(embedder, exc)
+        return False
 
 
 def check_health(embedder: Embedder, error: str) -> None:
@@ -189,6 +338,7 @@ def check_health(embedder: Embedder, error: str) -> None:
     try:
         embedder.embed([PROBE])
     except Exception as exc:  # noqa: BLE001 - whatever the probe raises, the model is broken
+        raise_if_device_fatal(embedder, exc)
         raise ModelFailed(
             f"worker {socket.gethostname()}: the model fails on a known-good probe text too ({type(exc).__name__}: "
             f"{str(exc)[:300]}), after a document failed with {error[:300]}: the model or its device is broken, "
