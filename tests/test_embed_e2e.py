@@ -187,7 +187,7 @@ def test_a_retried_commit_replaces_its_part_instead_of_adding_rows(finished, tmp
     assert pq.read_table(copy / marker["part"]).select(["id", "embedding", "title"]).equals(part)
 
 
-def test_a_retry_that_rejects_every_row_removes_the_part_of_an_earlier_attempt(finished, tmp_path):
+def test_a_retry_that_rejects_every_row_leaves_nothing_of_an_earlier_attempt(finished, tmp_path):
     tmp, argv, _ = finished
     copy = tmp_path / "out"
     shutil.copytree(tmp / "out", copy)
@@ -201,5 +201,6 @@ def test_a_retry_that_rejects_every_row_removes_the_part_of_an_earlier_attempt(f
     retry = UnitEmbeddings(WorkUnit.from_json(marker), part.select(["id", "title"]).slice(0, 0), all_rejected,
                            vectors(part)[:0], 0, 0, 0, 0, numerics=marker["numerics"])
     commit_unit(retry, settings, output)
-    assert not (copy / marker["part"]).exists()
+    left = pq.read_table(copy / marker["part"])  # the earlier attempt's rows are gone; the schema stays
+    assert left.num_rows == 0 and left.schema.field("embedding").type == part.schema.field("embedding").type
     assert pq.read_table(copy / "_rejects" / f"{marker['unit_id']}.parquet").num_rows == part.num_rows

@@ -86,7 +86,7 @@ import docembed
 from docembed import EmbedDocuments, EmbedParquet
 from transforms import shout  # the user's module, not docembed's
 
-assert docembed.__all__ == ["EmbedDocuments", "EmbedParquet", "__version__"]
+assert docembed.__all__ == ["EmbedDocuments", "EmbedParquet", "embed_queries", "__version__"]
 assert EmbedParquet.__module__ == "docembed.pipeline.api"
 with beam.Pipeline() as p:
     (p | beam.Create([{"id": "a", "text": "A plain sentence."}, {"id": "b", "text": "Another one."}])
