@@ -26,7 +26,7 @@ Checks (``--only``/``--skip`` take their names):
   padded tokens): nothing rejected, batches within the budget, vectors against the reference;
 - ``pipeline``: the real job through Beam's DirectRunner with ``--direct_num_workers 2
   --direct_running_mode multi_threading`` at those batch sizes (needs apache-beam, which the GPU machine's
-  image lacks: SKIP there unless its wheels are carried; see gpu_check.sh);
+  image lacks: SKIP there unless its wheels are brought along; see gpu_check.sh);
 - ``throughput`` (a measurement, not a check): MiniLM and a BERT-base-sized random-weight model at batch
   64, 128 and 256: docs/s, tokens/s, model FLOP utilization.
 
@@ -174,7 +174,7 @@ def check_minilm(ctx: Context, report: Report) -> None:
 
 
 def check_pooling(ctx: Context, report: Report) -> None:
-    # Built here, not carried (prepare_gpu_assets.py says why), unless the assets hold them already.
+    # Built here, not copied (prepare_gpu_assets.py says why), unless the assets hold them already.
     tiny = ctx.assets / "tiny" if (ctx.assets / "tiny").is_dir() else Path(ctx.tmp) / "tiny"
     folders = build_tiny_models(tiny, Path(ctx.minilm))
     texts = ctx.texts[:16 if ctx.args.quick else 128]
@@ -403,7 +403,7 @@ def check_pipeline(ctx: Context, report: Report) -> None:
         import apache_beam  # noqa: F401
     except ImportError:
         report.skip(name, "apache-beam is not installed here (the GPU machine's image lacks it; "
-                          "carry its wheels as gpu_check.sh says to run this check)")
+                          "bring its wheels as gpu_check.sh says to run this check)")
         return
     from docembed.pipeline.run import run
 

@@ -5,8 +5,8 @@
 # sizes, and throughput) and prints PASS, FAIL or SKIP per check; it exits non-zero if any check fails.
 #
 #   1. on any machine with the dev venv:  python bench/prepare_gpu_assets.py   (MiniLM in fp16, corpus, CPU reference; ~47 MiB)
-#   2. on the GPU machine, from the repository root, with bench/gpu_assets beside the code (the device tool:
-#      carry ["bench/gpu_assets"]):  bash bench/gpu_check.sh
+#   2. on the GPU machine, from the repository root, with bench/gpu_assets copied beside the code:
+#      bash bench/gpu_check.sh
 #
 # What the GPU machine must have, since it may have no network at all (nothing is installed or downloaded here):
 #   - python3 (or $PYTHON) with a CUDA build of torch that sees the GPU, and transformers, tokenizers,
@@ -15,10 +15,10 @@
 #   - bench/gpu_assets from step 1 (no model weights can be fetched there; the pooling checks' small
 #     random-weight models are built on the spot from MiniLM's tokenizer in those assets);
 #   - optionally apache-beam, for the one check that runs the real job (DirectRunner, 2 workers, multi_threading);
-#     without it that check prints SKIP. Wheels can be carried: put them, with their dependencies, for the
+#     without it that check prints SKIP. Wheels can be brought along: put them, with their dependencies, for the
 #     machine's Python in a folder and pass it as GPU_CHECK_WHEELS=DIR: they are installed with --no-index into
-#     /tmp/gpu-check-site. MiniLM's assets and Beam's wheels together exceed a 64 MiB carry, so run that
-#     check in a call of its own: GPU_CHECK_ONLY=pipeline.
+#     /tmp/gpu-check-site. MiniLM's assets and Beam's wheels together are large to copy at once, so that
+#     check can run on its own: GPU_CHECK_ONLY=pipeline.
 # Results: $OUT/gpu_check.md (or /tmp/gpu_check.md). Environment: PYTHON, GPU_CHECK_ONLY, GPU_CHECK_SKIP, GPU_CHECK_WHEELS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +28,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTH
 need() { echo "gpu_check: $*" >&2; exit 2; }
 command -v "$PY" >/dev/null || need "no $PY on PATH: set PYTHON to the interpreter that holds a CUDA build of torch"
 [ -f bench/gpu_assets/minilm/model.safetensors ] && [ -f bench/gpu_assets/reference.npy ] \
-  || need "bench/gpu_assets is missing: run 'python bench/prepare_gpu_assets.py' on a machine with the dev venv and carry the folder"
+  || need "bench/gpu_assets is missing: run 'python bench/prepare_gpu_assets.py' on a machine with the dev venv and copy the folder there"
 if [ -n "${GPU_CHECK_WHEELS:-}" ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/gpu-check-site \
     "$GPU_CHECK_WHEELS"/*.whl || need "could not install the wheels in $GPU_CHECK_WHEELS (offline: every dependency must be among them)"
@@ -49,7 +49,7 @@ try:
 except ImportError:
     print("  apache-beam: not installed (the pipeline check will SKIP)")
 if missing:
-    sys.exit(f"gpu_check: missing packages: {', '.join(missing)}; this machine is offline, so carry them as wheels (GPU_CHECK_WHEELS)")
+    sys.exit(f"gpu_check: missing packages: {', '.join(missing)}; this machine is offline, so bring them as wheels (GPU_CHECK_WHEELS)")
 import torch
 if not torch.cuda.is_available():
     sys.exit(f"gpu_check: torch {torch.__version__} (CUDA build {torch.version.cuda}) sees no CUDA device: "

