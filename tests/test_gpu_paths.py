@@ -263,3 +263,39 @@ def test_stop_checks_and_progress_run_off_the_model_loop(monkeypatch):
     output = Output(error=OSError(5, "Input/output error"))
     with pytest.raises(OSError, match="Input/output error"):  # as a check on the model loop would have
         watch_batches(output)
+
+
+@pytest.mark.unit
+def test_an_accelerator_takes_a_unit_in_sorted_blocks_with_the_same_results(tmp_path, embedder, forwards,
+                                                                           monkeypatch):
+    """On an accelerator the unit is tokenized, sorted and batched block by block, the next block
+    tokenized beside the model: every vector, count and dropped token is what the whole-unit path
+    gives, no batch mixes two blocks, and progress counts the unit's documents."""
+    texts = [("word " * (3 + (i * 7) % 90)) + f"doc {i}" for i in range(23)]
+    whole = inference.embed_rows(embedder, texts, settings(tmp_path))
+    assert whole.dropped and whole.truncated  # some texts exceed the 64-token window
+    whole_forwards = len(forwards)
+    monkeypatch.setattr(Embedder, "frees_host", property(lambda self: True))
+    monkeypatch.setattr(inference, "FIRST_BLOCK", 2)
+    monkeypatch.setattr(inference, "SORT_BLOCK", 5)
+    assert [(b.start, b.stop) for b in inference.sort_blocks(23, True)] == \
+        [(0, 2), (2, 6), (6, 11), (11, 16), (16, 21), (21, 23)]  # doubling from 2 up to 5
+    assert inference.sort_blocks(23, False) == [range(0, 23)]
+    sizes, progress = [], []
+    original = embedder.prepare_ids
+
+    def seen(windows):
+        sizes.append(len(windows))
+        return original(windows)
+
+    monkeypatch.setattr(embedder, "prepare_ids", seen)
+    blocked = inference.embed_rows(embedder, texts, settings(tmp_path), progress.append)
+    np.testing.assert_allclose(blocked.vectors, whole.vectors, atol=1e-5)
+    assert (blocked.truncated, blocked.tokens, blocked.text_tokens, blocked.dropped, blocked.failed) == \
+        (whole.truncated, whole.tokens, whole.text_tokens, whole.dropped, whole.failed)
+    np.testing.assert_array_equal(blocked.doc_tokens, whole.doc_tokens)
+    # Batches of at most 4 never mix blocks: 2 | 4 | 4 + 1 | 4 + 1 | 4 + 1 | 2.
+    assert sorted(sizes[2:4]) == [1, 4] and sizes[:2] == [2, 4] and blocked.batches == 9
+    assert len(forwards) - whole_forwards == 9
+    assert progress[:2] == [2, 6] and progress[3::2] == [11, 16, 21] and progress[-1] == 23
+    assert sum(d for d, *_ in blocked.batch_stats) == len(texts)

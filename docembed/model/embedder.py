@@ -76,6 +76,12 @@ class Embedder:
         return self._card
 
     @property
+    def frees_host(self) -> bool:
+        """Whether the forward pass leaves the host's cores free (an accelerator computes it while the
+        host thread waits with the GIL released): host work is then best done beside it."""
+        return self.device != "cpu"
+
+    @property
     def dim(self) -> int:
         """Dimensions of the vectors ``forward`` returns (after ``truncate_dim``)."""
         return self._card.dim

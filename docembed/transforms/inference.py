@@ -54,6 +54,11 @@ PROBE = "A plain sentence."
 # other harness thread's batch to finish and give its memory back.
 OOM_RETRY_PAUSES_S = (0.5, 2.0, 5.0)
 
+# Documents sorted and batched together on an accelerator (``embed_rows``): about 16 batches of the
+# largest size, so a block's sorting keeps padding low while its tokenizing overlaps the model.
+SORT_BLOCK = 4096
+FIRST_BLOCK = 256  # a unit's first block, smaller: the device waits for it at each unit's start
+
 _device_failures = 0  # DeviceFailed raised in this process so far (see device_failures)
 
 
@@ -126,36 +131,87 @@ def embed_rows(embedder: Embedder, texts: list[str], settings: EmbedSettings, on
     Each text is tokenized once (``first_windows``): those ids give the lengths to sort by and the
     model's inputs. The tokens the window leaves out are counted too (``dropped_tokens``), so a run can
     say how much of its corpus the model never saw.
+
+    On the CPU the whole unit is sorted and batched at once (the least padding). On an accelerator
+    (``Embedder.frees_host``) the unit is taken in blocks of ``SORT_BLOCK`` documents, each sorted
+    and batched on its own, and the next block is tokenized in a helper thread while the model runs on
+    this one: the device starts after one block's tokenizing, not the whole unit's, and is never left
+    waiting for it after (a few more padded tokens: each block is sorted apart).
     """
     start = time.perf_counter()
-    firsts = first_windows(texts, embedder.window_size, embedder.encode)
-    lengths = firsts.lengths + embedder.overhead
-    batches = plan_batches(lengths, settings.min_batch_size, settings.max_batch_size, settings.max_batch_tokens)
-    out = Embedded(np.zeros((len(texts), embedder.dim), dtype=np.float32), {}, 0,
-                   int(lengths.sum()), padded_tokens(lengths, batches), len(batches), np.zeros(len(texts), np.float32))
-    prepare = lambda b: embedder.prepare_ids([firsts.ids[i] for i in b])  # noqa: E731
+    n = len(texts)
+    out = Embedded(np.zeros((n, embedder.dim), dtype=np.float32), {}, 0, 0, 0, 0, np.zeros(n, np.float32))
+    blocks = sort_blocks(n, embedder.frees_host)
+    lengths = np.zeros(n, dtype=np.int64)
+    firsts, counts = [], []
     # Counting what truncation drops reads the rest of long texts, which no pass has read yet. Beside
     # a GPU's model loop it runs in a thread on otherwise idle cores. On the CPU it runs first: there the
     # thread only competes with the model's own threads (on 2 cores, 8,000 documents and a near-null
     # model: 1.52 s threaded against 1.41 s first; with MiniLM no difference).
-    with ThreadPoolExecutor(max_workers=1) as counter:
-        if embedder.device == "cuda":
-            dropped = counter.submit(dropped_tokens, texts, firsts, embedder.count)
-        else:
-            dropped = Future()
-            dropped.set_result(dropped_tokens(texts, firsts, embedder.count))
+    with ThreadPoolExecutor(max_workers=1) as tokenizer:
+        window_of = lambda block: first_windows(texts[block.start:block.stop], embedder.window_size,  # noqa: E731
+                                                embedder.encode)
+        pending = tokenizer.submit(window_of, blocks[0]) if blocks else None
         out.tokenize_s = time.perf_counter() - start
-        run_batches(embedder, prepare, lengths, batches, out, on_batch)
+        for k, block in enumerate(blocks):
+            waited = time.perf_counter()
+            found = pending.result()
+            if k + 1 < len(blocks):
+                pending = tokenizer.submit(window_of, blocks[k + 1])
+            firsts.append(found)
+            # After the next block's ids in the same thread: at most one block's count is left at the end.
+            counts.append(_count_dropped(embedder, tokenizer, texts[block.start:block.stop], found))
+            out.tokenize_s += time.perf_counter() - waited
+            _run_block(embedder, settings, block, found, lengths, out, on_batch)
         waited = time.perf_counter()
-        out.dropped = dropped.result()
+        for block, count in zip(blocks, counts):
+            out.dropped.update({block.start + i: d for i, d in count.result().items()})
         out.tokenize_s += time.perf_counter() - waited
-    kept = [i for i in range(len(texts)) if i not in out.failed]
-    out.truncated = int(firsts.truncated[kept].sum())
-    out.doc_tokens = firsts.lengths.copy()
-    for i, n in out.dropped.items():
-        out.doc_tokens[i] += n
+    kept = [i for i in range(n) if i not in out.failed]
+    truncated = np.concatenate([f.truncated for f in firsts]) if firsts else np.zeros(0, bool)
+    out.truncated = int(truncated[kept].sum())
+    out.doc_tokens = np.concatenate([f.lengths for f in firsts]) if firsts else np.zeros(0, np.int64)
+    for i, d in out.dropped.items():
+        out.doc_tokens[i] += d
     out.text_tokens = int(out.doc_tokens[kept].sum())
     return out
+
+
+def sort_blocks(n: int, accelerator: bool) -> list[range]:
+    """The blocks a unit of ``n`` documents is sorted and batched in: the whole unit on the CPU; on an
+    accelerator blocks doubling from ``FIRST_BLOCK`` up to ``SORT_BLOCK``, so that the device starts
+    soon after the unit does and each block's model loop covers most of the next one's tokenizing."""
+    if not accelerator:
+        return [range(0, n)] if n else []
+    blocks, start, size = [], 0, FIRST_BLOCK
+    while start < n:
+        blocks.append(range(start, min(n, start + size)))
+        start, size = start + size, min(SORT_BLOCK, 2 * size)
+    return blocks
+
+
+def _count_dropped(embedder: Embedder, counter: ThreadPoolExecutor, texts: list[str], found) -> Future:
+    """``dropped_tokens`` of a block: in the counter thread beside an accelerator, else now."""
+    if embedder.frees_host:
+        return counter.submit(dropped_tokens, texts, found, embedder.count)
+    done = Future()
+    done.set_result(dropped_tokens(texts, found, embedder.count))
+    return done
+
+
+def _run_block(embedder: Embedder, settings: EmbedSettings, block: range, found, lengths: np.ndarray,
+               out: Embedded, on_batch) -> None:
+    """One block's batches, planned by length (``plan_batches``), through the model loop; ``lengths``
+    and ``out`` are the unit's, indexed by its rows."""
+    lengths[block.start:block.stop] = found.lengths + embedder.overhead
+    mine = lengths[block.start:block.stop]
+    batches = plan_batches(mine, settings.min_batch_size, settings.max_batch_size, settings.max_batch_tokens)
+    out.tokens += int(mine.sum())
+    out.padded_tokens += padded_tokens(mine, batches)
+    out.batches += len(batches)
+    prepare = lambda b: embedder.prepare_ids([found.ids[i - block.start] for i in b])  # noqa: E731
+    done = (lambda d: on_batch(block.start + d)) if on_batch else None  # noqa: E731
+    run_batches(embedder, prepare, lengths, [b + block.start for b in batches], out, done)
 
 
 def embed_windows(embedder: Embedder, texts: list[str], settings: EmbedSettings, on_batch=None):
