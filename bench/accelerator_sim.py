@@ -200,6 +200,8 @@ def main():
     parser.add_argument("--cores", default="1,2", help="host core counts for the host-only runs")
     parser.add_argument("--cards", default="l4,h100", help="cards to predict for")
     parser.add_argument("--efficiency", type=float, default=EFFICIENCY)
+    parser.add_argument("--threads", type=int, help="harness threads instead of the job file's")
+    parser.add_argument("--checkpoint-every", type=int, help="documents a unit instead of the job file's")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="bench/results/accelerator-sim.md")
     parser.add_argument("--from-json", help="render the report again from a run's saved .json")
@@ -219,6 +221,8 @@ def main():
     subprocess.run([sys.executable, "bench/corpus.py", "--docs", str(args.docs), "--cycle", "--out", str(corpus)],
                    cwd=REPO, check=True, capture_output=True)
     job = job_settings()
+    job["threads"] = args.threads or job["threads"]
+    job["checkpoint-every"] = args.checkpoint_every or job["checkpoint-every"]
     model = MODELS[args.model]
     rates = [float(r) for r in args.tokens_per_s.split(",")]
     cores = [int(c) for c in args.cores.split(",")]
@@ -284,7 +288,9 @@ def render(runs: dict, args, job: dict, cores: list[int], all_cores: int) -> str
         f"(jobs/dataflow-gpu.yaml); {cpu}, {all_cores} cores (avx512_bf16: {'avx512_bf16' in flags}); "
         f"{args.repeats} interleaved repeats, median (min-max).",
         f"Command: `python bench/accelerator_sim.py --docs {args.docs} --model {args.model} "
-        f"--tokens-per-s {args.tokens_per_s} --cores {args.cores} --cards {args.cards} --repeats {args.repeats}`",
+        f"--tokens-per-s {args.tokens_per_s} --cores {args.cores} --cards {args.cards} --repeats {args.repeats}"
+        + "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("threads", "checkpoint_every")
+                  if getattr(args, k, None)) + "`",
         "",
         "| run | device busy, steady window | device busy, whole process | padded tokens/s, steady | "
         "padded tokens/s per core | first forward after (s) | whole process (s) | steal (s) |",
