@@ -133,10 +133,10 @@ def embed_rows(embedder: Embedder, texts: list[str], settings: EmbedSettings, on
     say how much of its corpus the model never saw.
 
     On the CPU the whole unit is sorted and batched at once (the least padding). On an accelerator
-    (``Embedder.frees_host``) the unit is taken in blocks of ``SORT_BLOCK`` documents, each sorted
-    and batched on its own, and the next block is tokenized in a helper thread while the model runs on
-    this one: the device starts after one block's tokenizing, not the whole unit's, and is never left
-    waiting for it after (a few more padded tokens: each block is sorted apart).
+    (``Embedder.frees_host``) the unit is taken in blocks (``sort_blocks``: doubling from
+    ``FIRST_BLOCK`` to ``SORT_BLOCK`` documents), each sorted and batched on its own, and the next
+    block is tokenized in a helper thread while the model runs on this one: the device waits for the
+    first block's tokenizing, not the whole unit's (a few more padded tokens: each block is sorted apart).
     """
     start = time.perf_counter()
     n = len(texts)
@@ -145,7 +145,7 @@ def embed_rows(embedder: Embedder, texts: list[str], settings: EmbedSettings, on
     lengths = np.zeros(n, dtype=np.int64)
     firsts, counts = [], []
     # Counting what truncation drops reads the rest of long texts, which no pass has read yet. Beside
-    # a GPU's model loop it runs in a thread on otherwise idle cores. On the CPU it runs first: there the
+    # a GPU's model loop it runs in the helper thread on otherwise idle cores. On the CPU it runs first: there the
     # thread only competes with the model's own threads (on 2 cores, 8,000 documents and a near-null
     # model: 1.52 s threaded against 1.41 s first; with MiniLM no difference).
     with ThreadPoolExecutor(max_workers=1) as tokenizer:
