@@ -147,10 +147,6 @@ def child(spec: dict) -> dict:
             device.setup.on = False
 
     canaries.probe = probe_in_setup
-    if not spec.get("count_dropped", True):  # what counting the tokens past the window costs the host
-        from docembed.transforms import inference
-
-        inference.dropped_tokens = lambda texts, firsts, count: {}
     started, stolen = time.perf_counter(), steal_seconds()
     summary = run(spec["argv"])
     wall, stolen = time.perf_counter() - started, steal_seconds() - stolen
@@ -174,19 +170,24 @@ def spawn(spec: dict) -> dict:
 
 
 def job_settings() -> dict:
-    """The GPU job file's batch sizes, unit size and harness threads."""
+    """The GPU job file's batch sizes, unit size, count of dropped tokens and harness threads."""
     job = yaml.safe_load(GPU_JOB.read_text())
     d, b = job["docembed"], job["beam"]
     return {"min-batch-size": d["min-batch-size"], "max-batch-size": d["max-batch-size"],
             "max-batch-tokens": d["max-batch-tokens"], "checkpoint-every": d["checkpoint-every"],
-            "threads": b["number_of_worker_harness_threads"]}
+            "count-dropped": d.get("count-dropped", "exact"), "threads": b["number_of_worker_harness_threads"]}
+
+
+def other_count(job: dict) -> str:
+    """The --count-dropped the job file does not use: a host-only run with it shows what it costs."""
+    return "exact" if job["count-dropped"] == "estimate" else "estimate"
 
 
 def argv_for(corpus: Path, out: Path, job: dict) -> list[str]:
     return ["--input", str(corpus), "--output", str(out), "--device", "cpu", "--precision", "fp32",
             "--min-batch-size", str(job["min-batch-size"]), "--max-batch-size", str(job["max-batch-size"]),
             "--max-batch-tokens", str(job["max-batch-tokens"]), "--checkpoint-every", str(job["checkpoint-every"]),
-            "--runner", "DirectRunner", "--direct_running_mode", "multi_threading",
+            "--count-dropped", job["count-dropped"], "--runner", "DirectRunner", "--direct_running_mode", "multi_threading",
             "--direct_num_workers", str(job["threads"])]
 
 
@@ -213,7 +214,7 @@ def main():
         saved = json.loads(Path(args.from_json).read_text())
         args = argparse.Namespace(**{**saved["args"], "efficiency": args.efficiency, "cards": args.cards})
         cores = [int(c) for c in args.cores.split(",")]
-        all_cores = int(next(n for n in saved["runs"] if n.endswith("-uncounted")).split("-")[1])
+        all_cores = int(next(n for n in saved["runs"] if n.count("-") == 2).split("-")[1])
         print(render(saved["runs"], args, saved["job"], cores, all_cores))
         return
     work = Path(tempfile.mkdtemp(prefix="docembed-accel-sim-"))
@@ -231,11 +232,12 @@ def main():
     started = time.time()
     for r in range(args.repeats):
         devices = [(f"device-{rate:.0f}", rate * flops_per_token(model, REFERENCE_WIDTH), all_cores) for rate in rates]
-        hosts = [(f"host-{c}", float("inf"), c) for c in cores] + [(f"host-{all_cores}-uncounted", float("inf"),
-                                                                    all_cores)]
+        hosts = [(f"host-{c}", float("inf"), c) for c in cores] + [(f"host-{all_cores}-{other_count(job)}",
+                                                                    float("inf"), all_cores)]
         for name, flops, n in devices + hosts:
-            spec = {"argv": argv_for(corpus, work / f"{name}-{r}", job), "model": args.model, "cores": n,
-                    "flops_per_s": flops, "bytes_per_s": float("inf"), "count_dropped": "uncounted" not in name}
+            counted = {**job, "count-dropped": name.split("-")[2]} if name.count("-") == 2 else job
+            spec = {"argv": argv_for(corpus, work / f"{name}-{r}", counted), "model": args.model, "cores": n,
+                    "flops_per_s": flops, "bytes_per_s": float("inf")}
             runs.setdefault(name, []).append(spawn(spec))
             print(name, r, json.dumps(runs[name][-1]), flush=True)
     args.date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
@@ -274,8 +276,17 @@ def steal_seconds() -> float:
     return int(fields[8]) / os.sysconf("SC_CLK_TCK")
 
 
+# How the tokens past the window were counted, by a run's name (older reports: "uncounted").
+COUNTS = {"exact": "counting the tokens past the window (--count-dropped exact)",
+          "estimate": "estimating the tokens past the window (--count-dropped estimate)",
+          "uncounted": "not counting the tokens past the window"}
+
+
 def render(runs: dict, args, job: dict, cores: list[int], all_cores: int) -> str:
     model = MODELS[args.model]
+    main_count = COUNTS[job.get("count-dropped", "exact")]
+    variant = next(n for n in runs if n.count("-") == 2)  # host-<cores>-<count>
+    other = COUNTS[variant.split("-")[2]]
     flags = set(open("/proc/cpuinfo").read().split())
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     lines = [
@@ -284,8 +295,8 @@ def render(runs: dict, args, job: dict, cores: list[int], all_cores: int) -> str
         f"{args.model}-sized stand-in at {args.tokens_per_s} padded tokens/s (width {REFERENCE_WIDTH}), "
         f"{launch_seconds(model) * 1000:.1f} ms of kernel launches per batch with the GIL held; "
         f"{job['threads']} harness threads, batches {job['min-batch-size']}-{job['max-batch-size']} up to "
-        f"{job['max-batch-tokens']} tokens, a unit every {job['checkpoint-every']} documents "
-        f"(jobs/dataflow-gpu.yaml); {cpu}, {all_cores} cores (avx512_bf16: {'avx512_bf16' in flags}); "
+        f"{job['max-batch-tokens']} tokens, a unit every {job['checkpoint-every']} documents, "
+        f"{main_count} (jobs/dataflow-gpu.yaml); {cpu}, {all_cores} cores (avx512_bf16: {'avx512_bf16' in flags}); "
         f"{args.repeats} interleaved repeats, median (min-max).",
         f"Command: `python bench/accelerator_sim.py --docs {args.docs} --model {args.model} "
         f"--tokens-per-s {args.tokens_per_s} --cores {args.cores} --cards {args.cards} --repeats {args.repeats}"
@@ -303,7 +314,7 @@ def render(runs: dict, args, job: dict, cores: list[int], all_cores: int) -> str
         busy = ([spread([r["busy"] / r["window"] for r in rs]), spread([r["busy"] / r["wall"] for r in rs])]
                 if device else ["-", "-"])
         what = (f"device at {int(name.split('-')[1]):,} tokens/s" if device else
-                "host only, not counting the tokens past the window" if "uncounted" in name else "host only")
+                f"host only, {other}" if name == variant else "host only")
         lines.append(f"| {what} ({n} cores) | {busy[0]} | {busy[1]} | {spread(rate, '{:,.0f}')} | "
                      f"{med(rate) / n:,.0f} | {med(r['first_forward'] for r in rs):.1f} | "
                      f"{spread([r['wall'] for r in rs], '{:.1f}')} | "
@@ -314,17 +325,17 @@ def render(runs: dict, args, job: dict, cores: list[int], all_cores: int) -> str
               for name, rs in runs.items() if name.startswith("device")]
     lines.append("")
     serial, parallel = amdahl(runs, cores)
-    # Not counting the tokens past the window removes parallel work (the tokenizer's) only: the same serial part.
-    uncounted = med(r["window"] / r["padded_tokens"] for r in runs[f"host-{all_cores}-uncounted"])
-    parallel_u = max(0.0, (uncounted - serial) * all_cores)
+    # How the tokens past the window are counted changes parallel work (the tokenizer's) only: the same serial part.
+    varied = med(r["window"] / r["padded_tokens"] for r in runs[variant])
+    parallel_u = max(0.0, (varied - serial) * all_cores)
     need = [p / max(1e-12, 1 / 1e6 - serial) for p in (parallel, parallel_u)]
     lines += [f"Host fit (steady window, seconds per padded token, from the host-only runs on {min(cores)} and "
-              f"{max(cores)} cores): serial {serial * 1e9:.0f} ns + parallel {parallel * 1e9:.0f} ns / cores; not "
-              f"counting the tokens past the window, parallel {parallel_u * 1e9:.0f} ns / cores. Cores of this "
-              f"machine to feed 1,000,000 padded tokens/s: {need[0]:.1f} ({need[1]:.1f} not counting).", "",
+              f"{max(cores)} cores, {main_count}): serial {serial * 1e9:.0f} ns + parallel {parallel * 1e9:.0f} "
+              f"ns / cores; {other}, parallel {parallel_u * 1e9:.0f} ns / cores. Cores of this "
+              f"machine to feed 1,000,000 padded tokens/s: {need[0]:.1f} ({need[1]:.1f} {other}).", "",
               "| card (fp16 dense TFLOPS) | host | device rate at efficiency "
-              f"{args.efficiency}, BERT-base / MiniLM (padded tokens/s) | host rate (not counting) | "
-              "predicted busy, BERT-base / MiniLM (not counting) |", "|---|---|---|---|---|"]
+              f"{args.efficiency}, BERT-base / MiniLM (padded tokens/s) | host rate (in brackets: {other}) | "
+              "predicted busy, BERT-base / MiniLM |", "|---|---|---|---|---|"]
     for card in args.cards.split(","):
         spec = CARDS[card]
         host, bare = (1 / (serial + p / spec["host_cores"]) for p in (parallel, parallel_u))

@@ -72,6 +72,9 @@ class EmbedSettings:
     chunk_boundary: str = "token"
     boundary_lookback: int = 0
     chunk_text: bool = False  # chunks: store each window's text too
+    # truncate: the tokens past the window tokenized and counted ("exact"), or estimated from their
+    # characters ("estimate", for a GPU's host); reports only, never the vectors.
+    count_dropped: str = "exact"
     truncate_dim: Optional[int] = None  # Matryoshka: the first N dimensions, re-normalised when normalised
     trust_remote_code: bool = False  # the model's folder may run its own Python code
     output_dtype: str = "float32"  # how the vectors are stored (docembed.vectors)

@@ -188,6 +188,33 @@ def test_truncation_over_a_tenth_is_said_plainly(modes):
 
 
 @pytest.mark.e2e
+def test_estimated_dropped_tokens_leave_the_vectors_alone_and_say_so(modes, tmp_path):
+    """--count-dropped estimate (the GPU job's choice): the same vectors byte for byte, the truncated
+    count exact, the tokens past the window close to the exact count and marked as estimated in the
+    summary, the report and each unit's marker."""
+    from docembed.pipeline.progress import format_summary
+
+    ids, _, outs, summaries = modes
+    exact = summaries["truncate"]
+    summary = run(["--input", str(outs["truncate"].parent / "in.parquet"), "--output", str(tmp_path / "o"),
+                   "--checkpoint-every", "8", "--passthrough-columns", "title", "--no-progress",
+                   "--count-dropped", "estimate"])
+    assert read_output(tmp_path / "o").sort_by("id").equals(read_output(outs["truncate"]).sort_by("id"))
+    assert summary["truncated"] == exact["truncated"] > 0 and summary["dropped_estimated"]
+    assert summary["dropped_tokens"] != exact["dropped_tokens"]  # estimated, not counted
+    assert summary["dropped_tokens"] == pytest.approx(exact["dropped_tokens"], rel=0.05)
+    assert summary["text_tokens"] - summary["dropped_tokens"] == exact["text_tokens"] - exact["dropped_tokens"]
+    assert f"dropping about {summary['dropped_tokens']} of" in format_summary(summary)
+    assert "estimated from characters" in format_summary(summary)
+    assert "about" not in format_summary(exact)
+    report = json.loads(next((tmp_path / "o" / "_reports").glob("*.json")).read_text())
+    assert report["dropped_estimated"] and not json.loads(
+        next((outs["truncate"] / "_reports").glob("*.json")).read_text())["dropped_estimated"]
+    assert {m["count_dropped"] for m in _markers(tmp_path / "o").values()} == {"estimate"}
+    assert {m["count_dropped"] for m in _markers(outs["truncate"]).values()} == {"exact"}
+
+
+@pytest.mark.e2e
 def test_first_chunk_and_single_window_mean_equal_truncate(modes, tokenizer):
     ids, texts, outs, _ = modes
     truncate, mean = by_id(read_output(outs["truncate"])), by_id(read_output(outs["mean"]))
@@ -242,6 +269,7 @@ def test_settings_that_change_windows_refuse_to_resume(modes):
 @pytest.mark.parametrize("flags, message", [
     (["--chunk-overlap", "8"], "--chunk-overlap apply to --long-docs mean or chunks, not truncate"),
     (["--long-docs", "mean", "--chunk-text"], "--chunk-text applies to --long-docs chunks only"),
+    (["--long-docs", "chunks", "--count-dropped", "estimate"], "--count-dropped applies to --long-docs truncate"),
     (["--long-docs", "chunks", "--boundary-lookback", "9"], "--boundary-lookback applies to --chunk-boundary"),
     (["--long-docs", "chunks", "--chunk-overlap", "254"], "must be below the 254 tokens a window holds"),
     (["--long-docs", "chunks", "--passthrough-columns", "chunk"], "these names are the output's own columns"),

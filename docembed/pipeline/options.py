@@ -67,6 +67,11 @@ class EmbedOptions(PipelineOptions):
         add("--boundary-lookback", type=int, default=None,
             help="with --chunk-boundary sentence: how many tokens a window may give up to end at a "
                  "sentence or paragraph end (default 64)")
+        add("--count-dropped", default=None, choices=["exact", "estimate"],
+            help="truncate: how the tokens cut off past the window are counted for the run's report: by "
+                 "tokenizing the rest of each long text (exact, default), or from its characters at the rate "
+                 "of the text's own first window (estimate: a GPU's host then tokenizes only what the model "
+                 "sees; totals within a few percent); the vectors are the same either way")
         add("--chunk-text", action="store_true", help="chunks: store each window's text in a chunk_text column")
         add("--checkpoint-every", type=int, default=10000,
             help="rows per work unit; a unit is committed and checkpointed as a whole (default 10000)")
@@ -240,6 +245,8 @@ def _long_docs_problems(opts: EmbedOptions) -> list[str]:
     if opts.long_docs == "truncate" and given:
         return [f"{', '.join(given)} apply to --long-docs mean or chunks, not truncate"]
     problems = []
+    if opts.count_dropped is not None and opts.long_docs != "truncate":
+        problems.append("--count-dropped applies to --long-docs truncate only: mean and chunks embed every token")
     if opts.chunk_text and opts.long_docs != "chunks":
         problems.append("--chunk-text applies to --long-docs chunks only")
     if (opts.chunk_overlap or 0) < 0:
@@ -252,10 +259,11 @@ def _long_docs_problems(opts: EmbedOptions) -> list[str]:
 
 
 def window_settings(opts: EmbedOptions, window_size: int) -> dict:
-    """The window fields of EmbedSettings, defaults filled in, checked against the model's window
+    """The window fields of EmbedSettings (under truncate, how the tokens past it are counted), defaults
+    filled in, checked against the model's window
     (``window_size``: content tokens per window). Raises UsageError when windows could not advance."""
     if opts.long_docs == "truncate":
-        return {"long_docs": "truncate"}
+        return {"long_docs": "truncate", "count_dropped": opts.count_dropped or "exact"}
     overlap = CHUNK_OVERLAP if opts.chunk_overlap is None else opts.chunk_overlap
     boundary = opts.chunk_boundary or "token"
     lookback = (BOUNDARY_LOOKBACK if opts.boundary_lookback is None else opts.boundary_lookback) \

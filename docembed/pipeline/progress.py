@@ -74,7 +74,7 @@ def format_summary(summary: dict) -> str:
         + (f"; {plural(s['rows'], 'chunk row')} written" if s["long_docs"] == "chunks" else ""),
         *(f"  {label:<10} {line}" for label, line in coverage(
             s["long_docs"], s["embedded"], s["truncated"], s["windows"], s["text_tokens"], s["dropped_tokens"],
-            s["max_seq_length"])),
+            s["max_seq_length"], s.get("dropped_estimated", False))),
         f"  accounted  {plural(s['input_rows'], 'input row')} = {s['total_embedded']} embedded + "
         f"{s['total_rejected']} rejected, over all runs into this output"
         + ("" if s["input_rows"] == s["total_embedded"] + s["total_rejected"] else " (units still to do)"),

@@ -198,6 +198,7 @@ def summarize(settings, plan, markers, todo, done, seconds) -> dict:
                                     "text_tokens", "dropped_tokens")},
         "rejected_by_reason": dict(sorted(reasons.items())),
         "long_docs": settings.long_docs,
+        "dropped_estimated": any(m.get("count_dropped") == "estimate" for m in ran),
         "processed": sum(m["row_end"] - m["row_start"] for m in ran),
         "skipped": sum(u.rows for u in done),
         "skipped_files": list(plan.skipped),

@@ -120,6 +120,7 @@ def commit_unit(done: UnitEmbeddings, settings: EmbedSettings, output: UnitStore
         "tokens": done.tokens,
         "text_tokens": done.text_tokens,
         "dropped_tokens": done.dropped_tokens,
+        "count_dropped": settings.count_dropped,  # exact, or estimated from characters
         "padded_tokens": done.padded_tokens,
         "batches": done.batches,
         "run_id": settings.run_id,

@@ -42,7 +42,7 @@ from docembed.transforms.prepare.batch import padded_tokens, plan_batches
 from docembed.errors import DeviceFailed, ModelFailed, NonFiniteVectors
 from docembed.model.embedder import Embedder
 from docembed.records import EmbedSettings
-from docembed.transforms.prepare.tokens import dropped_tokens, first_windows
+from docembed.transforms.prepare.tokens import dropped_tokens, estimated_dropped, first_windows
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,8 @@ def embed_rows(embedder: Embedder, texts: list[str], settings: EmbedSettings, on
 
     Each text is tokenized once (``first_windows``): those ids give the lengths to sort by and the
     model's inputs. The tokens the window leaves out are counted too (``dropped_tokens``), so a run can
-    say how much of its corpus the model never saw.
+    say how much of its corpus the model never saw; with ``--count-dropped estimate`` they are estimated
+    from their characters instead (``estimated_dropped``), and only what the model sees is tokenized.
 
     On the CPU the whole unit is sorted and batched at once (the least padding). On an accelerator
     (``Embedder.frees_host``) the unit is taken in blocks (``sort_blocks``: doubling from
@@ -160,7 +161,7 @@ def embed_rows(embedder: Embedder, texts: list[str], settings: EmbedSettings, on
                 pending = tokenizer.submit(window_of, blocks[k + 1])
             firsts.append(found)
             # After the next block's ids in the same thread: at most one block's count is left at the end.
-            counts.append(_count_dropped(embedder, tokenizer, texts[block.start:block.stop], found))
+            counts.append(_count_dropped(embedder, settings, tokenizer, texts[block.start:block.stop], found))
             out.tokenize_s += time.perf_counter() - waited
             _run_block(embedder, settings, block, found, lengths, out, on_batch)
         waited = time.perf_counter()
@@ -190,12 +191,17 @@ def sort_blocks(n: int, accelerator: bool) -> list[range]:
     return blocks
 
 
-def _count_dropped(embedder: Embedder, counter: ThreadPoolExecutor, texts: list[str], found) -> Future:
-    """``dropped_tokens`` of a block: in the counter thread beside an accelerator, else now."""
-    if embedder.frees_host:
-        return counter.submit(dropped_tokens, texts, found, embedder.count)
+def _count_dropped(embedder: Embedder, settings: EmbedSettings, counter: ThreadPoolExecutor, texts: list[str],
+                   found) -> Future:
+    """``dropped_tokens`` of a block: in the counter thread beside an accelerator, else now; or, with
+    ``--count-dropped estimate``, ``estimated_dropped`` now (it tokenizes nothing)."""
     done = Future()
-    done.set_result(dropped_tokens(texts, found, embedder.count))
+    if settings.count_dropped == "estimate":
+        done.set_result(estimated_dropped(texts, found))
+    elif embedder.frees_host:
+        return counter.submit(dropped_tokens, texts, found, embedder.count)
+    else:
+        done.set_result(dropped_tokens(texts, found, embedder.count))
     return done
 
 

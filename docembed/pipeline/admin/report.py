@@ -37,9 +37,10 @@ TRUNCATION_WARNING_SHARE = 0.10  # above this share of truncated documents, a ru
 
 
 def coverage(mode: str, docs: int, truncated: int, windows: int, text_tokens: int, dropped: int,
-             window: int) -> list[tuple[str, str]]:
+             window: int, estimated: bool = False) -> list[tuple[str, str]]:
     """What of the texts the vectors cover, as (label, line) pairs for the summary and the report.
-    Under ``truncate`` with more than 10% of documents cut, a plain warning with the tokens lost."""
+    Under ``truncate`` with more than 10% of documents cut, a plain warning with the tokens lost;
+    ``estimated``: the tokens past the window were estimated from characters (``--count-dropped``)."""
     if mode != "truncate":
         per = "one row each" if mode == "chunks" else "averaged into one vector per document"
         return [("windows", f"{plural(windows, 'window')} of up to {window} tokens for {plural(docs, 'document')} "
@@ -47,7 +48,9 @@ def coverage(mode: str, docs: int, truncated: int, windows: int, text_tokens: in
     share = truncated / docs if docs else 0.0
     lost = dropped / text_tokens if text_tokens else 0.0
     lines = [("truncated", f"{truncated} ({100 * share:.1f}% of embedded) cut to the {window}-token window, "
-                           f"dropping {dropped} of {plural(text_tokens, 'text token')} ({100 * lost:.1f}%)")]
+                           f"dropping {'about ' * estimated}{dropped} of {plural(text_tokens, 'text token')} "
+                           f"({100 * lost:.1f}%" + (", estimated from characters: --count-dropped estimate)"
+                                                    if estimated else ")"))]
     if share > TRUNCATION_WARNING_SHARE:
         lines.append(("WARNING", f"{100 * share:.0f}% of documents are longer than the window and "
                                  f"{100 * lost:.0f}% of the text never reached the model; "
@@ -125,6 +128,7 @@ def build_report(run_id: str, markers: dict[str, dict], wall_s: float, started_a
         "tokens": tokens,
         "text_tokens": totals["text_tokens"],
         "dropped_tokens": totals["dropped_tokens"],
+        "dropped_estimated": any(m.get("count_dropped") == "estimate" for m in mine),
         "docs_per_s": docs / wall_s if wall_s else 0.0,
         "tokens_per_s": tokens / wall_s if wall_s else 0.0,
         "batches": len(batches),
@@ -215,7 +219,7 @@ def format_run_report(r: dict, counts: bool = True) -> str:
     gpu = f", GPU peak {r['peak_gpu_mib']:.0f} MiB" if r.get("peak_gpu_mib") is not None else ""
     covered = coverage(r.get("long_docs", "truncate"), r["docs_embedded"], r["docs_truncated"],
                        r.get("windows", r["docs_embedded"]), r.get("text_tokens", 0), r.get("dropped_tokens", 0),
-                       r.get("window", 0))
+                       r.get("window", 0), r.get("dropped_estimated", False))
     head = [
         f"  counts     {plural(r['docs_embedded'], 'document')}, {plural(r.get('rows', r['docs_embedded']), 'row')} "
         f"written, {plural(r.get('windows', r['docs_embedded']), 'window')}, {plural(r['tokens'], 'token')} through "
