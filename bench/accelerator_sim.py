@@ -328,11 +328,13 @@ def render(runs: dict, args, job: dict, cores: list[int], all_cores: int) -> str
     # How the tokens past the window are counted changes parallel work (the tokenizer's) only: the same serial part.
     varied = med(r["window"] / r["padded_tokens"] for r in runs[variant])
     parallel_u = max(0.0, (varied - serial) * all_cores)
-    need = [p / max(1e-12, 1 / 1e6 - serial) for p in (parallel, parallel_u)]
+    need = [f"{p / (1 / 1e6 - serial):.1f}" if serial < 1 / 1e6 else "none (the serial part alone is slower)"
+            for p in (parallel, parallel_u)]
     lines += [f"Host fit (steady window, seconds per padded token, from the host-only runs on {min(cores)} and "
               f"{max(cores)} cores, {main_count}): serial {serial * 1e9:.0f} ns + parallel {parallel * 1e9:.0f} "
               f"ns / cores; {other}, parallel {parallel_u * 1e9:.0f} ns / cores. Cores of this "
-              f"machine to feed 1,000,000 padded tokens/s: {need[0]:.1f} ({need[1]:.1f} {other}).", "",
+              f"machine to feed 1,000,000 padded tokens/s: {need[0]} ({need[1]} {other}); the serial part caps one "
+              f"process at {1 / serial:,.0f} padded tokens/s.", "",
               "| card (fp16 dense TFLOPS) | host | device rate at efficiency "
               f"{args.efficiency}, BERT-base / MiniLM (padded tokens/s) | host rate (in brackets: {other}) | "
               "predicted busy, BERT-base / MiniLM |", "|---|---|---|---|---|"]

@@ -56,3 +56,30 @@ def test_cuts_are_chosen_to_pad_less_than_cutting_greedily():
         start += size
     assert optimal < 0.99 * greedy
     assert optimal < 1.05 * lengths.sum()  # under 5% padding
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_cuts_cost_no_more_than_the_best_of_every_possible_cut(seed):
+    """Against a plain search of every way to cut the sorted documents (sizes min..max, the last one
+    possibly short, within the budget): the planner's cost is the least there is."""
+    from functools import lru_cache
+
+    from docembed.transforms.prepare.batch import BATCH_OVERHEAD_TOKENS
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 60, size=int(rng.integers(1, 40)))
+    low, high, budget = 4, 9, 300
+    ordered = np.sort(lengths)[::-1]
+
+    @lru_cache(maxsize=None)
+    def least(i: int) -> float:  # the cheapest cut of ordered[i:]
+        if i == len(ordered):
+            return 0.0
+        options = [size * ordered[i] + BATCH_OVERHEAD_TOKENS + least(i + size) for size in range(1, high + 1)
+                   if i + size <= len(ordered) and (size >= low or i + size == len(ordered))
+                   and size * ordered[i] <= budget]
+        return min(options, default=np.inf)
+
+    batches = plan_batches(lengths, low, high, budget)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    assert padded_tokens(lengths, batches) + BATCH_OVERHEAD_TOKENS * len(batches) == least(0)

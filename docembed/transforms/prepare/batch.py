@@ -39,31 +39,44 @@ def _best_sizes(sorted_lengths: np.ndarray, min_size: int, max_size: int, max_to
     """Batch sizes, in order, minimising padded tokens over documents sorted longest first.
 
     ``cost[j]``: the least cost of batching the first j documents; a batch of documents i..j-1 costs
-    (j - i) x length[i] (its first document is its longest) plus the overhead.
+    (j - i) x length[i] (its first document is its longest) plus the overhead. A batch holds at least
+    ``min_size`` documents, so the costs of ``min_size`` consecutive ends depend only on earlier ones:
+    they are found together, in one array operation (``_best_starts``), not one Python step each.
     """
     n = len(sorted_lengths)
+    if n == 0:
+        return []
     cost = np.full(n + 1, np.inf)
     cost[0] = 0.0
     start = np.zeros(n + 1, dtype=np.int64)
-    for j in range(1, n + 1):
-        smallest = 1 if j == n else min_size  # only the last batch may be short
-        lo, hi = max(0, j - max_size), j - smallest
-        if hi < lo:
-            continue
-        i = np.arange(lo, hi + 1)
-        size = j - i
-        padded = size * sorted_lengths[i]
-        total = cost[i] + padded + BATCH_OVERHEAD_TOKENS
-        total[padded > max_tokens] = np.inf
-        best = int(np.argmin(total))
-        cost[j], start[j] = total[best], i[best]
+    sizes = np.arange(max_size, min_size - 1, -1)  # largest first: ties go to the earliest start, i
+    for k in range(1, n, min_size):  # only the last batch may be short: j = n comes after
+        j = np.arange(k, min(k + min_size, n))
+        cost[j], start[j] = _best_starts(j, sizes, sorted_lengths, cost, max_tokens)
+    j = np.array([n])
+    cost[n], start[n] = (x[0] for x in _best_starts(j, np.arange(max_size, 0, -1), sorted_lengths, cost, max_tokens))
     if not np.isfinite(cost[n]):  # no cut meets every bound (fewer than min_size documents in all)
-        return [n] if n else []
-    sizes, j = [], n
+        return [n]
+    cuts, j = [], n
     while j > 0:
-        sizes.append(j - int(start[j]))
+        cuts.append(j - int(start[j]))
         j = int(start[j])
-    return sizes[::-1]
+    return cuts[::-1]
+
+
+def _best_starts(ends: np.ndarray, sizes: np.ndarray, sorted_lengths: np.ndarray, cost: np.ndarray,
+                 max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each batch end j in ``ends``: the least cost of the documents before it and the start i of
+    its last batch, over batches of ``sizes`` (j - i) that start at a document and keep to the budget."""
+    i = ends[:, None] - sizes[None, :]
+    inside = i >= 0
+    i = np.maximum(i, 0)
+    padded = sizes[None, :] * sorted_lengths[i]
+    total = cost[i] + padded + BATCH_OVERHEAD_TOKENS
+    total[~inside | (padded > max_tokens)] = np.inf
+    best = np.argmin(total, axis=1)
+    rows = np.arange(len(ends))
+    return total[rows, best], i[rows, best]
 
 
 def padded_tokens(lengths: np.ndarray, batches: list[np.ndarray]) -> int:
