@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -159,14 +160,48 @@ def child(spec: dict) -> dict:
             "largest_gaps": [[round(g, 3), round(at, 2)] for g, at in gaps]}
 
 
-def spawn(spec: dict) -> dict:
+def spawn(spec: dict, gil_profile: Path | None = None) -> dict:
+    """One run in a fresh process; with ``gil_profile`` (a file for py-spy's samples) sampled by py-spy
+    for the seconds the workers' threads held the GIL (``gil_seconds``)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAYON_NUM_THREADS": str(spec["cores"]),
            "TOKENIZERS_PARALLELISM": "true"}
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, cwd=REPO,
-                          capture_output=True, text=True)
+    command = [sys.executable, __file__, "--child", json.dumps(spec)]
+    if gil_profile:
+        command = [py_spy(), "record", "--gil", "--nonblocking", "--rate", str(GIL_RATE), "--format", "raw",
+                   "-o", str(gil_profile), "--", *command]
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"simulated run failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{")))
+    if gil_profile:
+        result["gil_seconds"] = gil_seconds(gil_profile.read_text())
+    return result
+
+
+GIL_RATE = 100  # py-spy samples a second
+
+
+def py_spy() -> str:
+    found = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(found).exists():
+        raise SystemExit("--gil-profile needs py-spy (pip install -r requirements.txt)")
+    return found
+
+
+def gil_seconds(raw: str) -> float:
+    """Seconds the unit work held the GIL, from py-spy's raw samples ("frames count" a line) taken with
+    ``--gil`` (only the thread holding the GIL is sampled): the runner's worker threads and docembed's
+    helper threads, leaving out the launcher's main thread, the model load and imports (start-up, not
+    the steady window's work)."""
+    held = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or "MainThread" in stack.split(";", 1)[0]:
+            continue
+        if "EmbedUnit.setup" in stack or "frozen importlib" in stack:
+            continue
+        held += int(count)
+    return held / GIL_RATE
 
 
 def job_settings() -> dict:
@@ -204,6 +239,9 @@ def main():
     parser.add_argument("--threads", type=int, help="harness threads instead of the job file's")
     parser.add_argument("--checkpoint-every", type=int, help="documents a unit instead of the job file's")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gil-profile", action="store_true",
+                        help="add a host-only run on all cores under py-spy: the seconds the GIL is held, "
+                             "measured, give the serial part")
     parser.add_argument("--out", default="bench/results/accelerator-sim.md")
     parser.add_argument("--from-json", help="render the report again from a run's saved .json")
     args = parser.parse_args()
@@ -234,11 +272,13 @@ def main():
         devices = [(f"device-{rate:.0f}", rate * flops_per_token(model, REFERENCE_WIDTH), all_cores) for rate in rates]
         hosts = [(f"host-{c}", float("inf"), c) for c in cores] + [(f"host-{all_cores}-{other_count(job)}",
                                                                     float("inf"), all_cores)]
+        hosts += [(f"gil-{all_cores}", float("inf"), all_cores)] if args.gil_profile else []
         for name, flops, n in devices + hosts:
             counted = {**job, "count-dropped": name.split("-")[2]} if name.count("-") == 2 else job
             spec = {"argv": argv_for(corpus, work / f"{name}-{r}", counted), "model": args.model, "cores": n,
                     "flops_per_s": flops, "bytes_per_s": float("inf")}
-            runs.setdefault(name, []).append(spawn(spec))
+            profile = work / f"{name}-{r}.gil.txt" if name.startswith("gil") else None
+            runs.setdefault(name, []).append(spawn(spec, profile))
             print(name, r, json.dumps(runs[name][-1]), flush=True)
     args.date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
     report = render(runs, args, job, cores, all_cores)
@@ -301,7 +341,7 @@ def render(runs: dict, args, job: dict, cores: list[int], all_cores: int) -> str
         f"Command: `python bench/accelerator_sim.py --docs {args.docs} --model {args.model} "
         f"--tokens-per-s {args.tokens_per_s} --cores {args.cores} --cards {args.cards} --repeats {args.repeats}"
         + "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("threads", "checkpoint_every")
-                  if getattr(args, k, None)) + "`",
+                  if getattr(args, k, None)) + (" --gil-profile" if getattr(args, "gil_profile", False) else "") + "`",
         "",
         "| run | device busy, steady window | device busy, whole process | padded tokens/s, steady | "
         "padded tokens/s per core | first forward after (s) | whole process (s) | steal (s) |",
@@ -314,7 +354,8 @@ def render(runs: dict, args, job: dict, cores: list[int], all_cores: int) -> str
         busy = ([spread([r["busy"] / r["window"] for r in rs]), spread([r["busy"] / r["wall"] for r in rs])]
                 if device else ["-", "-"])
         what = (f"device at {int(name.split('-')[1]):,} tokens/s" if device else
-                f"host only, {other}" if name == variant else "host only")
+                f"host only, {other}" if name == variant else
+                "host only, sampled by py-spy --gil --nonblocking" if name.startswith("gil") else "host only")
         lines.append(f"| {what} ({n} cores) | {busy[0]} | {busy[1]} | {spread(rate, '{:,.0f}')} | "
                      f"{med(rate) / n:,.0f} | {med(r['first_forward'] for r in rs):.1f} | "
                      f"{spread([r['wall'] for r in rs], '{:.1f}')} | "
@@ -325,13 +366,23 @@ def render(runs: dict, args, job: dict, cores: list[int], all_cores: int) -> str
               for name, rs in runs.items() if name.startswith("device")]
     lines.append("")
     serial, parallel = amdahl(runs, cores)
+    fit = f"from the host-only runs on {min(cores)} and {max(cores)} cores"
+    gil = f"gil-{all_cores}"
+    if gil in runs:  # the serial part measured (GIL held), not fitted: two noisy runs' difference swings widely
+        lines.append(f"Amdahl fit {fit}: serial {serial * 1e9:.0f} ns + parallel {parallel * 1e9:.0f} ns / cores "
+                     "(not used: see the GIL's figure below).")
+        serial = med(r["gil_seconds"] / r["padded_tokens"] for r in runs[gil])
+        parallel = max(0.0, (med(r["window"] / r["padded_tokens"] for r in runs[f"host-{all_cores}"]) - serial)
+                       * all_cores)
+        fit = (f"serial: the GIL held by the unit work, {spread([r['gil_seconds'] for r in runs[gil]], '{:.1f}')} s "
+               f"per run, sampled by py-spy; parallel: the rest of the host-only run on {all_cores} cores")
     # How the tokens past the window are counted changes parallel work (the tokenizer's) only: the same serial part.
     varied = med(r["window"] / r["padded_tokens"] for r in runs[variant])
     parallel_u = max(0.0, (varied - serial) * all_cores)
     need = [f"{p / (1 / 1e6 - serial):.1f}" if serial < 1 / 1e6 else "none (the serial part alone is slower)"
             for p in (parallel, parallel_u)]
-    lines += [f"Host fit (steady window, seconds per padded token, from the host-only runs on {min(cores)} and "
-              f"{max(cores)} cores, {main_count}): serial {serial * 1e9:.0f} ns + parallel {parallel * 1e9:.0f} "
+    lines += [f"Host fit (steady window, seconds per padded token; {fit}; {main_count}): serial "
+              f"{serial * 1e9:.0f} ns + parallel {parallel * 1e9:.0f} "
               f"ns / cores; {other}, parallel {parallel_u * 1e9:.0f} ns / cores. Cores of this "
               f"machine to feed 1,000,000 padded tokens/s: {need[0]} ({need[1]} {other}); the serial part caps one "
               f"process at {1 / serial:,.0f} padded tokens/s.", "",
