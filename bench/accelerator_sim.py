@@ -190,15 +190,14 @@ def py_spy() -> str:
 
 def gil_seconds(raw: str) -> float:
     """Seconds the unit work held the GIL, from py-spy's raw samples ("frames count" a line) taken with
-    ``--gil`` (only the thread holding the GIL is sampled): the runner's worker threads and docembed's
-    helper threads, leaving out the launcher's main thread, the model load and imports (start-up, not
-    the steady window's work)."""
+    ``--gil`` (only the thread holding the GIL is sampled): threads started by ``threading`` (the
+    runner's workers and docembed's helpers), leaving out the launcher's main thread (whose samples
+    start at the script's module, named or not), samples with no Python frame, the model load and
+    imports (start-up, not the steady window's work)."""
     held = 0
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack or "MainThread" in stack.split(";", 1)[0]:
-            continue
-        if "EmbedUnit.setup" in stack or "frozen importlib" in stack:
+        if "(threading.py" not in stack or "EmbedUnit.setup" in stack or "frozen importlib" in stack:
             continue
         held += int(count)
     return held / GIL_RATE

@@ -96,11 +96,14 @@ def test_a_simulated_run_goes_through_the_real_pipeline(tmp_path, sim):
 def test_the_gil_count_takes_the_unit_work_and_leaves_out_start_up(sim):
     """py-spy's raw samples ("frames count"): the workers' and helper threads' samples count, at
     GIL_RATE a second; the launcher's main thread, the model load and imports do not."""
+    worker = "thread (1): Thread-26;Thread._bootstrap (threading.py:1002);process_bundle (sdk_worker.py:1)"
     raw = "\n".join([
-        "thread (1): Thread-26;process_bundle (sdk_worker.py:1);embed_rows (inference.py:2) 150",
-        "thread (2): ThreadPoolExecutor-5_0;_WorkItem.run (thread.py:3);first_windows (tokens.py:4) 50",
-        "thread (1): Thread-26;process_bundle (sdk_worker.py:1);EmbedUnit.setup (embed.py:5) 400",
-        "thread (1): Thread-26;_find_and_load (<frozen importlib._bootstrap>:6) 30",
-        "thread (9): MainThread;run (run.py:7);build_graph (graph.py:8) 20",
+        f"{worker};embed_rows (inference.py:2) 150",
+        "thread (2): ThreadPoolExecutor-5_0;Thread._bootstrap (threading.py:1002);first_windows (tokens.py:4) 50",
+        f"{worker};EmbedUnit.setup (embed.py:5) 400",
+        f"{worker};_find_and_load (<frozen importlib._bootstrap>:6) 30",
+        "thread (9): MainThread;<module> (accelerator_sim.py:1);run (run.py:7);build_graph (graph.py:8) 20",
+        "thread (9);<module> (accelerator_sim.py:1);unit_id_for (records.py:9) 10",
+        " 175",
     ])
     assert sim.gil_seconds(raw) == 200 / sim.GIL_RATE
