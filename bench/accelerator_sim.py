@@ -157,6 +157,7 @@ def child(spec: dict) -> dict:
     gaps = sorted(((b[0] - a[1], a[1] - started) for a, b in zip(spans, spans[1:])), reverse=True)[:5]
     return {"wall": wall, "steal": stolen, "busy": busy, "window": window, "first_forward": spans[0][0] - started,
             "padded_tokens": sum(n for _, _, n in spans), "batches": len(spans), "docs": summary.get("embedded"),
+            "dropped_tokens": summary.get("dropped_tokens"),
             "largest_gaps": [[round(g, 3), round(at, 2)] for g, at in gaps]}
 
 
@@ -175,6 +176,7 @@ def spawn(spec: dict, gil_profile: Path | None = None) -> dict:
     result = json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{")))
     if gil_profile:
         result["gil_seconds"] = gil_seconds(gil_profile.read_text())
+        result["gil_by_part"] = gil_by_part(gil_profile.read_text())
     return result
 
 
@@ -188,19 +190,45 @@ def py_spy() -> str:
     return found
 
 
+# What holds the GIL, by the first of these frames found in a sample's stack (gil_by_part).
+GIL_PARTS = (
+    ("kernel launches (the stand-in's, an assumption about eager PyTorch)", ("SimulatedDevice.forward_with_norms",)),
+    ("the tokenizer's output turned into id arrays (Embedder.encode, first_windows)",
+     ("Embedder.encode", "first_windows", "Embedder._encode", "cap_text")),
+    ("collation (prepare_ids)", ("prepare_ids",)),
+    ("the unit's quality statistics (quality.stats)", ("_non_letters", "mostly_non_letters", "unit_stats")),
+    ("batch planning", ("_best_sizes", "_best_starts", "plan_batches")),
+    ("commit (Parquet, markers)", ("commit", "parquet_bytes")),
+    ("reading the unit", ("transforms/read.py",)),
+    ("the rest of the runner's worker threads (Beam's bundles and coders, per-unit bookkeeping)",
+     ("apache_beam", "grpc")),
+)
+
+
+def _unit_work(raw: str):
+    """(stack, samples) of py-spy's raw lines that are the unit work (see gil_seconds)."""
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if "(threading.py" in stack and "EmbedUnit.setup" not in stack and "frozen importlib" not in stack:
+            yield stack, int(count)
+
+
+def gil_by_part(raw: str) -> dict[str, float]:
+    """Seconds of ``gil_seconds`` by what held the GIL (``GIL_PARTS``; "other" for the rest)."""
+    parts: dict[str, float] = {}
+    for stack, count in _unit_work(raw):
+        part = next((name for name, frames in GIL_PARTS if any(f in stack for f in frames)), "other")
+        parts[part] = parts.get(part, 0.0) + count / GIL_RATE
+    return parts
+
+
 def gil_seconds(raw: str) -> float:
     """Seconds the unit work held the GIL, from py-spy's raw samples ("frames count" a line) taken with
     ``--gil`` (only the thread holding the GIL is sampled): threads started by ``threading`` (the
     runner's workers and docembed's helpers), leaving out the launcher's main thread (whose samples
     start at the script's module, named or not), samples with no Python frame, the model load and
     imports (start-up, not the steady window's work)."""
-    held = 0
-    for line in raw.splitlines():
-        stack, _, count = line.rpartition(" ")
-        if "(threading.py" not in stack or "EmbedUnit.setup" in stack or "frozen importlib" in stack:
-            continue
-        held += int(count)
-    return held / GIL_RATE
+    return sum(count for _, count in _unit_work(raw)) / GIL_RATE
 
 
 def job_settings() -> dict:
@@ -380,6 +408,16 @@ def render(runs: dict, args, job: dict, cores: list[int], all_cores: int) -> str
     parallel_u = max(0.0, (varied - serial) * all_cores)
     need = [f"{p / (1 / 1e6 - serial):.1f}" if serial < 1 / 1e6 else "none (the serial part alone is slower)"
             for p in (parallel, parallel_u)]
+    if gil in runs and all("gil_by_part" in r for r in runs[gil]):
+        parts = sorted({p for r in runs[gil] for p in r["gil_by_part"]},
+                       key=lambda p: -sum(r["gil_by_part"].get(p, 0.0) for r in runs[gil]))
+        held = med(r["gil_seconds"] for r in runs[gil])
+        lines += ["", "GIL held by (seconds a profiled run, median; share of the median total):", "",
+                  "| part | seconds | share |", "|---|---|---|"]
+        for p in parts:
+            seconds = med(r["gil_by_part"].get(p, 0.0) for r in runs[gil])
+            lines.append(f"| {p} | {seconds:.2f} | {seconds / held:.0%} |")
+        lines.append("")
     lines += [f"Host fit (steady window, seconds per padded token; {fit}; {main_count}): serial "
               f"{serial * 1e9:.0f} ns + parallel {parallel * 1e9:.0f} "
               f"ns / cores; {other}, parallel {parallel_u * 1e9:.0f} ns / cores. Cores of this "

@@ -107,3 +107,5 @@ def test_the_gil_count_takes_the_unit_work_and_leaves_out_start_up(sim):
         " 175",
     ])
     assert sim.gil_seconds(raw) == 200 / sim.GIL_RATE
+    tokenizer = next(name for name, _ in sim.GIL_PARTS if "tokenizer" in name)
+    assert sim.gil_by_part(raw) == {"other": 150 / sim.GIL_RATE, tokenizer: 50 / sim.GIL_RATE}
