@@ -80,7 +80,7 @@ def test_estimated_dropped_tokens_read_no_character_past_the_prefix(encoder):
     import importlib
     import inspect
 
-    tok, encode = encoder
+    _, encode = encoder
     names = "argparse json re unittest subprocess doctest collections logging".split()
     texts = [inspect.getdoc(importlib.import_module(m)) or "" for m in names]
     encode.seen.clear()

@@ -260,4 +260,6 @@ def marker_totals(markers) -> dict:
     total = {k: sum(m[k] for m in markers) for k in ("embedded", "rejected", "truncated", "tokens", "padded_tokens")}
     total.update({k: sum(m.get(k, m["embedded"]) for m in markers) for k in ("rows", "windows")})
     total.update({k: sum(m.get(k, 0) for m in markers) for k in ("text_tokens", "dropped_tokens")})
+    # Whether any unit's dropped tokens were estimated from characters (--count-dropped estimate).
+    total["dropped_estimated"] = any(m.get("count_dropped") == "estimate" for m in markers)
     return total

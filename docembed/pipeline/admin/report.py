@@ -128,7 +128,7 @@ def build_report(run_id: str, markers: dict[str, dict], wall_s: float, started_a
         "tokens": tokens,
         "text_tokens": totals["text_tokens"],
         "dropped_tokens": totals["dropped_tokens"],
-        "dropped_estimated": any(m.get("count_dropped") == "estimate" for m in mine),
+        "dropped_estimated": totals["dropped_estimated"],
         "docs_per_s": docs / wall_s if wall_s else 0.0,
         "tokens_per_s": tokens / wall_s if wall_s else 0.0,
         "batches": len(batches),
