@@ -211,6 +211,9 @@ def test_estimated_dropped_tokens_leave_the_vectors_alone_and_say_so(modes, tmp_
     assert report["dropped_estimated"] and not json.loads(
         next((outs["truncate"] / "_reports").glob("*.json")).read_text())["dropped_estimated"]
     assert {m["count_dropped"] for m in _markers(tmp_path / "o").values()} == {"estimate"}
+    counts = [json.loads((out / "_manifest.json").read_text())["counts"] for out in (tmp_path / "o", outs["truncate"])]
+    assert [c["dropped_estimated"] for c in counts] == [True, False]
+    assert counts[0]["dropped_tokens"] == summary["dropped_tokens"]
     assert {m["count_dropped"] for m in _markers(outs["truncate"]).values()} == {"exact"}
 
 

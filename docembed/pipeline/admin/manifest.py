@@ -53,7 +53,7 @@ def completed(manifest: dict, markers: dict[str, dict], plan: Plan, numerics: di
     mine = [m for uid, m in sorted(markers.items()) if uid in planned]
     totals = marker_totals(mine)  # rows: chunks under --long-docs chunks, else documents
     counts = {"input_rows": plan.rows, **{k: totals[k] for k in (
-        "embedded", "rejected", "truncated", "rows", "tokens", "text_tokens", "dropped_tokens")}}
+        "embedded", "rejected", "truncated", "rows", "tokens", "text_tokens", "dropped_tokens", "dropped_estimated")}}
     earlier = [m for uid, m in sorted(markers.items()) if uid not in planned]
     return {
         **manifest,
